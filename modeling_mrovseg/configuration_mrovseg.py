@@ -1,0 +1,249 @@
+"""Configuration of MROVSeg: one CLIP over a global view plus full-resolution slices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+
+# The 14 prompt templates of ViLD (Gu et al., 2022), the usual ensemble for open-vocabulary segmentation.
+VILD_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
+# Shapes of the public OpenAI CLIP checkpoints, so a config can be built without any download.
+CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-b-16": {
+        "hub_id": "openai/clip-vit-base-patch16",
+        "projection_dim": 512,
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16),
+        "text": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+    },
+    "vit-l-14": {
+        "hub_id": "openai/clip-vit-large-patch14",
+        "projection_dim": 768,
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    },
+    "vit-l-14-336": {
+        "hub_id": "openai/clip-vit-large-patch14-336",
+        "projection_dim": 768,
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    },
+    # A few-kilobyte model for tests, demos and CPU smoke runs.
+    "tiny": {
+        "hub_id": None,
+        "projection_dim": 32,
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=64, patch_size=8),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     vocab_size=1000, max_position_embeddings=32,
+                     bos_token_id=998, eos_token_id=999, pad_token_id=999),
+    },
+}
+
+
+def default_feature_layers(depth: int) -> list[int]:
+    """Quarter, half and three-quarter depth: 3, 6, 9 for ViT-B (12 layers) and 6, 12, 18 for ViT-L (24)."""
+    layers = sorted({max(1, depth // 4), max(1, depth // 2), max(1, (3 * depth) // 4)})
+    return [layer for layer in layers if layer < depth] or [max(0, depth - 1)]
+
+
+class MROVSegConfig(PretrainedConfig):
+    r"""
+    Configuration of [`MROVSegForOpenVocabSegmentation`].
+
+    Every architectural choice the paper leaves open is a field here, so that a detail learnt later is a config
+    change rather than a rewrite. Layer indices count CLIP encoder layers from 1 (0 is the patch-embedding stem),
+    so `feature_layers=[3, 6, 9]` taps the outputs of the 3rd, 6th and 9th layers of ViT-B.
+
+    Args:
+        vision_config / text_config: CLIP sub-configs (dicts or [`CLIPVisionConfig`] / [`CLIPTextConfig`]).
+        projection_dim: width of CLIP's joint image-text space.
+        logit_scale_init: initial log of CLIP's temperature (ln(1 / 0.07)); overwritten by `from_clip`.
+        slice_size: side of the sliding windows in pixels (defaults to CLIP's `image_size`).
+        slice_overlap: overlap of neighbouring windows in pixels; a multiple of the patch size.
+        slice_batch_size: windows per CLIP call, bounding memory on large images (`None`: all at once).
+        feature_layers: tapped CLIP layers, each fused by one Multi-Res Adapter.
+        query_layer: layer whose [CLS] token seeds the queries; they then run through the remaining layers.
+        adapter_kernel_size: kernel of the depthwise conv that repairs slice seams.
+        hidden_dim: decoder width D.
+        mask_decoder_channels: output channels of each 2x upsampling stage (one stage per tapped layer).
+        num_queries / num_decoder_layers / num_decoder_heads / decoder_ffn_dim: the light query decoder.
+        prompt_templates: templates that wrap every class name for the text encoder (ViLD's 14 by default).
+        class_weight / mask_weight / dice_weight / no_object_weight: loss and matching weights.
+        train_num_points / oversample_ratio / importance_sample_ratio: point sampling of the mask losses.
+        use_high_res / use_scale_attention / use_local_mask: ablation switches of the three mechanisms.
+        train_position_embeddings: keep CLIP's position embeddings trainable (the rest of CLIP stays frozen).
+        ignore_index: label value that marks unlabelled pixels.
+
+    Example:
+
+    ```python
+    >>> from modeling_mrovseg import MROVSegConfig
+    >>> config = MROVSegConfig.from_preset("vit-b-16", id2label={0: "sky", 1: "road"})
+    >>> config.feature_layers, config.query_layer, config.slice_size
+    ([3, 6, 9], 9, 224)
+    ```
+    """
+
+    model_type = "mrovseg"
+    sub_configs_defaults = {"vision_config": CLIPVisionConfig, "text_config": CLIPTextConfig}
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    text_config: dict | CLIPTextConfig | None = None
+    projection_dim: int = 512
+    logit_scale_init: float = 2.6592
+    slice_size: int | None = None
+    slice_overlap: int = 0
+    slice_batch_size: int | None = 32
+    feature_layers: list[int] | None = None
+    query_layer: int | None = None
+    adapter_kernel_size: int = 3
+    hidden_dim: int = 256
+    mask_decoder_channels: list[int] | None = None
+    num_queries: int = 100
+    num_decoder_layers: int = 3
+    num_decoder_heads: int = 8
+    decoder_ffn_dim: int = 1024
+    prompt_templates: list[str] | None = None
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    use_high_res: bool = True
+    use_scale_attention: bool = True
+    use_local_mask: bool = True
+    train_position_embeddings: bool = True
+    ignore_index: int = 255
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        vision = self.vision_config
+        if self.slice_size is None:
+            self.slice_size = int(vision.image_size)
+        if self.feature_layers is None:
+            self.feature_layers = default_feature_layers(vision.num_hidden_layers)
+        self.feature_layers = [int(layer) for layer in self.feature_layers]
+        if self.query_layer is None and self.feature_layers:
+            self.query_layer = max(self.feature_layers)
+        if self.mask_decoder_channels is None:
+            self.mask_decoder_channels = [max(8, self.hidden_dim // 2 ** (i + 1)) for i in range(len(self.feature_layers))]
+        self.mask_decoder_channels = [int(c) for c in self.mask_decoder_channels]
+        if self.prompt_templates is None:
+            self.prompt_templates = list(VILD_TEMPLATES)
+        self.prompt_templates = list(self.prompt_templates)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the first invalid field and the range it must lie in."""
+        vision = self.vision_config
+        depth, patch, image_size = vision.num_hidden_layers, vision.patch_size, vision.image_size
+
+        def fail(field: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"MROVSegConfig.{field}={value!r} is invalid: {allowed}.")
+
+        if not self.feature_layers:
+            fail("feature_layers", self.feature_layers, "give at least one CLIP layer to tap")
+        if sorted(set(self.feature_layers)) != self.feature_layers:
+            fail("feature_layers", self.feature_layers, "layers must be unique and increasing")
+        for layer in self.feature_layers:
+            if not 0 <= layer < depth:
+                fail("feature_layers", self.feature_layers,
+                     f"each tapped layer must lie in [0, {depth - 1}] (the CLIP vision tower has {depth} layers "
+                     "and at least one must remain for the query tokens)")
+        if not max(self.feature_layers) <= self.query_layer < depth:
+            fail("query_layer", self.query_layer,
+                 f"must lie in [{max(self.feature_layers)}, {depth - 1}]: not before the last tapped layer, "
+                 "and at least one CLIP layer must remain for the queries")
+        if self.slice_size <= 0 or self.slice_size % patch:
+            fail("slice_size", self.slice_size, f"must be a positive multiple of the patch size {patch}")
+        if not 0 <= self.slice_overlap < self.slice_size:
+            fail("slice_overlap", self.slice_overlap, f"must lie in [0, {self.slice_size - 1}] (below slice_size)")
+        if self.slice_overlap % patch:
+            fail("slice_overlap", self.slice_overlap, f"must be a multiple of the patch size {patch}")
+        if self.slice_batch_size is not None and self.slice_batch_size < 1:
+            fail("slice_batch_size", self.slice_batch_size, "must be None or >= 1")
+        if self.adapter_kernel_size < 1 or self.adapter_kernel_size % 2 == 0:
+            fail("adapter_kernel_size", self.adapter_kernel_size, "must be a positive odd integer")
+        if self.hidden_dim < 1 or self.hidden_dim % self.num_decoder_heads:
+            fail("hidden_dim", self.hidden_dim, f"must be a positive multiple of num_decoder_heads={self.num_decoder_heads}")
+        if len(self.mask_decoder_channels) != len(self.feature_layers) or min(self.mask_decoder_channels) < 1:
+            fail("mask_decoder_channels", self.mask_decoder_channels,
+                 f"needs {len(self.feature_layers)} positive widths, one per tapped layer")
+        for field in ("num_queries", "num_decoder_layers", "num_decoder_heads", "decoder_ffn_dim", "projection_dim",
+                      "train_num_points"):
+            if getattr(self, field) < 1:
+                fail(field, getattr(self, field), "must be >= 1")
+        for field in ("class_weight", "mask_weight", "dice_weight", "no_object_weight"):
+            if getattr(self, field) < 0:
+                fail(field, getattr(self, field), "must be >= 0")
+        if self.oversample_ratio < 1:
+            fail("oversample_ratio", self.oversample_ratio, "must be >= 1")
+        if not 0 <= self.importance_sample_ratio <= 1:
+            fail("importance_sample_ratio", self.importance_sample_ratio, "must lie in [0, 1]")
+        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
+            fail("prompt_templates", self.prompt_templates, "need at least one template, each with a '{}' slot")
+        if not 0 <= self.ignore_index:
+            fail("ignore_index", self.ignore_index, "must be >= 0")
+        if image_size % patch:
+            fail("vision_config.image_size", image_size, f"must be a multiple of the patch size {patch}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision_config.patch_size)
+
+    @property
+    def slice_stride(self) -> int:
+        return self.slice_size - self.slice_overlap
+
+    @property
+    def num_vocabulary(self) -> int:
+        return self.num_labels
+
+    @classmethod
+    def from_clip_config(cls, clip_config: CLIPConfig | dict, **kwargs) -> "MROVSegConfig":
+        """Build a config around the shapes of an existing `CLIPConfig` (e.g. `CLIPConfig.from_pretrained(id)`)."""
+        if isinstance(clip_config, dict):
+            clip_config = CLIPConfig(**clip_config)
+        kwargs.setdefault("projection_dim", clip_config.projection_dim)
+        kwargs.setdefault("logit_scale_init", clip_config.logit_scale_init_value)
+        return cls(vision_config=clip_config.vision_config.to_dict(), text_config=clip_config.text_config.to_dict(),
+                   **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "MROVSegConfig":
+        """Shapes of a known CLIP without downloading it: one of `CLIP_PRESETS` ("vit-b-16", "vit-l-14", ...)."""
+        if name not in CLIP_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(CLIP_PRESETS)}.")
+        preset = CLIP_PRESETS[name]
+        vision = {**preset["vision"], "projection_dim": preset["projection_dim"], "hidden_act": "quick_gelu"}
+        text = {**preset["text"], "projection_dim": preset["projection_dim"], "hidden_act": "quick_gelu"}
+        kwargs.setdefault("projection_dim", preset["projection_dim"])
+        return cls(vision_config=vision, text_config=text, **kwargs)
+
+
+__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "default_feature_layers"]

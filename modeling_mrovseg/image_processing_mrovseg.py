@@ -1,0 +1,410 @@
+"""Image processor of MROVSeg: resize, normalise, pad to a sliding-window grid, emit global view and slices.
+
+Pure PIL/numpy (plus torch for the antialiased global-view downsampling), no torchvision.
+
+Input conventions (documented fallbacks rather than errors):
+* any PIL mode becomes RGB: EXIF orientation is applied first; transparency (RGBA, LA, P with a transparent
+  index) is composited onto white; 16/32-bit integer images (I;16, I) are scaled from their 16-bit range;
+  float images (F) and float arrays are read as [0, 1] when all values lie there, otherwise as [0, 255];
+* numpy arrays may be HWC or CHW (torch tensors CHW first), with 1 (grey), 2 (grey + alpha), 3 (RGB) or
+  4 (RGBA) channels; anything else, NaN/inf values or an empty image is a `ValueError` naming the problem;
+* extreme aspect ratios are resized so the longest edge fits `longest_edge`, keeping at least one pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import TensorType
+
+from .slicing import SliceGrid, slice_windows, stitch_windows
+
+
+class MROVSegImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    slice_size (`int`): side of the sliding windows and of the global view (CLIP's input size).
+    slice_overlap (`int`): overlap of neighbouring windows in pixels.
+    do_reduce_labels (`bool`): map label 0 to the ignore index and shift the others down by one.
+    ignore_index (`int`): label value of padding and unlabelled pixels.
+    """
+
+    slice_size: int
+    slice_overlap: int
+    do_reduce_labels: bool
+    ignore_index: int
+
+
+def _to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
+    """Turn one PIL image, numpy array or torch tensor into an H x W x 3 uint8 array (see module docstring)."""
+    where = f"image {index}"
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{where} is empty (size {image.width} x {image.height}).")
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            return _to_rgb_uint8(np.asarray(image).astype(np.float64) / 65535.0, index)
+        if image.mode == "F":
+            return _to_rgb_uint8(np.asarray(image, dtype=np.float32), index)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        array = (array.float() if array.dtype in (torch.bfloat16, torch.float16) else array).numpy()
+        channels_first_hint = True if channels_first_hint is None else channels_first_hint
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise ValueError(
+            f"{where} has unsupported type {type(image).__name__}; pass a PIL image, numpy array or torch tensor."
+        )
+
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3:
+        first_ok, last_ok = array.shape[0] in (1, 2, 3, 4), array.shape[-1] in (1, 2, 3, 4)
+        if first_ok and (channels_first_hint or not last_ok):
+            array = np.moveaxis(array, 0, -1)
+        elif not last_ok:
+            raise ValueError(
+                f"{where} has shape {array.shape}: expected 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA) channels "
+                "in the first or last dimension."
+            )
+    else:
+        raise ValueError(f"{where} has {array.ndim} dimensions; expected H x W, H x W x C or C x H x W.")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{where} is empty (size {array.shape[0]} x {array.shape[1]}).")
+
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where} contains NaN or infinite values.")
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        if array.max(initial=0) > 255:
+            array = np.clip(array.astype(np.float64) / 257.0, 0, 255).round()
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"{where} has unsupported dtype {array.dtype}.")
+
+    channels = array.shape[-1]
+    if channels in (2, 4):  # composite the alpha channel onto white
+        alpha = array[..., -1:].astype(np.float32) / 255.0
+        color = array[..., :-1].astype(np.float32)
+        array = np.rint(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        channels -= 1
+    if channels == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def _to_label_map(segmentation_map: Any, index: int) -> np.ndarray:
+    """A 2-D integer label map from a PIL image (L, P, I), numpy array or tensor."""
+    if isinstance(segmentation_map, Image.Image):
+        array = np.asarray(segmentation_map)
+    elif isinstance(segmentation_map, torch.Tensor):
+        array = segmentation_map.detach().cpu().numpy()
+    elif isinstance(segmentation_map, np.ndarray):
+        array = segmentation_map
+    else:
+        raise ValueError(f"segmentation map {index} has unsupported type {type(segmentation_map).__name__}.")
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:2])
+    if array.ndim != 2:
+        raise ValueError(f"segmentation map {index} must be 2-D (H x W) class ids, got shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise ValueError(f"segmentation map {index} must hold integer class ids.")
+    return array.astype(np.int64)
+
+
+def resized_size(height: int, width: int, size: SizeDict | dict) -> tuple[int, int]:
+    """Output (height, width): exact `{height, width}`, or aspect-preserving `{shortest_edge[, longest_edge]}`."""
+    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    shortest, longest = get("shortest_edge"), get("longest_edge")
+    if not shortest and not longest:
+        raise ValueError(f"size must give 'height' and 'width' or 'shortest_edge'/'longest_edge', got {dict(size)}.")
+    scale = shortest / min(height, width) if shortest else float("inf")
+    if longest:
+        scale = min(scale, longest / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+class MROVSegImageProcessor(PilBackend):
+    r"""
+    Prepares images (and optional semantic label maps) for [`MROVSegForOpenVocabSegmentation`].
+
+    Each image is resized keeping its aspect ratio (`size={"shortest_edge": 640, "longest_edge": 2560}`) or to an
+    exact `{"height", "width"}`, normalised with CLIP's statistics and padded (bottom/right) to one canvas for the
+    whole batch whose sliding-window grid covers it exactly. Returns
+
+    * `pixel_values` (B x 3 x S x S): the global view, i.e. the padded canvas downsampled to CLIP's input size S;
+    * `pixel_values_slices` (B x K x 3 x S x S): the K = rows x cols windows of the canvas, row-major;
+    * `slice_grid` (B x 2): (rows, cols); `pixel_mask` (B x H x W): 1 on image pixels, 0 on padding;
+    * `labels` (B x H x W) when `segmentation_maps` are given (nearest resize, padding = `ignore_index`).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from modeling_mrovseg import MROVSegImageProcessor
+    >>> processor = MROVSegImageProcessor(slice_size=224)
+    >>> inputs = processor(np.zeros((480, 640, 3), dtype=np.uint8), return_tensors="pt")
+    >>> tuple(inputs["pixel_values_slices"].shape), inputs["slice_grid"].tolist()
+    ((1, 12, 3, 224, 224), [[3, 4]])
+    ```
+    """
+
+    valid_kwargs = MROVSegImageProcessorKwargs
+    model_input_names = ["pixel_values", "pixel_values_slices", "slice_grid", "pixel_mask"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"shortest_edge": 640, "longest_edge": 2560}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_pad = True
+    rescale_factor = 1 / 255
+    slice_size = 224
+    slice_overlap = 0
+    do_reduce_labels = False
+    ignore_index = 255
+
+    def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
+        super().__init__(**kwargs)
+        if not 0 <= self.slice_overlap < self.slice_size:
+            raise ValueError(
+                f"slice_overlap={self.slice_overlap} must lie in [0, {self.slice_size - 1}] (below slice_size)."
+            )
+
+    # ------------------------------------------------------------------ entry point
+    def preprocess(
+        self,
+        images: Any,
+        segmentation_maps: Any | None = None,
+        **kwargs: Unpack[MROVSegImageProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        segmentation_maps (`ImageInput`, *optional*): semantic label maps, one per image and of the same size.
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        images = self._as_list(images, "images")
+        rgb = [_to_rgb_uint8(image, i) for i, image in enumerate(images)]
+        maps = None
+        if segmentation_maps is not None:
+            maps = self._as_list(segmentation_maps, "segmentation_maps")
+            if len(maps) != len(rgb):
+                raise ValueError(f"Got {len(rgb)} images but {len(maps)} segmentation maps.")
+            maps = [_to_label_map(m, i) for i, m in enumerate(maps)]
+            for i, (image, label) in enumerate(zip(rgb, maps)):
+                if image.shape[:2] != label.shape:
+                    raise ValueError(
+                        f"segmentation map {i} has size {label.shape} but its image has size {image.shape[:2]}."
+                    )
+        return self._preprocess(rgb, segmentation_maps=maps, **kwargs)
+
+    @staticmethod
+    def _as_list(inputs: Any, name: str) -> list:
+        if isinstance(inputs, (list, tuple)):
+            items = list(inputs)
+        elif isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+            items = list(inputs)
+        else:
+            items = [inputs]
+        if not items:
+            raise ValueError(f"`{name}` is empty: pass at least one image.")
+        return items
+
+    # ------------------------------------------------------------------ the pipeline
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        segmentation_maps: list[np.ndarray] | None = None,
+        do_resize: bool = True,
+        size: SizeDict | None = None,
+        resample: PILImageResampling | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        slice_size: int | None = None,
+        slice_overlap: int | None = None,
+        do_reduce_labels: bool | None = None,
+        ignore_index: int | None = None,
+        return_tensors: str | TensorType | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        slice_size = self.slice_size if slice_size is None else slice_size
+        slice_overlap = self.slice_overlap if slice_overlap is None else slice_overlap
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        resample = PILImageResampling.BICUBIC if resample is None else resample
+        mean = np.asarray(image_mean if image_mean is not None else OPENAI_CLIP_MEAN, dtype=np.float32)
+        std = np.asarray(image_std if image_std is not None else OPENAI_CLIP_STD, dtype=np.float32)
+
+        resized, resized_maps = [], []
+        for i, image in enumerate(images):
+            height, width = image.shape[:2]
+            target = resized_size(height, width, size) if do_resize else (height, width)
+            if target != (height, width):
+                image = np.asarray(Image.fromarray(image).resize(target[::-1], resample=resample))
+            pixels = image.astype(np.float32)
+            if do_rescale:
+                pixels = pixels * np.float32(rescale_factor)
+            if do_normalize:
+                pixels = (pixels - mean) / std
+            resized.append(pixels.transpose(2, 0, 1))
+            if segmentation_maps is not None:
+                label = segmentation_maps[i]
+                if do_reduce_labels:
+                    label = np.where(label == 0, ignore_index, label - 1)
+                    label = np.where(label == ignore_index - 1, ignore_index, label)
+                if target != label.shape:
+                    label = _resize_nearest(label, target)
+                resized_maps.append(label)
+
+        max_height = max(p.shape[1] for p in resized)
+        max_width = max(p.shape[2] for p in resized)
+        grid = SliceGrid.covering(max_height, max_width, slice_size, slice_overlap)
+        batch = len(resized)
+        canvas = np.zeros((batch, 3, grid.height, grid.width), dtype=np.float32)
+        pixel_mask = np.zeros((batch, grid.height, grid.width), dtype=np.int64)
+        for i, pixels in enumerate(resized):
+            canvas[i, :, : pixels.shape[1], : pixels.shape[2]] = pixels
+            pixel_mask[i, : pixels.shape[1], : pixels.shape[2]] = 1
+
+        data = {
+            "pixel_values": global_view(canvas, slice_size),
+            "pixel_values_slices": np.ascontiguousarray(slice_windows(canvas, grid)),
+            "slice_grid": np.tile(np.array([[grid.rows, grid.cols]], dtype=np.int64), (batch, 1)),
+            "pixel_mask": pixel_mask,
+        }
+        if segmentation_maps is not None:
+            labels = np.full((batch, grid.height, grid.width), ignore_index, dtype=np.int64)
+            for i, label in enumerate(resized_maps):
+                labels[i, : label.shape[0], : label.shape[1]] = label
+            data["labels"] = labels
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------ geometry helpers for users and the model
+    def slice_grid_for(self, height: int, width: int) -> SliceGrid:
+        """The sliding-window grid this processor uses for a (resized) canvas of `height` x `width`."""
+        return SliceGrid.covering(height, width, self.slice_size, self.slice_overlap)
+
+    def stitch(self, slices: torch.Tensor, slice_grid: Sequence[int]) -> torch.Tensor:
+        """Inverse of slicing: (B, K, C, S, S) windows back to the (B, C, H, W) canvas, overlaps averaged."""
+        rows, cols = (int(v) for v in slice_grid)
+        grid = SliceGrid(rows, cols, self.slice_size, self.slice_size - self.slice_overlap)
+        return stitch_windows(torch.as_tensor(slices), grid)
+
+    # ------------------------------------------------------------------ post-processing
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        return_segmentation_scores: bool = False,
+        score_threshold: float | None = None,
+    ):
+        """
+        Turn model outputs into one class-id map per image.
+
+        Per-class scores are `sum_q softmax(class_logits)[q, :C] * sigmoid(mask_logits)[q]` (or `outputs.logits` when
+        the outputs carry dense logits). They are resized bilinearly to the padded canvas, the padding is cropped
+        (from `outputs.image_sizes`) and the result is resized to `target_sizes[i]` (default: the resized image).
+        With `score_threshold`, pixels whose best score is below it get the label `-1` (unlabelled); without it
+        every pixel gets a class of the vocabulary.
+
+        Returns a list of `(height, width)` `torch.LongTensor`, or of `SemanticSegmentationPostProcessorOutput`
+        (`segmentation`, `segmentation_scores`) when `return_segmentation_scores=True`.
+        """
+        from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+
+        scores = semantic_scores(outputs)
+        batch = scores.shape[0]
+        if target_sizes is not None:
+            if isinstance(target_sizes, torch.Tensor):
+                target_sizes = target_sizes.tolist()
+            if len(target_sizes) != batch:
+                raise ValueError(
+                    f"Make sure that you pass in as many target sizes as the batch dimension of the logits: got "
+                    f"{len(target_sizes)} target sizes for a batch of {batch}."
+                )
+        image_sizes = getattr(outputs, "image_sizes", None)
+        results = []
+        for i in range(batch):
+            score = scores[i : i + 1]
+            if image_sizes is not None:
+                valid_h, valid_w, padded_h, padded_w = (int(v) for v in image_sizes[i])
+                score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+                score = score[..., :valid_h, :valid_w]
+            if target_sizes is not None:
+                score = F.interpolate(score, size=tuple(int(s) for s in target_sizes[i]), mode="bilinear",
+                                      align_corners=False)
+            score = score[0]
+            best, segmentation = score.max(dim=0)
+            if score_threshold is not None:
+                segmentation = torch.where(best < score_threshold, torch.full_like(segmentation, -1), segmentation)
+            results.append(
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": segmentation, "segmentation_scores": score}
+                )
+            )
+        if not return_segmentation_scores:
+            return [r.segmentation for r in results]
+        return results
+
+
+def semantic_scores(outputs) -> torch.Tensor:
+    """(B, C, h, w) per-class scores from mask-classification outputs (or dense `logits`)."""
+    class_logits = getattr(outputs, "class_queries_logits", None)
+    if class_logits is None:
+        logits = getattr(outputs, "logits", None)
+        if logits is None:
+            raise ValueError("outputs carry neither `class_queries_logits`/`masks_queries_logits` nor `logits`.")
+        return logits.float()
+    probs = class_logits.float().softmax(dim=-1)[..., :-1]
+    masks = outputs.masks_queries_logits.float().sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", probs, masks)
+
+
+def global_view(canvas: np.ndarray, size: int) -> np.ndarray:
+    """Downsample the whole padded canvas (B, 3, H, W) to CLIP's S x S input, antialiased."""
+    tensor = torch.from_numpy(canvas)
+    if tuple(tensor.shape[-2:]) == (size, size):
+        return canvas.copy()
+    view = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return view.numpy()
+
+
+def _resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an integer map (pixel centres), exact for any id range."""
+    height, width = label.shape
+    rows = np.minimum((np.arange(size[0]) + 0.5) * height / size[0], height - 1).astype(np.int64)
+    cols = np.minimum((np.arange(size[1]) + 0.5) * width / size[1], width - 1).astype(np.int64)
+    return label[rows[:, None], cols[None, :]]
+
+
+__all__ = ["MROVSegImageProcessor", "semantic_scores", "resized_size"]
