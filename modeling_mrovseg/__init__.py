@@ -1,0 +1,37 @@
+"""MROVSeg for Hugging Face Transformers: open-vocabulary segmentation at full resolution with one CLIP."""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+)
+
+from .configuration_mrovseg import CLIP_PRESETS, VILD_TEMPLATES, MROVSegConfig
+from .image_processing_mrovseg import MROVSegImageProcessor
+from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput, MROVSegPreTrainedModel
+from .slicing import SliceGrid, slice_windows, stitch_windows
+
+AutoConfig.register(MROVSegConfig.model_type, MROVSegConfig, exist_ok=True)
+AutoImageProcessor.register(MROVSegConfig, image_processor_classes={"pil": MROVSegImageProcessor}, exist_ok=True)
+AutoModel.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
+AutoModelForSemanticSegmentation.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
+
+# `save_pretrained` then writes `auto_map` and copies the module files, so Hub copies load with
+# `trust_remote_code=True` without this package installed.
+MROVSegConfig.register_for_auto_class()
+MROVSegImageProcessor.register_for_auto_class("AutoImageProcessor")
+MROVSegForOpenVocabSegmentation.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "CLIP_PRESETS",
+    "VILD_TEMPLATES",
+    "MROVSegConfig",
+    "MROVSegImageProcessor",
+    "MROVSegForOpenVocabSegmentation",
+    "MROVSegOutput",
+    "MROVSegPreTrainedModel",
+    "SliceGrid",
+    "slice_windows",
+    "stitch_windows",
+]

@@ -1,0 +1,176 @@
+"""Set-prediction loss: semantic labels -> per-class masks, Hungarian matching, point-sampled mask losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .configuration_mrovseg import MROVSegConfig
+
+
+@dataclass
+class SemanticTargets:
+    """One image's targets: class ids (M,) present in its label map, and the map itself (H, W)."""
+
+    class_ids: torch.Tensor
+    label_map: torch.Tensor
+
+
+def semantic_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> list[SemanticTargets]:
+    """Split semantic maps (B, H, W) into the classes each image contains; ids outside the vocabulary are an error."""
+    targets = []
+    for label_map in labels:
+        ids = torch.unique(label_map)
+        ids = ids[ids != ignore_index]
+        if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
+            raise ValueError(
+                f"labels contain class ids {ids.tolist()} but the vocabulary has {num_classes} classes "
+                f"(valid ids are 0..{num_classes - 1}, and {ignore_index} for ignored pixels)."
+            )
+        targets.append(SemanticTargets(ids.long(), label_map))
+    return targets
+
+
+def sample_logits(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of (Q, H, W) logits at (P, 2) points in [0, 1] (x, y) -> (Q, P)."""
+    grid = (2.0 * points - 1.0)[None, None]
+    return F.grid_sample(logits[None], grid.to(logits.dtype), mode="bilinear", align_corners=False)[0, :, 0]
+
+
+def sample_logits_per_mask(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of (M, H, W) logits, each at its own (M, P, 2) points -> (M, P)."""
+    grid = (2.0 * points - 1.0)[:, None]
+    return F.grid_sample(logits[:, None], grid.to(logits.dtype), mode="bilinear", align_corners=False)[:, 0, 0]
+
+
+def sample_labels(label_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Nearest class id of an (H, W) map at (..., 2) points in [0, 1] (x, y) -> (...)."""
+    height, width = label_map.shape
+    cols = (points[..., 0] * width).long().clamp_(0, width - 1)
+    rows = (points[..., 1] * height).long().clamp_(0, height - 1)
+    return label_map[rows, cols]
+
+
+def pairwise_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(Q, P) logits vs (M, P) targets over valid points -> (Q, M) mean BCE."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * weight
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * weight
+    return (pos @ targets.T + neg @ (1 - targets).T) / weight.sum().clamp(min=1)
+
+
+def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    probs = logits.sigmoid() * weight
+    numerator = 2 * probs @ targets.T
+    denominator = probs.sum(-1)[:, None] + (targets * weight).sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class MROVSegHungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to ground-truth class masks (scipy's `linear_sum_assignment`)."""
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__()
+        self.class_weight = config.class_weight
+        self.mask_weight = config.mask_weight
+        self.dice_weight = config.dice_weight
+        self.num_points = config.train_num_points
+        self.ignore_index = config.ignore_index
+
+    @torch.no_grad()
+    def forward(self, class_logits, mask_logits, targets: list[SemanticTargets]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        indices = []
+        for b, target in enumerate(targets):
+            if target.class_ids.numel() == 0:
+                empty = torch.empty(0, dtype=torch.long, device=class_logits.device)
+                indices.append((empty, empty))
+                continue
+            points = torch.rand(self.num_points, 2, device=mask_logits.device)
+            sampled_ids = sample_labels(target.label_map, points)
+            weight = (sampled_ids != self.ignore_index).float()
+            target_masks = (sampled_ids[None] == target.class_ids[:, None]).float()
+            pred = sample_logits(mask_logits[b].float(), points)
+            cost = (
+                -self.class_weight * class_logits[b].float().softmax(-1)[:, target.class_ids]
+                + self.mask_weight * pairwise_bce(pred, target_masks, weight)
+                + self.dice_weight * pairwise_dice(pred, target_masks, weight)
+            )
+            rows, cols = linear_sum_assignment(np.nan_to_num(cost.cpu().numpy(), nan=1e6))
+            indices.append((torch.as_tensor(rows, device=class_logits.device), torch.as_tensor(cols, device=class_logits.device)))
+        return indices
+
+
+class MROVSegLoss(nn.Module):
+    """Weighted CE (no-object down-weighted) + BCE + dice on importance-sampled points, for every decoder output."""
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__()
+        self.config = config
+        self.matcher = MROVSegHungarianMatcher(config)
+
+    def importance_points(self, logits: torch.Tensor) -> torch.Tensor:
+        """(M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain, the rest uniform."""
+        config = self.config
+        num, total = logits.shape[0], config.train_num_points
+        candidates = torch.rand(num, int(total * config.oversample_ratio), 2, device=logits.device)
+        with torch.no_grad():
+            values = sample_logits_per_mask(logits.detach().float(), candidates)
+        num_uncertain = int(config.importance_sample_ratio * total)
+        top = (-values.abs()).topk(num_uncertain, dim=1).indices
+        uncertain = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
+        uniform = torch.rand(num, total - num_uncertain, 2, device=logits.device)
+        return torch.cat([uncertain, uniform], dim=1)
+
+    def single_output_loss(self, class_logits, mask_logits, targets: list[SemanticTargets]) -> dict[str, torch.Tensor]:
+        config = self.config
+        num_classes = class_logits.shape[-1] - 1
+        indices = self.matcher(class_logits, mask_logits, targets)
+
+        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
+        for b, (rows, cols) in enumerate(indices):
+            target_classes[b, rows] = targets[b].class_ids[cols]
+        class_weights = torch.ones(num_classes + 1, device=class_logits.device)
+        class_weights[-1] = config.no_object_weight
+        loss_class = F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, class_weights)
+
+        preds, target_masks, weights = [], [], []
+        for b, (rows, cols) in enumerate(indices):
+            if not rows.numel():
+                continue
+            logits = mask_logits[b, rows].float()
+            points = self.importance_points(logits)
+            preds.append(sample_logits_per_mask(logits, points))
+            ids = sample_labels(targets[b].label_map, points)
+            target_masks.append((ids == targets[b].class_ids[cols][:, None]).float())
+            weights.append((ids != config.ignore_index).float())
+        if not preds:
+            zero = mask_logits.sum() * 0.0
+            return {"loss_class": loss_class, "loss_mask": zero, "loss_dice": zero}
+        pred, target, weight = torch.cat(preds), torch.cat(target_masks), torch.cat(weights)
+        num_masks = max(pred.shape[0], 1)
+        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
+        loss_mask = ((bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)).sum() / num_masks
+        probs = pred.sigmoid() * weight
+        dice = 1 - (2 * (probs * target).sum(-1) + 1) / (probs.sum(-1) + (target * weight).sum(-1) + 1)
+        loss_dice = dice.sum() / num_masks
+        return {"loss_class": loss_class, "loss_mask": loss_mask, "loss_dice": loss_dice}
+
+    def forward(self, class_logits, mask_logits, labels: torch.Tensor, auxiliary=None) -> tuple[torch.Tensor, dict]:
+        """Total loss over the final and auxiliary outputs, plus its named parts (final output only)."""
+        targets = semantic_targets(labels, class_logits.shape[-1] - 1, self.config.ignore_index)
+        outputs = [(class_logits, mask_logits)] + [(a["class_queries_logits"], a["masks_queries_logits"]) for a in auxiliary or []]
+        total, parts = 0.0, {}
+        for k, (cls, masks) in enumerate(outputs):
+            losses = self.single_output_loss(cls, masks, targets)
+            total = total + (
+                self.config.class_weight * losses["loss_class"]
+                + self.config.mask_weight * losses["loss_mask"]
+                + self.config.dice_weight * losses["loss_dice"]
+            )
+            if k == 0:
+                parts = {name: value.detach() for name, value in losses.items()}
+        return total, parts

@@ -1,0 +1,135 @@
+"""Mask decoding: hierarchical pixel decoder, light query decoder, mask head and attention-mask decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_mrovseg import MROVSegConfig
+from .layers import MROVSegLayerNorm2d, MROVSegMLP, sine_position_embedding
+
+
+class MROVSegPixelDecoder(nn.Module):
+    """
+    Hierarchical upsampling, one 2x stage per tapped layer, deepest first: the running map is upsampled 2x and
+    concatenated with the next-shallower adapted feature (laterally projected to the stage width, then upsampled
+    to the same size), then a 3x3 conv block. Widths shrink as resolution grows (`mask_decoder_channels`) so the
+    decoder stays a small fraction of the CLIP cost even at 8x the token grid.
+    """
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__()
+        widths = config.mask_decoder_channels
+        num_stages = len(widths)
+        self.laterals = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        in_width = config.hidden_dim
+        for k, width in enumerate(widths):
+            has_skip = k < num_stages - 1  # the last stage has no shallower tapped layer left
+            self.laterals.append(nn.Conv2d(config.hidden_dim, width, 1) if has_skip else nn.Identity())
+            self.stages.append(
+                nn.Sequential(
+                    nn.Conv2d(in_width + (width if has_skip else 0), width, 3, padding=1, bias=False),
+                    MROVSegLayerNorm2d(width),
+                    nn.GELU(),
+                )
+            )
+            in_width = width
+
+    def forward(self, fused: list[torch.Tensor]) -> torch.Tensor:
+        """fused: adapted maps of the tapped layers, shallow to deep, (B, D, h, w) -> (B, c, h*2^T, w*2^T)."""
+        x = fused[-1]
+        skips = fused[:-1][::-1]  # next-shallower first
+        for k, (lateral, stage) in enumerate(zip(self.laterals, self.stages)):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            if k < len(skips):
+                skip = F.interpolate(lateral(skips[k]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                x = torch.cat([x, skip], dim=1)
+            x = stage(x)
+        return x
+
+
+class MROVSegQueryDecoderLayer(nn.Module):
+    """Cross-attention to the fused features, self-attention among queries, feed-forward (pre-norm)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int):
+        super().__init__()
+        self.cross_norm = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+
+    def forward(self, queries, query_pos, memory, memory_pos):
+        q = self.cross_norm(queries)
+        queries = queries + self.cross_attn(q + query_pos, memory + memory_pos, memory, need_weights=False)[0]
+        q = self.self_norm(queries)
+        queries = queries + self.self_attn(q + query_pos, q + query_pos, q, need_weights=False)[0]
+        return queries + self.ffn(self.ffn_norm(queries))
+
+
+class MROVSegQueryDecoder(nn.Module):
+    """Learned queries over the deepest fused map; every layer's output feeds a (possibly auxiliary) mask head."""
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__()
+        dim = config.hidden_dim
+        self.query_features = nn.Embedding(config.num_queries, dim)
+        self.query_position = nn.Embedding(config.num_queries, dim)
+        self.layers = nn.ModuleList(
+            MROVSegQueryDecoderLayer(dim, config.num_decoder_heads, config.decoder_ffn_dim)
+            for _ in range(config.num_decoder_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, memory_map: torch.Tensor) -> list[torch.Tensor]:
+        batch, dim, height, width = memory_map.shape
+        memory = memory_map.flatten(2).transpose(1, 2)
+        memory_pos = sine_position_embedding(height, width, dim, memory.device, memory.dtype)[None]
+        queries = self.query_features.weight[None].expand(batch, -1, -1)
+        query_pos = self.query_position.weight[None].expand(batch, -1, -1)
+        outputs = []
+        for layer in self.layers:
+            queries = layer(queries, query_pos, memory, memory_pos)
+            outputs.append(self.norm(queries))
+        return outputs
+
+
+class MROVSegMaskHead(nn.Module):
+    """Mask logits as the inner product of per-query mask embeddings with the final pixel features."""
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__()
+        self.mask_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, config.mask_decoder_channels[-1], 3)
+
+    def forward(self, queries: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), pixel_features)
+
+
+class MROVSegAttentionMaskDecoder(nn.Module):
+    """
+    SAN-style attention bias for the masked-attention CLIP layers: per (remaining layer, head), the dot product
+    of a query embedding with a pixel embedding of the deepest fused map, times a learned scale plus a learned
+    shift. The result (B, L, H, N, h, w) is later max-pooled to the global and high-resolution token grids.
+    """
+
+    def __init__(self, config: MROVSegConfig, num_layers: int, num_heads: int, embed_dim: int = 32):
+        super().__init__()
+        self.num_layers, self.num_heads, self.embed_dim = num_layers, num_heads, embed_dim
+        groups = num_layers * num_heads
+        self.query_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, groups * embed_dim, 2)
+        self.pixel_embed = nn.Conv2d(config.hidden_dim, groups * embed_dim, 1)
+        self.scale = nn.Parameter(torch.ones(groups))
+        self.shift = nn.Parameter(torch.zeros(groups))
+
+    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor) -> torch.Tensor:
+        batch, num_queries, _ = queries.shape
+        height, width = memory_map.shape[-2:]
+        groups = self.num_layers * self.num_heads
+        q = self.query_embed(queries).view(batch, num_queries, groups, self.embed_dim)
+        p = self.pixel_embed(memory_map).view(batch, groups, self.embed_dim, height * width)
+        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (self.embed_dim**-0.5)
+        bias = bias * self.scale[None, :, None, None] + self.shift[None, :, None, None]
+        return bias.view(batch, self.num_layers, self.num_heads, num_queries, height, width)
