@@ -298,7 +298,7 @@ class MROVSegImageProcessor(PilBackend):
 
         data = {
             "pixel_values": global_view(canvas, slice_size),
-            "pixel_values_slices": np.ascontiguousarray(slice_windows(canvas, grid)),
+            "pixel_values_slices": np.require(slice_windows(canvas, grid), requirements=["C", "W"]),
             "slice_grid": np.tile(np.array([[grid.rows, grid.cols]], dtype=np.int64), (batch, 1)),
             "pixel_mask": pixel_mask,
         }

@@ -1,0 +1,37 @@
+"""Tiny configs and inputs shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modeling_mrovseg import MROVSegConfig, MROVSegImageProcessor
+
+LABELS = ["sky", "road", "car"]
+
+
+def tiny_config(labels=LABELS, **overrides) -> MROVSegConfig:
+    kwargs = dict(
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        num_queries=8,
+        hidden_dim=32,
+        num_decoder_heads=4,
+        decoder_ffn_dim=64,
+        train_num_points=256,
+        slice_batch_size=4,
+        prompt_templates=["a photo of a {}.", "There is a {} in the scene."],
+    )
+    kwargs.update(overrides)
+    return MROVSegConfig.from_preset("tiny", **kwargs)
+
+
+def tiny_processor(config: MROVSegConfig | None = None, **overrides) -> MROVSegImageProcessor:
+    config = config or tiny_config()
+    kwargs = dict(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
+                  size={"shortest_edge": 96, "longest_edge": 256})
+    kwargs.update(overrides)
+    return MROVSegImageProcessor(**kwargs)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)

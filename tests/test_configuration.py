@@ -1,0 +1,75 @@
+import pytest
+from transformers import AutoConfig, CLIPConfig
+
+from modeling_mrovseg import CLIP_PRESETS, VILD_TEMPLATES, MROVSegConfig
+from tests.helpers import tiny_config
+
+
+def test_defaults_follow_the_design():
+    config = MROVSegConfig.from_preset("vit-b-16")
+    assert config.model_type == "mrovseg"
+    assert config.feature_layers == [3, 6, 9] and config.query_layer == 9
+    assert config.slice_size == 224 and config.slice_overlap == 0 and config.patch_size == 16
+    assert config.hidden_dim == 256 and config.num_queries == 100 and config.num_decoder_layers == 3
+    assert config.prompt_templates == list(VILD_TEMPLATES) and len(VILD_TEMPLATES) == 14
+    assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
+    assert (config.train_num_points, config.oversample_ratio, config.importance_sample_ratio) == (12544, 3.0, 0.75)
+    assert config.use_high_res and config.use_scale_attention and config.use_local_mask
+
+
+@pytest.mark.parametrize("name,layers,slice_size,patch", [
+    ("vit-b-16", [3, 6, 9], 224, 16), ("vit-l-14", [6, 12, 18], 224, 14), ("vit-l-14-336", [6, 12, 18], 336, 14),
+])
+def test_presets_without_download(name, layers, slice_size, patch):
+    config = MROVSegConfig.from_preset(name)
+    assert config.feature_layers == layers and config.query_layer == layers[-1]
+    assert config.slice_size == slice_size and config.vision_config.patch_size == patch
+    assert config.projection_dim == CLIP_PRESETS[name]["projection_dim"]
+
+
+def test_from_clip_config():
+    clip = CLIPConfig(vision_config=dict(num_hidden_layers=24, patch_size=14, hidden_size=64, num_attention_heads=4,
+                                         intermediate_size=128), projection_dim=48)
+    config = MROVSegConfig.from_clip_config(clip, num_queries=10)
+    assert config.feature_layers == [6, 12, 18] and config.projection_dim == 48 and config.num_queries == 10
+
+
+def test_round_trip_and_auto_config(tmp_path):
+    config = tiny_config(slice_overlap=16, use_scale_attention=False)
+    config.save_pretrained(tmp_path)
+    for loaded in (MROVSegConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert isinstance(loaded, MROVSegConfig)
+        assert loaded.to_diff_dict() == config.to_diff_dict()
+        assert loaded.id2label == {0: "sky", 1: "road", 2: "car"} and loaded.label2id["car"] == 2
+        assert loaded.vision_config.hidden_size == 64 and loaded.slice_overlap == 16
+
+
+@pytest.mark.parametrize("overrides,field,allowed", [
+    (dict(feature_layers=[1, 4]), "feature_layers", "[0, 3]"),
+    (dict(feature_layers=[2, 1]), "feature_layers", "increasing"),
+    (dict(feature_layers=[]), "feature_layers", "at least one"),
+    (dict(feature_layers=[1, 3], query_layer=2), "query_layer", "[3, 3]"),
+    (dict(query_layer=4), "query_layer", "[3, 3]"),
+    (dict(slice_overlap=64), "slice_overlap", "[0, 63]"),
+    (dict(slice_overlap=-8), "slice_overlap", "[0, 63]"),
+    (dict(slice_overlap=12), "slice_overlap", "multiple of the patch size 8"),
+    (dict(slice_size=60), "slice_size", "multiple of the patch size 8"),
+    (dict(slice_batch_size=0), "slice_batch_size", ">= 1"),
+    (dict(adapter_kernel_size=4), "adapter_kernel_size", "odd"),
+    (dict(hidden_dim=30), "hidden_dim", "multiple of num_decoder_heads"),
+    (dict(mask_decoder_channels=[8, 8]), "mask_decoder_channels", "3 positive widths"),
+    (dict(num_queries=0), "num_queries", ">= 1"),
+    (dict(no_object_weight=-1.0), "no_object_weight", ">= 0"),
+    (dict(oversample_ratio=0.5), "oversample_ratio", ">= 1"),
+    (dict(importance_sample_ratio=1.5), "importance_sample_ratio", "[0, 1]"),
+    (dict(prompt_templates=["a photo"]), "prompt_templates", "'{}' slot"),
+])
+def test_validation_names_field_and_range(overrides, field, allowed):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    assert f"MROVSegConfig.{field}=" in str(error.value) and allowed in str(error.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="Unknown preset"):
+        MROVSegConfig.from_preset("vit-h-14")

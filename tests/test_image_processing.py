@@ -1,0 +1,277 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from modeling_mrovseg import MROVSegImageProcessor, SliceGrid, slice_windows, stitch_windows
+from modeling_mrovseg.image_processing_mrovseg import resized_size
+from modeling_mrovseg.modeling_mrovseg import MROVSegOutput
+from tests.helpers import random_image
+
+PATCH = 8
+
+
+# ---------------------------------------------------------------- geometry, property-based
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(1, 400), width=st.integers(1, 400), window_patches=st.integers(1, 6),
+       overlap_patches=st.integers(0, 5))
+def test_grid_covers_every_pixel_exactly(height, width, window_patches, overlap_patches):
+    window = window_patches * PATCH
+    overlap = min(overlap_patches, window_patches - 1) * PATCH
+    grid = SliceGrid.covering(height, width, window, overlap)
+    assert grid.height >= height and grid.width >= width
+    # smallest such grid: one row/column fewer would not reach the edge
+    assert grid.rows == 1 or grid.height - grid.stride < height
+    assert grid.cols == 1 or grid.width - grid.stride < width
+    coverage = np.zeros((grid.height, grid.width), dtype=int)
+    for top, left in grid.offsets():
+        assert top + window <= grid.height and left + window <= grid.width
+        coverage[top : top + window, left : left + window] += 1
+    assert coverage.min() >= 1
+    last_top, last_left = grid.offsets()[-1]
+    assert last_top + window == grid.height and last_left + window == grid.width  # flush with the edge
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), cols=st.integers(1, 4), window_patches=st.integers(1, 4),
+       overlap_patches=st.integers(0, 3), channels=st.integers(1, 3))
+def test_stitch_inverts_slice(rows, cols, window_patches, overlap_patches, channels):
+    window = window_patches * PATCH
+    overlap = min(overlap_patches, window_patches - 1) * PATCH
+    grid = SliceGrid(rows, cols, window, window - overlap)
+    canvas = torch.randn(2, channels, grid.height, grid.width, dtype=torch.float64)
+    windows = slice_windows(canvas, grid)
+    assert windows.shape == (2, rows * cols, channels, window, window)
+    for k, (top, left) in enumerate(grid.offsets()):
+        assert torch.equal(windows[:, k], canvas[..., top : top + window, left : left + window])
+    torch.testing.assert_close(stitch_windows(windows, grid), canvas, rtol=0, atol=1e-12)
+    # numpy and torch slicing agree
+    np.testing.assert_array_equal(slice_windows(canvas.numpy(), grid), windows.numpy())
+    # the same grid in token units stitches token maps
+    tokens = grid.scaled(PATCH)
+    token_canvas = torch.randn(1, 4, tokens.height, tokens.width)
+    torch.testing.assert_close(stitch_windows(slice_windows(token_canvas, tokens), tokens), token_canvas)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(8, 300), st.integers(8, 300)), min_size=1, max_size=3),
+       overlap_patches=st.integers(0, 3), shortest=st.sampled_from([64, 100, 128]))
+def test_processor_slices_are_crops_of_the_normalised_canvas(sizes, overlap_patches, shortest):
+    processor = MROVSegImageProcessor(slice_size=32, slice_overlap=overlap_patches * PATCH,
+                                      size={"shortest_edge": shortest, "longest_edge": 320})
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    out = processor(images, return_tensors="pt")
+    batch = len(images)
+    rows, cols = out["slice_grid"][0].tolist()
+    grid = SliceGrid(rows, cols, 32, 32 - overlap_patches * PATCH)
+    assert out["pixel_values"].shape == (batch, 3, 32, 32)
+    assert out["pixel_values_slices"].shape == (batch, rows * cols, 3, 32, 32)
+    assert out["pixel_mask"].shape == (batch, grid.height, grid.width)
+    assert (out["slice_grid"] == torch.tensor([rows, cols])).all()
+    canvas = processor.stitch(out["pixel_values_slices"], (rows, cols))
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    for i, image in enumerate(images):
+        h, w = resized_size(*image.shape[:2], processor.size)
+        expected = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+        expected = (torch.from_numpy(expected).permute(2, 0, 1) - mean) / std
+        torch.testing.assert_close(canvas[i, :, :h, :w], expected, rtol=0, atol=1e-5)
+        assert not canvas[i, :, h:, :].any() and not canvas[i, :, :, w:].any()
+        mask = out["pixel_mask"][i]
+        assert mask[:h, :w].all() and mask.sum() == h * w
+        # each slice is the crop of the canvas
+        for k, (top, left) in enumerate(grid.offsets()):
+            torch.testing.assert_close(out["pixel_values_slices"][i, k], canvas[i, :, top : top + 32, left : left + 32])
+
+
+def test_global_view_is_the_downsampled_canvas():
+    processor = MROVSegImageProcessor(slice_size=32, size={"height": 64, "width": 96})
+    image = np.zeros((64, 96, 3), dtype=np.uint8)
+    image[:, :48] = 255  # left half white
+    out = processor(image, return_tensors="pt")
+    view = out["pixel_values"][0]
+    assert view.shape == (3, 32, 32)
+    # canvas is 64 x 96 (grid 2 x 3); the white half maps to the left half of the global view
+    assert (view[:, :, :15] > 1.5).all() and (view[:, :, 17:] < 0).all()
+
+
+def test_resize_modes():
+    assert resized_size(480, 640, {"shortest_edge": 640, "longest_edge": 2560}) == (640, 853)
+    assert resized_size(100, 20000, {"shortest_edge": 640, "longest_edge": 2560}) == (13, 2560)
+    assert resized_size(20000, 10, {"shortest_edge": 640, "longest_edge": 2560}) == (2560, 1)
+    assert resized_size(1, 1, {"shortest_edge": 640, "longest_edge": 2560}) == (640, 640)
+    assert resized_size(300, 200, {"height": 50, "width": 70}) == (50, 70)
+
+
+def test_labels_nearest_padding_and_reduce_labels():
+    processor = MROVSegImageProcessor(slice_size=32, size={"height": 40, "width": 40})
+    label = np.zeros((20, 20), dtype=np.uint8)
+    label[:10] = 3
+    label[10:, 10:] = 7
+    out = processor(random_image(20, 20), segmentation_maps=label, return_tensors="pt")
+    labels = out["labels"][0]
+    assert labels.shape == (64, 64) and labels.dtype == torch.int64
+    assert set(labels[:40, :40].unique().tolist()) == {0, 3, 7}
+    assert (labels[:20, :40] == 3).all() and (labels[20:40, 20:40] == 7).all()
+    assert (labels[40:] == 255).all() and (labels[:, 40:] == 255).all()
+    reduced = processor(random_image(20, 20), segmentation_maps=label, do_reduce_labels=True, return_tensors="pt")
+    assert set(reduced["labels"][0, :40, :40].unique().tolist()) == {255, 2, 6}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from transformers import AutoImageProcessor
+
+    from tests.helpers import tiny_config
+
+    processor = MROVSegImageProcessor(slice_size=48, slice_overlap=16, size={"shortest_edge": 100, "longest_edge": 300})
+    processor.save_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)  # AutoImageProcessor resolves the class through the model type
+    for loaded in (MROVSegImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, MROVSegImageProcessor)
+        assert loaded.to_dict() == processor.to_dict()
+    image = random_image(70, 90)
+    a, b = processor(image, return_tensors="pt"), loaded(image, return_tensors="pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- input kinds and bad input
+def _process(image, **kwargs):
+    processor = MROVSegImageProcessor(slice_size=32, size={"shortest_edge": 32, "longest_edge": 256})
+    return processor(image, return_tensors="pt", **kwargs)
+
+
+def _pil(mode, size=(40, 30), **info):
+    image = Image.new(mode, size)
+    image.info.update(info)
+    return image
+
+
+@pytest.mark.parametrize("image", [
+    _pil("L"), _pil("LA"), _pil("RGBA"), _pil("CMYK"), _pil("I;16"), _pil("I"), _pil("F"), _pil("1"),
+    _pil("P", transparency=0), _pil("P"), _pil("YCbCr"),
+])
+def test_any_pil_mode_becomes_rgb(image):
+    out = _process(image)
+    assert out["pixel_values"].shape == (1, 3, 32, 32) and torch.isfinite(out["pixel_values"]).all()
+
+
+def test_transparency_composited_onto_white_and_16_bit_scaled():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    white = _process(Image.new("RGB", (8, 8), (255, 255, 255)))
+    torch.testing.assert_close(_process(rgba)["pixel_values"], white["pixel_values"])
+    grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    torch.testing.assert_close(_process(grey16)["pixel_values"], white["pixel_values"])
+
+
+def test_exif_orientation_applied():
+    image = Image.fromarray(random_image(20, 40))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    loaded = Image.open(io.BytesIO(buffer.getvalue()))
+    out = MROVSegImageProcessor(slice_size=32, do_resize=False)(loaded, return_tensors="pt")
+    mask = out["pixel_mask"][0]
+    assert mask.any(1).sum() == 40 and mask.any(0).sum() == 20  # now portrait
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((30, 40), np.uint8), np.zeros((30, 40, 1), np.uint8), np.zeros((30, 40, 2), np.uint8),
+    np.zeros((30, 40, 4), np.uint8), np.zeros((3, 30, 40), np.uint8), np.zeros((30, 40, 3), np.float32),
+    np.full((30, 40, 3), 200.0), np.zeros((30, 40, 3), np.uint16), np.zeros((30, 40, 3), bool),
+    torch.zeros(3, 30, 40), torch.zeros(30, 40, 3, dtype=torch.uint8),
+])
+def test_array_and_tensor_layouts(array):
+    out = _process(array)
+    mask = out["pixel_mask"][0]
+    assert mask.any(1).sum() == 32 and mask.any(0).sum() == round(40 * 32 / 30)
+
+
+def test_float_in_unit_range_equals_uint8():
+    image = random_image(16, 16)
+    torch.testing.assert_close(_process(image)["pixel_values"], _process(image / 255.0)["pixel_values"])
+
+
+def test_batch_of_mixed_kinds_and_sizes():
+    images = [Image.fromarray(random_image(30, 50)), random_image(60, 20), torch.zeros(3, 40, 40)]
+    out = _process(images)
+    assert out["pixel_values"].shape[0] == 3 and out["pixel_values_slices"].shape[0] == 3
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([], "empty"),
+    (np.zeros((0, 10, 3), np.uint8), "empty"),
+    (Image.new("RGB", (0, 5)), "empty"),
+    (np.full((10, 10, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((10, 10, 5), np.uint8), "channels"),
+    (np.zeros((5, 10, 10, 3, 1), np.uint8), "dimensions"),
+    ("not an image", "unsupported type"),
+])
+def test_bad_input_is_a_clear_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _process(bad)
+
+
+def test_edge_sizes_are_handled():
+    tiny = _process(np.zeros((1, 1, 3), np.uint8))
+    assert tiny["pixel_mask"][0].sum() == 32 * 32
+    strip = MROVSegImageProcessor(slice_size=32)(np.zeros((20000, 10, 3), np.uint8), return_tensors="pt")
+    mask = strip["pixel_mask"][0]
+    assert mask.any(1).sum() == 2560 and mask.any(0).sum() == 1
+    assert strip["pixel_values_slices"].shape[1] == 80  # 80 x 1 windows
+
+
+def test_segmentation_map_size_mismatch():
+    with pytest.raises(ValueError, match="segmentation map 0 has size"):
+        _process(random_image(20, 30), segmentation_maps=np.zeros((30, 20), np.uint8))
+    with pytest.raises(ValueError, match="2 images but 1 segmentation maps"):
+        _process([random_image(20, 30)] * 2, segmentation_maps=[np.zeros((20, 30), np.uint8)])
+
+
+def test_invalid_overlap():
+    with pytest.raises(ValueError, match="slice_overlap"):
+        MROVSegImageProcessor(slice_size=32, slice_overlap=32)
+
+
+# ---------------------------------------------------------------- post-processing
+def _outputs(batch=2, queries=4, classes=3, size=(16, 24), image_sizes=None):
+    torch.manual_seed(0)
+    return MROVSegOutput(
+        class_queries_logits=torch.randn(batch, queries, classes + 1),
+        masks_queries_logits=torch.randn(batch, queries, *size),
+        image_sizes=image_sizes,
+    )
+
+
+def test_post_process_contract():
+    processor = MROVSegImageProcessor()
+    outputs = _outputs()
+    maps = processor.post_process_semantic_segmentation(outputs)
+    assert len(maps) == 2 and maps[0].shape == (16, 24) and maps[0].dtype == torch.int64
+    assert maps[0].min() >= 0 and maps[0].max() < 3
+    resized = processor.post_process_semantic_segmentation(outputs, target_sizes=[(5, 7), (9, 3)])
+    assert resized[0].shape == (5, 7) and resized[1].shape == (9, 3)
+    scored = processor.post_process_semantic_segmentation(outputs, target_sizes=[(5, 7), (9, 3)],
+                                                          return_segmentation_scores=True)
+    assert torch.equal(scored[0].segmentation, resized[0]) and scored[0].segmentation_scores.shape == (3, 5, 7)
+    with pytest.raises(ValueError, match="as many target sizes"):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=[(5, 7)])
+
+
+def test_post_process_scores_and_padding_crop():
+    processor = MROVSegImageProcessor()
+    # one query, certain of class 1, whose mask covers only the right half of the *padding* region
+    class_logits = torch.tensor([[[-10.0, 10.0, -10.0, -10.0], [10.0, -10.0, -10.0, -10.0]]])
+    masks = torch.full((1, 2, 8, 8), -10.0)
+    masks[0, 1] = 10.0  # query 1 (class 0) everywhere
+    masks[0, 0, :, 6:] = 20.0  # query 0 (class 1) only in columns 6-7: padding
+    image_sizes = torch.tensor([[32, 24, 32, 32]])  # valid 32 x 24 of a 32 x 32 canvas
+    outputs = MROVSegOutput(class_queries_logits=class_logits, masks_queries_logits=masks, image_sizes=image_sizes)
+    seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[(10, 10)])[0]
+    assert (seg == 0).all()  # the padding-only class never leaks into the image
+    thresholded = processor.post_process_semantic_segmentation(outputs, score_threshold=1.5)[0]
+    assert thresholded.shape == (32, 24) and (thresholded == -1).all()
