@@ -1,0 +1,244 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForSemanticSegmentation
+
+from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegOutput
+from tests.helpers import LABELS, random_image, tiny_config, tiny_processor
+
+
+def build(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MROVSegForOpenVocabSegmentation(tiny_config(**overrides)).eval()
+
+
+def inputs_for(config, size, labels=False, **processor_kwargs):
+    processor = tiny_processor(config, **processor_kwargs)
+    image = random_image(*size)
+    kwargs = {}
+    if labels:
+        label = torch.zeros(size, dtype=torch.long)
+        label[: size[0] // 2] = 1
+        label[size[0] // 2 :, : size[1] // 3] = 2
+        label[-3:, -3:] = 255
+        kwargs["segmentation_maps"] = [label.numpy(), label.numpy()[::-1].copy()]
+    return processor([image, image[::-1].copy()], return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("size,overlap", [((96, 96), 0), ((96, 200), 0), ((200, 96), 0), ((150, 260), 16),
+                                          ((96, 200), 32), ((40, 40), 0)])
+def test_output_shapes(size, overlap):
+    model = build(slice_overlap=overlap)
+    inputs = inputs_for(model.config, size)
+    rows, cols = inputs["slice_grid"][0].tolist()
+    height, width = inputs["pixel_mask"].shape[-2:]
+    assert (height, width) == (64 + (rows - 1) * (64 - overlap), 64 + (cols - 1) * (64 - overlap))
+    with torch.inference_mode():
+        out = model(**inputs)
+    assert isinstance(out, MROVSegOutput)
+    stages = len(model.config.feature_layers)
+    assert out.class_queries_logits.shape == (2, 8, len(LABELS) + 1)
+    assert out.masks_queries_logits.shape == (2, 8, height // 8 * 2**stages, width // 8 * 2**stages)
+    assert len(out.auxiliary_logits) == model.config.num_decoder_layers - 1
+    assert out.auxiliary_logits[0]["masks_queries_logits"].shape == out.masks_queries_logits.shape
+    assert out.image_sizes[:, 2:].tolist() == [[height, width]] * 2
+    assert torch.isfinite(out.masks_queries_logits).all() and torch.isfinite(out.class_queries_logits).all()
+
+
+def test_single_resolution_path():
+    model = build()
+    inputs = inputs_for(model.config, (96, 200))
+    with torch.inference_mode():
+        out = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        ablation = build(use_high_res=False)(**inputs)
+    assert out.masks_queries_logits.shape == (2, 8, 64, 64)  # the 8 x 8 global token grid, 3 stages of 2x
+    assert ablation.masks_queries_logits.shape == (2, 8, 64, 64)
+
+
+def test_one_slice_equals_the_global_view():
+    """On an S x S canvas the only slice *is* the global view: stitched map and global map must agree."""
+    model = build()
+    inputs = tiny_processor(model.config, size={"height": 64, "width": 64})(random_image(64, 64), return_tensors="pt")
+    with torch.inference_mode():
+        features = model.forward_features(inputs["pixel_values"], inputs["pixel_values_slices"], inputs["slice_grid"])
+    for layer, tokens in features.global_tokens.items():
+        global_map = tokens.transpose(1, 2).reshape(1, -1, 8, 8)
+        torch.testing.assert_close(features.high_res_maps[layer], global_map, rtol=1e-5, atol=1e-5)
+
+
+def test_stitched_tokens_sit_where_their_slice_is():
+    model = build()
+    inputs = inputs_for(model.config, (96, 200))
+    slices, grid = inputs["pixel_values_slices"], inputs["slice_grid"]
+    with torch.inference_mode():
+        features = model.forward_features(inputs["pixel_values"], slices, grid)
+        k = 4  # second row, second column of a 2 x 4 grid? check against a direct pass of slice k
+        cols = int(grid[0, 1])
+        row, col = divmod(k, cols)
+        direct = model._run_clip(slices[:, k], [model.config.feature_layers[0]])[model.config.feature_layers[0]]
+    stitched = features.high_res_maps[model.config.feature_layers[0]][:, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8]
+    torch.testing.assert_close(stitched, direct[:, 1:].transpose(1, 2).reshape(2, -1, 8, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_slice_batch_size_does_not_change_outputs():
+    model = build()
+    inputs = inputs_for(model.config, (150, 260))
+    with torch.inference_mode():
+        reference = model(**inputs).masks_queries_logits
+        model.config.slice_batch_size = None
+        unchunked = model(**inputs).masks_queries_logits
+    torch.testing.assert_close(reference, unchunked, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_backward_reaches_every_trainable_parameter():
+    model = build().train()
+    out = model(**inputs_for(model.config, (96, 200), labels=True))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    assert set(out.loss_dict) == {"loss_class", "loss_mask", "loss_dice"}
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "vision_model.embeddings.position_embedding.weight" in trainable
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, no_grad
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("vision_model.encoder.layers") for n in frozen)
+    assert all(n.startswith(("vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"))
+               for n in frozen)
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = inputs_for(tiny_config(), (96, 200), labels=True)
+    grads = []
+    for checkpointing in (False, True):
+        model = build(seed=1).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.vision_model.encoder.layers[0].gradient_checkpointing
+        torch.manual_seed(0)  # same sampled points
+        model(**inputs).loss.backward()
+        grads.append(model.vision_model.embeddings.position_embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_label_out_of_vocabulary_is_a_clear_error():
+    model = build().train()
+    inputs = inputs_for(model.config, (96, 96), labels=True)
+    inputs["labels"][0, 0, 0] = 7
+    with pytest.raises(ValueError, match="valid ids are 0..2"):
+        model(**inputs)
+
+
+def test_bad_pixel_values_and_grid():
+    model = build()
+    inputs = inputs_for(model.config, (96, 200))
+    with pytest.raises(ValueError, match="global view"):
+        model(pixel_values=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="does not match"):
+        model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"],
+              slice_grid=torch.tensor([[1, 1], [1, 1]]))
+    with pytest.raises(ValueError, match="slice_grid"):
+        model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"])
+
+
+def test_tuple_output():
+    model = build()
+    inputs = inputs_for(model.config, (96, 96))
+    with torch.inference_mode():
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+    assert torch.equal(as_tuple[0], as_dict.class_queries_logits) and torch.equal(as_tuple[1], as_dict.masks_queries_logits)
+
+
+def test_save_and_load_gives_identical_outputs(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    assert {"modeling_mrovseg.py", "configuration_mrovseg.py", "masked_attention.py"} <= files  # remote code
+    inputs = inputs_for(model.config, (96, 200))
+    with torch.inference_mode():
+        expected = model(**inputs)
+        for cls in (MROVSegForOpenVocabSegmentation, AutoModel, AutoModelForSemanticSegmentation):
+            loaded = cls.from_pretrained(tmp_path).eval()
+            assert isinstance(loaded, MROVSegForOpenVocabSegmentation)
+            got = loaded(**inputs)
+            assert torch.equal(got.class_queries_logits, expected.class_queries_logits)
+            assert torch.equal(got.masks_queries_logits, expected.masks_queries_logits)
+            assert torch.equal(loaded.vocabulary_embeds, model.vocabulary_embeds)
+
+
+# ---------------------------------------------------------------- text side and CLIP weights
+def test_from_clip_copies_weights_exactly(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=LABELS, num_queries=8,
+                                                      hidden_dim=32, num_decoder_heads=4)
+    for name in ("vision_model", "visual_projection", "text_model", "text_projection"):
+        ours, theirs = getattr(model, name).state_dict(), getattr(clip, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert torch.equal(model.logit_scale, clip.logit_scale)
+    assert model.config.id2label == dict(enumerate(LABELS))
+    assert model.vocabulary_embeds.shape == (3, clip.config.projection_dim)
+
+
+def test_set_vocabulary_prompt_ensemble_and_synonyms(tiny_clip_dir, tiny_tokenizer):
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
+                                                      num_decoder_heads=4, prompt_templates=["a photo of a {}.", "a {}"])
+    model.set_vocabulary(["sofa, couch", "lamp"], tiny_tokenizer)
+    assert model.config.id2label == {0: "sofa, couch", 1: "lamp"} and model.config.label2id["lamp"] == 1
+
+    def embed(prompts):
+        tokens = tiny_tokenizer(prompts, padding=True, return_tensors="pt")
+        return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+
+    sofa = F.normalize(embed(["a photo of a sofa.", "a sofa"]).mean(0), dim=-1)
+    couch = F.normalize(embed(["a photo of a couch.", "a couch"]).mean(0), dim=-1)
+    torch.testing.assert_close(model.vocabulary_embeds[0], F.normalize(sofa + couch, dim=-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Duplicate"):
+        model.set_vocabulary(["lamp", "Lamp"], tiny_tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        model.set_vocabulary([], tiny_tokenizer)
+
+
+def test_per_call_vocabulary(tiny_clip_dir, tiny_tokenizer):
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=LABELS, num_queries=8,
+                                                      hidden_dim=32, num_decoder_heads=4).eval()
+    inputs = inputs_for(model.config, (96, 96))
+    with torch.inference_mode():
+        stored = model(**inputs).class_queries_logits
+        explicit = model(**inputs, text_embeds=model.vocabulary_embeds).class_queries_logits
+        tokens = tiny_tokenizer(["a photo of a cat.", "a photo of a dog."], padding=True, return_tensors="pt")
+        two = model(**inputs, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    torch.testing.assert_close(stored, explicit)
+    assert two.class_queries_logits.shape == (2, 8, 3)
+
+
+def test_vit_b16_shapes_and_parameter_counts():
+    config = MROVSegConfig.from_preset("vit-b-16", id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    model = MROVSegForOpenVocabSegmentation(config).eval()
+    summary = model.parameter_summary()
+    C, L, I, P, T = 768, 12, 3072, 512, 512  # noqa: N806
+    layer = lambda c, i: 4 * (c * c + c) + 4 * c + (c * i + i) + (i * c + c)  # noqa: E731
+    vision = C + 3 * 16 * 16 * C + 197 * C + 2 * C + L * layer(C, I) + 2 * C
+    text = 49408 * T + 77 * T + L * layer(T, 4 * T) + 2 * T
+    assert summary["clip_vision"]["total"] == vision + C * P == 85_799_424 + 393_216
+    assert summary["clip_text"]["total"] == text + T * P
+    assert summary["clip_text"]["trainable"] == 0
+    assert summary["clip_vision"]["trainable"] == 197 * C  # only the position embeddings
+    D, k = 256, 3  # noqa: N806
+    adapter = (C * k * k + C) + (C * C + C) + (2 * C * 2 + 2) + (C * D + D) + 2 * D
+    assert sum(p.numel() for p in model.adapters.parameters()) == 3 * adapter
+    assert sum(p.numel() for p in model.masked_attention.parameters()) == C * C + C + 100 * C
+    assert summary["mrovseg_modules"]["total"] == summary["mrovseg_modules"]["trainable"] > 3 * adapter
+
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    inputs = MROVSegImageProcessor()(random_image(640, 640), return_tensors="pt")
+    assert inputs["pixel_values_slices"].shape == (1, 9, 3, 224, 224)
+    with torch.inference_mode():
+        out = model(**inputs)
+    assert out.masks_queries_logits.shape == (1, 100, 42 * 8, 42 * 8)
+    assert out.class_queries_logits.shape == (1, 100, 3)
