@@ -1,0 +1,66 @@
+"""A saved checkpoint must load with trust_remote_code where this package is not importable at all."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+from tests.helpers import random_image, tiny_config, tiny_processor
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_mrovseg"] = None  # any import of the package now fails
+    try:
+        import modeling_mrovseg  # noqa: F401
+        raise SystemExit("package still importable")
+    except ImportError:
+        pass
+    import numpy as np, torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    folder, out = sys.argv[1], sys.argv[2]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    image = np.load(folder + "/image.npy")
+    inputs = processor(image, return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**inputs)
+    torch.save({"class": outputs.class_queries_logits, "masks": outputs.masks_queries_logits,
+                "type": type(model).__name__, "config": type(config).__name__}, out)
+    """
+)
+
+
+def test_remote_code_loads_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = MROVSegForOpenVocabSegmentation(config).eval()
+    processor = tiny_processor(config)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["auto_map"]["AutoModel"].endswith("MROVSegForOpenVocabSegmentation")
+    assert "AutoImageProcessor" in json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]
+    import numpy as np
+
+    image = random_image(90, 150)
+    np.save(folder / "image.npy", image)
+    with torch.inference_mode():
+        expected = model(**processor(image, return_tensors="pt"))
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), str(tmp_path / "out.pt")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["type"] == "MROVSegForOpenVocabSegmentation" and got["config"] == "MROVSegConfig"
+    torch.testing.assert_close(got["class"], expected.class_queries_logits, rtol=1e-5, atol=1e-5)  # other process, other thread count
+    torch.testing.assert_close(got["masks"], expected.masks_queries_logits, rtol=1e-5, atol=1e-5)  # other process, other thread count
