@@ -264,6 +264,8 @@ class MROVSegImageProcessor(PilBackend):
         resample = PILImageResampling.BICUBIC if resample is None else resample
         mean = np.asarray(image_mean if image_mean is not None else OPENAI_CLIP_MEAN, dtype=np.float32)
         std = np.asarray(image_std if image_std is not None else OPENAI_CLIP_STD, dtype=np.float32)
+        if mean.size != 3 or std.size != 3:
+            raise ValueError(f"image_mean and image_std need 3 values (images are RGB), got {mean.size} and {std.size}.")
 
         resized, resized_maps = [], []
         for i, image in enumerate(images):

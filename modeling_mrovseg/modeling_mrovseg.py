@@ -40,7 +40,8 @@ class MROVSegOutput(ModelOutput):
         auxiliary_logits: per intermediate query-decoder layer, a dict with both logits (for deep supervision).
         image_sizes: (B, 4) valid height, valid width, padded height, padded width of each canvas in pixels.
         loss_dict: the named loss terms of the final output.
-        vision_hidden_states: CLIP hidden states of the global view, one per computed layer (on request).
+        hidden_states: CLIP hidden states of the global view, embeddings then every layer the backbone runs
+            (all but the last, which only the queries pass through), on request.
         fused_features: the Multi-Res Adapter outputs, shallow to deep (on request).
         pixel_decoder_last_hidden_state: the final pixel features (on request).
     """
@@ -51,7 +52,7 @@ class MROVSegOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     image_sizes: torch.LongTensor | None = None
     loss_dict: dict[str, torch.FloatTensor] | None = None
-    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     fused_features: tuple[torch.FloatTensor, ...] | None = None
     pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
 
@@ -61,6 +62,7 @@ class MROVSegFeatures(ModelOutput):
     """Backbone pass results: per needed CLIP layer, global tokens (B, Tg, C) and high-res maps (B, C, h, w)."""
 
     global_tokens: dict[int, torch.Tensor] | None = None
+    global_hidden_states: tuple[torch.Tensor, ...] | None = None
     high_res_maps: dict[int, torch.Tensor] | None = None
     cls_token: torch.Tensor | None = None
     global_grid: tuple[int, int] | None = None
@@ -99,7 +101,13 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             init.zeros_(module.shift)
         elif isinstance(module, MROVSegForOpenVocabSegmentation):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
-            init.copy_(module.vocabulary_embeds, F.normalize(torch.randn_like(module.vocabulary_embeds), dim=-1))
+            init.copy_(module.vocabulary_embeds, placeholder_vocabulary(*module.vocabulary_embeds.shape))
+
+
+def placeholder_vocabulary(num_classes: int, dim: int) -> torch.Tensor:
+    """Fixed, distinct unit vectors standing in for class embeddings until `set_vocabulary` is called."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    return F.normalize(torch.randn(num_classes, dim, generator=generator, device="cpu"), dim=-1)
 
 
 class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
@@ -141,7 +149,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         self.attention_mask_decoder = MROVSegAttentionMaskDecoder(config, num_remaining, vision.num_attention_heads)
         self.masked_attention = MROVSegMultiGrainedMaskedAttention(config)
         self.classifier = MROVSegOpenVocabClassifier(config.projection_dim)
-        self.register_buffer("vocabulary_embeds", torch.zeros(config.num_labels, config.projection_dim), persistent=True)
+        self.register_buffer("vocabulary_embeds", placeholder_vocabulary(config.num_labels, config.projection_dim),
+                             persistent=True)
         self.criterion = MROVSegLoss(config)
         self.post_init()
         self.freeze_clip()
@@ -181,6 +190,9 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         text = "\n".join(lines)
         print(text)
         return text
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
 
     # ------------------------------------------------------------------ text side
     @torch.no_grad()
@@ -247,6 +259,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         pixel_values: torch.Tensor,
         pixel_values_slices: torch.Tensor | None = None,
         slice_grid: torch.Tensor | Sequence[int] | None = None,
+        output_hidden_states: bool = False,
     ) -> MROVSegFeatures:
         """
         The global view and all slices through CLIP in one batched pass (chunked by `slice_batch_size`), keeping the
@@ -264,10 +277,13 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             grid = SliceGrid(rows, cols, config.slice_size, config.slice_stride)
             images = torch.cat([pixel_values, pixel_values_slices.flatten(0, 1)], dim=0)
         needed = self._needed_layers()
-        states = self._run_clip(images.to(self.vision_model.dtype), needed)
+        depth = config.vision_config.num_hidden_layers
+        run = sorted(set(needed) | set(range(depth))) if output_hidden_states else needed
+        states = self._run_clip(images.to(self.vision_model.dtype), run)
+        hidden_states = tuple(states[layer][:batch] for layer in range(depth)) if output_hidden_states else None
 
         side = pixel_values.shape[-1] // patch
-        global_tokens = {layer: h[:batch, 1:] for layer, h in states.items()}
+        global_tokens = {layer: states[layer][:batch, 1:] for layer in needed}
         cls_token = states[config.query_layer][:batch, 0]
         high_res_maps = {}
         token_grid = None
@@ -281,6 +297,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
                 states[layer] = None  # free the per-slice copy
         return MROVSegFeatures(
             global_tokens=global_tokens,
+            global_hidden_states=hidden_states,
             high_res_maps=high_res_maps or None,
             cls_token=cls_token,
             global_grid=(side, side),
@@ -351,7 +368,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask)
 
         # 1. One CLIP, two resolutions: global view and stitched slices.
-        features = self.forward_features(pixel_values, pixel_values_slices, slice_grid)
+        features = self.forward_features(pixel_values, pixel_values_slices, slice_grid, output_hidden_states)
         high_res = features.high_res_maps
         global_maps = {
             layer: tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *features.global_grid)
@@ -400,8 +417,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             auxiliary_logits=auxiliary,
             image_sizes=self._image_sizes(pixel_mask),
             loss_dict=loss_dict,
-            vision_hidden_states=tuple(features.global_tokens[i] for i in sorted(features.global_tokens))
-            if output_hidden_states else None,
+            hidden_states=features.global_hidden_states,
             fused_features=tuple(fused) if output_hidden_states else None,
             pixel_decoder_last_hidden_state=pixel_features if output_hidden_states else None,
         )
