@@ -1,0 +1,1 @@
+"""Model-card templates and the push-to-Hub tool (issue: publishing and downloading)."""
