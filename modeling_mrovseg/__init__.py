@@ -5,23 +5,27 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForSemanticSegmentation,
+    AutoProcessor,
 )
 
 from .configuration_mrovseg import CLIP_PRESETS, VILD_TEMPLATES, MROVSegConfig
 from .image_processing_mrovseg import MROVSegImageProcessor
 from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput, MROVSegPreTrainedModel
+from .processing_mrovseg import MROVSegProcessor
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
 AutoConfig.register(MROVSegConfig.model_type, MROVSegConfig, exist_ok=True)
 AutoImageProcessor.register(MROVSegConfig, image_processor_classes={"pil": MROVSegImageProcessor}, exist_ok=True)
 AutoModel.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
+AutoProcessor.register(MROVSegConfig, MROVSegProcessor, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the module files, so Hub copies load with
 # `trust_remote_code=True` without this package installed.
 MROVSegConfig.register_for_auto_class()
 MROVSegImageProcessor.register_for_auto_class("AutoImageProcessor")
 MROVSegForOpenVocabSegmentation.register_for_auto_class("AutoModel")
+MROVSegProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "CLIP_PRESETS",
@@ -31,6 +35,7 @@ __all__ = [
     "MROVSegForOpenVocabSegmentation",
     "MROVSegOutput",
     "MROVSegPreTrainedModel",
+    "MROVSegProcessor",
     "SliceGrid",
     "slice_windows",
     "stitch_windows",

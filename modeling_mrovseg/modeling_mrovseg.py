@@ -234,7 +234,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         self.config.id2label = dict(enumerate(labels))
         self.config.label2id = {label: i for i, label in enumerate(labels)}
 
-    def _resolve_text_embeds(self, text_embeds, input_ids, attention_mask) -> torch.Tensor:
+    def _resolve_text_embeds(self, text_embeds, input_ids, attention_mask, owners=None) -> torch.Tensor:
         if text_embeds is not None:
             if text_embeds.shape[-1] != self.config.projection_dim or text_embeds.dim() not in (2, 3):
                 raise ValueError(
@@ -244,6 +244,9 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             return text_embeds
         if input_ids is not None:
             embeds = self.encode_text(input_ids, attention_mask)
+            if owners is not None:  # prompt ensemble with synonyms, as built by MROVSegProcessor
+                owners = [tuple(pair) for pair in owners.tolist()]
+                return pool_prompt_embeddings(embeds, owners, max(pair[0] for pair in owners) + 1)
             if embeds.dim() == 3:  # (C, templates, P): prompt ensemble
                 embeds = F.normalize(embeds.mean(dim=1), dim=-1)
             return embeds
@@ -349,6 +352,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
+        text_prompt_owners: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -357,15 +361,16 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 2): the
         full-resolution windows; without them the model runs the single-resolution ablation. pixel_mask (B, H, W):
         1 on image pixels of the padded canvas. labels (B, H, W): semantic class ids on the canvas (ignore 255).
-        input_ids / attention_mask ((C, L) or (C, templates, L)) or text_embeds ((C, P) or (B, C, P)): a per-call
-        vocabulary; by default the stored one (`set_vocabulary`).
+        input_ids / attention_mask ((C, L), (C, templates, L), or (P, L) prompts with `text_prompt_owners` (P, 2)
+        from `MROVSegProcessor`) or text_embeds ((C, P) or (B, C, P)): a per-call vocabulary; by default the
+        stored one (`set_vocabulary`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         self._check_pixel_values(pixel_values)
-        vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask)
+        vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
 
         # 1. One CLIP, two resolutions: global view and stitched slices.
         features = self.forward_features(pixel_values, pixel_values_slices, slice_grid, output_hidden_states)

@@ -1,0 +1,65 @@
+"""MROVSegProcessor: the image processor plus CLIP's tokenizer, whose `text=` takes class names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_mrovseg import VILD_TEMPLATES
+from .text_classifier import build_prompts, validate_labels
+
+
+class MROVSegProcessor(ProcessorMixin):
+    r"""
+    Wraps [`MROVSegImageProcessor`] and a CLIP tokenizer. `text=` is a list of class names (a name may carry
+    synonyms, `"sofa, couch"`); every name is put into every prompt template and tokenized, and
+    `text_prompt_owners` (P x 2: class index, synonym index) tells the model how to pool the prompts back into
+    one embedding per class.
+
+    Example:
+
+    ```python
+    >>> processor = MROVSegProcessor(image_processor, tokenizer)
+    >>> inputs = processor(images=image, text=["sky", "road", "sofa, couch"], return_tensors="pt")
+    >>> outputs = model(**inputs)
+    ```
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, prompt_templates: Sequence[str] | None = None, **kwargs):
+        self.prompt_templates = list(prompt_templates or VILD_TEMPLATES)
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images=None, text: Sequence[str] | None = None, segmentation_maps=None,
+                 return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("Give `images`, `text` (class names) or both.")
+        data = {}
+        if images is not None:
+            data.update(self.image_processor(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors,
+                                             **kwargs))
+        if text is not None:
+            data.update(self.tokenize_class_names(text))
+        return BatchFeature(data=data)
+
+    def tokenize_class_names(self, labels: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask (P x L) for all template x synonym prompts, and their (class, synonym) owners."""
+        labels = validate_labels(labels)
+        prompts, owners = build_prompts(labels, self.prompt_templates)
+        max_length = getattr(self.tokenizer, "model_max_length", 77)
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=min(max_length, 77),
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                "text_prompt_owners": torch.tensor(owners, dtype=torch.long)}
+
+    def post_process_semantic_segmentation(self, *args, **kwargs):
+        return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.image_processor.model_input_names) + ["input_ids", "attention_mask", "text_prompt_owners"]
+
+
+__all__ = ["MROVSegProcessor"]
