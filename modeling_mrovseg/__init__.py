@@ -11,6 +11,7 @@ from transformers import (
 from .configuration_mrovseg import CLIP_PRESETS, VILD_TEMPLATES, MROVSegConfig
 from .image_processing_mrovseg import MROVSegImageProcessor
 from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput, MROVSegPreTrainedModel
+from .pipelines import MROVSegZeroShotSegmentationPipeline, register_pipelines
 from .processing_mrovseg import MROVSegProcessor
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
@@ -26,6 +27,7 @@ MROVSegConfig.register_for_auto_class()
 MROVSegImageProcessor.register_for_auto_class("AutoImageProcessor")
 MROVSegForOpenVocabSegmentation.register_for_auto_class("AutoModel")
 MROVSegProcessor.register_for_auto_class("AutoProcessor")
+register_pipelines()
 
 __all__ = [
     "CLIP_PRESETS",
@@ -36,6 +38,7 @@ __all__ = [
     "MROVSegOutput",
     "MROVSegPreTrainedModel",
     "MROVSegProcessor",
+    "MROVSegZeroShotSegmentationPipeline",
     "SliceGrid",
     "slice_windows",
     "stitch_windows",

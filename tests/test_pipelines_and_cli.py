@@ -1,0 +1,193 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
+from modeling_mrovseg.cli import main as cli_main
+from modeling_mrovseg.cli import parse_labels
+from modeling_mrovseg.visualization import draw_segmentation, palette
+from tests.helpers import LABELS, random_image, tiny_processor
+
+TEMPLATES = ["a photo of a {}.", "There is a {} in the scene."]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_clip_dir, tiny_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation.from_clip(
+        str(tiny_clip_dir), vocabulary=LABELS, tokenizer=tiny_tokenizer, num_queries=8, hidden_dim=32,
+        num_decoder_heads=4, prompt_templates=TEMPLATES).eval()
+    processor = MROVSegProcessor(tiny_processor(model.config), tiny_tokenizer, prompt_templates=TEMPLATES)
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def images():
+    return [Image.fromarray(random_image(90, 120, seed=1)), Image.fromarray(random_image(60, 200, seed=2)),
+            Image.fromarray(random_image(150, 70, seed=3))]
+
+
+# ---------------------------------------------------------------- processor
+def test_processor_round_trip_and_prompt_pooling(checkpoint, tiny_tokenizer):
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert isinstance(processor, MROVSegProcessor) and processor.prompt_templates == TEMPLATES
+    inputs = processor(images=images()[0], text=["sofa, couch", "lamp"])
+    assert inputs["input_ids"].shape[0] == 6 and inputs["text_prompt_owners"].tolist() == [
+        [0, 0], [0, 0], [0, 1], [0, 1], [1, 0], [1, 0]]
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint).eval()
+    with torch.inference_mode():
+        per_call = model(**inputs).class_queries_logits
+        model.set_vocabulary(["sofa, couch", "lamp"], tiny_tokenizer)
+        image_only = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "text_prompt_owners")}
+        stored = model(**image_only).class_queries_logits
+    torch.testing.assert_close(per_call, stored, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Duplicate"):
+        processor(text=["lamp", "lamp"])
+    with pytest.raises(ValueError, match="Give `images`"):
+        processor()
+
+
+# ---------------------------------------------------------------- image-segmentation pipeline
+def test_image_segmentation_pipeline_from_folder_and_object(checkpoint):
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    for segmenter in (pipeline("image-segmentation", model=str(checkpoint)),
+                      pipeline("image-segmentation", model=model,
+                               image_processor=AutoProcessor.from_pretrained(checkpoint).image_processor)):
+        batch = images()
+        results = segmenter(batch)
+        assert len(results) == 3
+        for image, segments in zip(batch, results):
+            assert segments and all(s["label"] in LABELS for s in segments)
+            assert all(s["mask"].size == image.size for s in segments)
+            coverage = sum(np.asarray(s["mask"], dtype=np.int64) for s in segments)
+            assert (coverage == 255).all()  # every pixel labelled exactly once
+
+
+# ---------------------------------------------------------------- zero-shot pipeline
+@pytest.fixture(scope="module")
+def zero_shot(checkpoint):
+    return pipeline("zero-shot-image-segmentation", model=str(checkpoint))
+
+
+def test_zero_shot_single_batch_and_cache(zero_shot):
+    misses = zero_shot.text_cache_misses
+    single = zero_shot(images()[0], candidate_labels=["cat", "dog", "sofa, couch"])
+    assert single["labels"] == ["cat", "dog", "sofa, couch"] and single["label_map"].shape == (90, 120)
+    for segment in single["segments"]:
+        assert segment["label"] in single["labels"] and 0.0 <= segment["score"] <= 1.0
+        assert segment["mask"].size == (120, 90)
+    batch = zero_shot(images(), candidate_labels="cat, dog, sofa")
+    assert [r["label_map"].shape for r in batch] == [(90, 120), (60, 200), (150, 70)]
+    assert batch[0]["labels"] == ["cat", "dog", "sofa"]
+    # one embedding per distinct vocabulary, whatever the number of images
+    assert zero_shot.text_cache_misses == misses + 2
+    hits = zero_shot.text_cache_hits
+    zero_shot(images(), candidate_labels=["cat", "dog", "sofa, couch"])
+    assert zero_shot.text_cache_misses == misses + 2 and zero_shot.text_cache_hits == hits + 3
+
+
+def test_zero_shot_matches_the_model(zero_shot, tiny_tokenizer):
+    image = images()[1]
+    labels = ["tree", "river, stream", "house"]
+    result = zero_shot(image, candidate_labels=labels)
+    model, processor = zero_shot.model, zero_shot.image_processor
+    with torch.inference_mode():
+        outputs = model(**processor(image, return_tensors="pt"),
+                        text_embeds=model.embed_class_names(labels, tiny_tokenizer))
+    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 200)])[0].numpy()
+    np.testing.assert_array_equal(result["label_map"], expected)
+
+
+def test_zero_shot_on_stored_vocabulary_equals_image_segmentation(checkpoint, zero_shot):
+    image = images()[2]
+    stock = pipeline("image-segmentation", model=str(checkpoint))(image)
+    ours = zero_shot(image)  # no candidate_labels: the checkpoint's vocabulary
+    assert ours["labels"] == LABELS
+    for segment in stock:
+        index = LABELS.index(segment["label"])
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, ours["label_map"] == index)
+
+
+def test_zero_shot_threshold_and_errors(zero_shot):
+    result = zero_shot(images()[0], candidate_labels=["a", "b"], score_threshold=1e9)
+    assert (result["label_map"] == -1).all() and result["segments"] == []
+    with pytest.raises(ValueError, match="empty"):
+        zero_shot(images()[0], candidate_labels=[])
+    with pytest.raises(ValueError, match="Duplicate"):
+        zero_shot(images()[0], candidate_labels="cat, Cat")
+
+
+def test_missing_model_folder():
+    with pytest.raises(OSError):
+        pipeline("zero-shot-image-segmentation", model="/no/such/folder")
+
+
+# ---------------------------------------------------------------- CLI and visualisation
+def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
+    source = tmp_path / "photos"
+    (source / "nested").mkdir(parents=True)
+    Image.fromarray(random_image(90, 120)).save(source / "street.jpg")
+    Image.fromarray(random_image(64, 80)).save(source / "nested" / "park.png")
+    (source / "broken.png").write_bytes(b"this is not a png")
+    (source / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "sofa, couch; lamp; floor",
+                     "--out", str(out), "--quiet"])
+    assert code == 1  # one file failed
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.png" in captured.err and "2 of 3" in captured.out
+    summary = json.loads((out / "street.json").read_text())
+    assert summary["labels"] == ["sofa, couch", "lamp", "floor"]
+    assert abs(sum(c["pixel_share"] for c in summary["classes"].values()) - 1.0) < 1e-6
+    labels_png = Image.open(out / "street_labels.png")
+    assert labels_png.mode == "P" and labels_png.size == (120, 90)
+    assert Image.open(out / "street_overlay.png").width > 120  # legend panel
+    assert (out / "nested__park_overlay.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--labels", ""], "empty"),
+    (["--labels", "cat,cat"], "Duplicate"),
+    (["--model", "/no/such/model"], "not found"),
+])
+def test_cli_argument_errors(checkpoint, tmp_path, capsys, argv, message):
+    image = tmp_path / "x.png"
+    Image.fromarray(random_image(30, 30)).save(image)
+    args = {"--model": str(checkpoint), "--labels": "cat,dog", "--out": str(tmp_path / "o")}
+    args.update(dict(zip(argv[::2], argv[1::2])))
+    assert cli_main(["segment", str(image), *sum(args.items(), ())]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_single_non_image_file(checkpoint, tmp_path, capsys):
+    bogus = tmp_path / "photo.jpg"
+    bogus.write_text("plain text")
+    assert cli_main(["segment", str(bogus), "--model", str(checkpoint), "--labels", "cat", "--out",
+                     str(tmp_path / "o")]) == 1
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_parse_labels():
+    assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
+    assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
+
+
+def test_palette_is_distinct_and_legend_is_drawn():
+    colors = palette(30).astype(int)
+    distances = np.sqrt(((colors[:, None] - colors[None]) ** 2).sum(-1))
+    assert distances[np.triu_indices(30, 1)].min() > 25
+    segmentation = np.zeros((100, 150), dtype=np.int64)
+    segmentation[:, 75:] = 2
+    picture = draw_segmentation(Image.fromarray(random_image(100, 150)), segmentation, ["a", "b", "c"])
+    assert picture.width > 150 and picture.height >= 100
+    legend = np.asarray(picture)[:, 150:]
+    assert (legend == palette(3)[0]).all(-1).any() and (legend == palette(3)[2]).all(-1).any()
+    assert not (legend == palette(3)[1]).all(-1).any()  # absent classes are left out of the legend
+    with pytest.raises(ValueError, match="segmentation has shape"):
+        draw_segmentation(Image.fromarray(random_image(10, 10)), segmentation, ["a"])
