@@ -357,16 +357,23 @@ class MROVSegImageProcessor(PilBackend):
         image_sizes = getattr(outputs, "image_sizes", None)
         results = []
         for i in range(batch):
-            score = scores[i : i + 1]
-            if image_sizes is not None:
-                valid_h, valid_w, padded_h, padded_w = (int(v) for v in image_sizes[i])
-                score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
-                score = score[..., :valid_h, :valid_w]
-            if target_sizes is not None:
-                score = F.interpolate(score, size=tuple(int(s) for s in target_sizes[i]), mode="bilinear",
-                                      align_corners=False)
-            score = score[0]
-            best, segmentation = score.max(dim=0)
+            size = None if target_sizes is None else tuple(int(s) for s in target_sizes[i])
+            geometry = None if image_sizes is None else [int(v) for v in image_sizes[i]]
+            if return_segmentation_scores:
+                score = _resize_scores(scores[i : i + 1], geometry, size)[0]
+                best, segmentation = score.max(dim=0)
+            else:  # a few classes at a time: full-resolution score maps of a large vocabulary never coexist
+                best = segmentation = None
+                for start in range(0, scores.shape[1], 8):
+                    chunk = _resize_scores(scores[i : i + 1, start : start + 8], geometry, size)[0]
+                    chunk_best, chunk_arg = chunk.max(dim=0)
+                    if best is None:
+                        best, segmentation = chunk_best, chunk_arg
+                    else:
+                        better = chunk_best > best
+                        best = torch.where(better, chunk_best, best)
+                        segmentation = torch.where(better, chunk_arg + start, segmentation)
+                score = None
             if score_threshold is not None:
                 segmentation = torch.where(best < score_threshold, torch.full_like(segmentation, -1), segmentation)
             results.append(
@@ -390,6 +397,17 @@ def semantic_scores(outputs) -> torch.Tensor:
     probs = class_logits.float().softmax(dim=-1)[..., :-1]
     masks = outputs.masks_queries_logits.float().sigmoid()
     return torch.einsum("bqc,bqhw->bchw", probs, masks)
+
+
+def _resize_scores(score: torch.Tensor, geometry: list[int] | None, size: tuple[int, int] | None) -> torch.Tensor:
+    """(1, C, h, w) scores -> bilinear to the padded canvas, padding cropped, then to `size` (if given)."""
+    if geometry is not None:
+        valid_h, valid_w, padded_h, padded_w = geometry
+        score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+        score = score[..., :valid_h, :valid_w]
+    if size is not None:
+        score = F.interpolate(score, size=size, mode="bilinear", align_corners=False)
+    return score
 
 
 def global_view(canvas: np.ndarray, size: int) -> np.ndarray:

@@ -353,6 +353,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         text_prompt_owners: torch.Tensor | None = None,
+        output_auxiliary_logits: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -363,7 +364,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         1 on image pixels of the padded canvas. labels (B, H, W): semantic class ids on the canvas (ignore 255).
         input_ids / attention_mask ((C, L), (C, templates, L), or (P, L) prompts with `text_prompt_owners` (P, 2)
         from `MROVSegProcessor`) or text_embeds ((C, P) or (B, C, P)): a per-call vocabulary; by default the
-        stored one (`set_vocabulary`).
+        stored one (`set_vocabulary`). output_auxiliary_logits: also return the intermediate decoder layers'
+        predictions (default: when training or given labels; inference skips those full-resolution masks).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
@@ -389,7 +391,10 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         # 3. Hierarchical mask decoding and the light query decoder.
         pixel_features = self.pixel_decoder(fused)
         query_states = self.query_decoder(fused[-1])
-        mask_logits = [self.mask_head(q, pixel_features) for q in query_states]
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = self.training or labels is not None
+        decoded = query_states if output_auxiliary_logits else query_states[-1:]
+        mask_logits = [self.mask_head(q, pixel_features) for q in decoded]
 
         # 4. Multi-grained masked attention through CLIP's remaining layers, then open-vocabulary classification.
         attention_bias = self.attention_mask_decoder(query_states[-1], fused[-1])

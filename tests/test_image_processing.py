@@ -275,3 +275,15 @@ def test_post_process_scores_and_padding_crop():
     assert (seg == 0).all()  # the padding-only class never leaks into the image
     thresholded = processor.post_process_semantic_segmentation(outputs, score_threshold=1.5)[0]
     assert thresholded.shape == (32, 24) and (thresholded == -1).all()
+
+
+def test_chunked_argmax_equals_full_scores_for_large_vocabularies():
+    processor = MROVSegImageProcessor()
+    outputs = _outputs(batch=2, queries=12, classes=21, size=(12, 20),
+                       image_sizes=torch.tensor([[40, 70, 48, 80], [48, 80, 48, 80]]))
+    plain = processor.post_process_semantic_segmentation(outputs, target_sizes=[(33, 51), (20, 30)])
+    scored = processor.post_process_semantic_segmentation(outputs, target_sizes=[(33, 51), (20, 30)],
+                                                          return_segmentation_scores=True)
+    for a, b in zip(plain, scored):
+        assert torch.equal(a, b.segmentation) and torch.equal(a, b.segmentation_scores.argmax(0))
+    assert plain[0].min() < 8 <= plain[0].max()  # winners come from different chunks of 8 classes

@@ -34,7 +34,8 @@ def test_output_shapes(size, overlap):
     height, width = inputs["pixel_mask"].shape[-2:]
     assert (height, width) == (64 + (rows - 1) * (64 - overlap), 64 + (cols - 1) * (64 - overlap))
     with torch.inference_mode():
-        out = model(**inputs)
+        out = model(**inputs, output_auxiliary_logits=True)
+        assert model(**inputs).auxiliary_logits == []  # inference skips the intermediate full-resolution masks
     assert isinstance(out, MROVSegOutput)
     stages = len(model.config.feature_layers)
     assert out.class_queries_logits.shape == (2, 8, len(LABELS) + 1)
