@@ -395,8 +395,12 @@ def semantic_scores(outputs) -> torch.Tensor:
             raise ValueError("outputs carry neither `class_queries_logits`/`masks_queries_logits` nor `logits`.")
         return logits.float()
     probs = class_logits.float().softmax(dim=-1)[..., :-1]
-    masks = outputs.masks_queries_logits.float().sigmoid()
-    return torch.einsum("bqc,bqhw->bchw", probs, masks)
+    masks = outputs.masks_queries_logits
+    scores = None
+    for start in range(0, masks.shape[1], 16):  # queries in chunks: no second full copy of the mask logits
+        part = torch.einsum("bqc,bqhw->bchw", probs[:, start : start + 16], masks[:, start : start + 16].float().sigmoid())
+        scores = part if scores is None else scores + part
+    return scores
 
 
 def _resize_scores(score: torch.Tensor, geometry: list[int] | None, size: tuple[int, int] | None) -> torch.Tensor:

@@ -112,7 +112,7 @@ class MROVSegAttentionMaskDecoder(nn.Module):
     """
     SAN-style attention bias for the masked-attention CLIP layers: per (remaining layer, head), the dot product
     of a query embedding with a pixel embedding of the deepest fused map, times a learned scale plus a learned
-    shift. The result (B, L, H, N, h, w) is later max-pooled to the global and high-resolution token grids.
+    shift. Each layer's (B, H, N, h, w) bias is later max-pooled to the global and high-resolution token grids.
     """
 
     def __init__(self, config: MROVSegConfig, num_layers: int, num_heads: int, embed_dim: int = 32):
@@ -124,12 +124,16 @@ class MROVSegAttentionMaskDecoder(nn.Module):
         self.scale = nn.Parameter(torch.ones(groups))
         self.shift = nn.Parameter(torch.zeros(groups))
 
-    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bias for one remaining CLIP layer, (B, H, N, h, w): computed per layer so only one is ever in memory."""
         batch, num_queries, _ = queries.shape
         height, width = memory_map.shape[-2:]
-        groups = self.num_layers * self.num_heads
-        q = self.query_embed(queries).view(batch, num_queries, groups, self.embed_dim)
-        p = self.pixel_embed(memory_map).view(batch, groups, self.embed_dim, height * width)
-        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (self.embed_dim**-0.5)
-        bias = bias * self.scale[None, :, None, None] + self.shift[None, :, None, None]
-        return bias.view(batch, self.num_layers, self.num_heads, num_queries, height, width)
+        heads, dim = self.num_heads, self.embed_dim
+        columns = slice(layer * heads * dim, (layer + 1) * heads * dim)
+        q = self.query_embed(queries)[..., columns].view(batch, num_queries, heads, dim)
+        p = F.conv2d(memory_map, self.pixel_embed.weight[columns], self.pixel_embed.bias[columns])
+        p = p.view(batch, heads, dim, height * width)
+        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (dim**-0.5)
+        groups = slice(layer * heads, (layer + 1) * heads)
+        bias = bias * self.scale[groups, None, None] + self.shift[groups, None, None]
+        return bias.view(batch, heads, num_queries, height, width)

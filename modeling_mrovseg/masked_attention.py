@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from collections.abc import Callable
+
 from .configuration_mrovseg import MROVSegConfig
 
 
@@ -36,20 +38,21 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
         clip_layers: list[nn.Module],
         global_tokens: list[torch.Tensor],
         high_res_tokens: list[torch.Tensor | None],
-        attention_bias: torch.Tensor,
+        attention_bias: Callable[[int], torch.Tensor],
         global_grid: tuple[int, int],
         high_res_grid: tuple[int, int] | None,
     ) -> torch.Tensor:
         """
         cls_token (B, C); per remaining layer l: `global_tokens[l]` (B, Tg, C) and `high_res_tokens[l]` (B, Th, C) or
-        None, the inputs CLIP layer l saw in the backbone pass; attention_bias (B, L, H, N, h, w). Returns (B, N, C).
+        None, the inputs CLIP layer l saw in the backbone pass; attention_bias(l) gives (B, H, N, h, w). Returns
+        (B, N, C).
         """
         queries = self.seed_queries(cls_token)
         batch, num_queries, _ = queries.shape
         self_bias = torch.full((num_queries, num_queries), float("-inf"), device=queries.device, dtype=queries.dtype)
         self_bias.fill_diagonal_(0.0)
         for index, layer in enumerate(clip_layers):
-            bias = attention_bias[:, index].to(queries.dtype)  # (B, H, N, h, w)
+            bias = attention_bias(index).to(queries.dtype)  # (B, H, N, h, w)
             heads = bias.shape[1]
             flat = bias.flatten(0, 2)
             global_bias = F.adaptive_max_pool2d(flat, global_grid).reshape(batch, heads, num_queries, -1)

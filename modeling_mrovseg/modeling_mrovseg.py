@@ -397,7 +397,9 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         mask_logits = [self.mask_head(q, pixel_features) for q in decoded]
 
         # 4. Multi-grained masked attention through CLIP's remaining layers, then open-vocabulary classification.
-        attention_bias = self.attention_mask_decoder(query_states[-1], fused[-1])
+        def attention_bias(layer: int) -> torch.Tensor:
+            return self.attention_mask_decoder(query_states[-1], fused[-1], layer)
+
         remaining = list(range(self.config.query_layer, self.config.vision_config.num_hidden_layers))
         queries = self.masked_attention(
             features.cls_token,
