@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+from transformers import AutoTokenizer
+
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor, MROVSegProcessor
 from modeling_mrovseg.tiny import build_tiny_clip
 from modeling_mrovseg.visualization import colorize, draw_segmentation
 from processing.synthetic import CLASS_NAMES, make_scene
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.eval()
     model.save_pretrained(out / "checkpoint")
-    processor.save_pretrained(out / "checkpoint")
+    MROVSegProcessor(processor, AutoTokenizer.from_pretrained(clip_dir),
+                     prompt_templates=model.config.prompt_templates).save_pretrained(out / "checkpoint")
+    Image.fromarray(make_scene(256, 512, seed=11, small_size=10, num_small=16)[0]).save(out / "sample.png")
     with torch.inference_mode():
         outputs = model(**inputs)
     prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0].numpy()
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'overlay.png'}, {out / 'label_map.png'}, {out / 'results.json'} and {out / 'checkpoint'}")
+    print(f"try: mrovseg segment {out / 'sample.png'} --model {out / 'checkpoint'} --labels "
+          f"\"{','.join(CLASS_NAMES)}\" --out {out / 'segmented'}")
     return results
 
 
