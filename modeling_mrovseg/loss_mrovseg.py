@@ -82,94 +82,98 @@ class MROVSegHungarianMatcher(nn.Module):
         self.ignore_index = config.ignore_index
 
     @torch.no_grad()
-    def forward(self, class_logits, mask_logits, targets: list[SemanticTargets]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        indices = []
-        for b, target in enumerate(targets):
-            if target.class_ids.numel() == 0:
-                empty = torch.empty(0, dtype=torch.long, device=class_logits.device)
-                indices.append((empty, empty))
-                continue
-            points = torch.rand(self.num_points, 2, device=mask_logits.device)
-            sampled_ids = sample_labels(target.label_map, points)
-            weight = (sampled_ids != self.ignore_index).float()
-            target_masks = (sampled_ids[None] == target.class_ids[:, None]).float()
-            pred = sample_logits(mask_logits[b].float(), points)
-            cost = (
-                -self.class_weight * class_logits[b].float().softmax(-1)[:, target.class_ids]
-                + self.mask_weight * pairwise_bce(pred, target_masks, weight)
-                + self.dice_weight * pairwise_dice(pred, target_masks, weight)
-            )
-            rows, cols = linear_sum_assignment(np.nan_to_num(cost.cpu().numpy(), nan=1e6))
-            indices.append((torch.as_tensor(rows, device=class_logits.device), torch.as_tensor(cols, device=class_logits.device)))
-        return indices
+    def forward(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, target: SemanticTargets,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image: (N, C + 1) class logits, (N, H, W) mask logits -> matched (query indices, target indices)."""
+        device = class_logits.device
+        if target.class_ids.numel() == 0:
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return empty, empty
+        points = torch.rand(self.num_points, 2, device=mask_logits.device, generator=generator)
+        sampled_ids = sample_labels(target.label_map, points)
+        weight = (sampled_ids != self.ignore_index).float()
+        target_masks = (sampled_ids[None] == target.class_ids[:, None]).float()
+        pred = sample_logits(mask_logits.float(), points)
+        cost = (
+            -self.class_weight * class_logits.float().softmax(-1)[:, target.class_ids]
+            + self.mask_weight * pairwise_bce(pred, target_masks, weight)
+            + self.dice_weight * pairwise_dice(pred, target_masks, weight)
+        )
+        rows, cols = linear_sum_assignment(np.nan_to_num(cost.cpu().numpy(), nan=1e6))
+        return torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
 
 
 class MROVSegLoss(nn.Module):
-    """Weighted CE (no-object down-weighted) + BCE + dice on importance-sampled points, for every decoder output."""
+    """
+    Weighted CE (no-object down-weighted) + BCE + dice on importance-sampled points, for every decoder output.
+
+    Every image contributes the mean of its own terms, so a batch split across processes (gradients averaged)
+    trains exactly like the whole batch in one process. Point sampling can be seeded per image (`seeds`),
+    which makes the loss independent of batch composition, process count and resumption.
+    """
 
     def __init__(self, config: MROVSegConfig):
         super().__init__()
         self.config = config
         self.matcher = MROVSegHungarianMatcher(config)
 
-    def importance_points(self, logits: torch.Tensor) -> torch.Tensor:
+    def importance_points(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain, the rest uniform."""
         config = self.config
         num, total = logits.shape[0], config.train_num_points
-        candidates = torch.rand(num, int(total * config.oversample_ratio), 2, device=logits.device)
+        candidates = torch.rand(num, int(total * config.oversample_ratio), 2, device=logits.device, generator=generator)
         with torch.no_grad():
             values = sample_logits_per_mask(logits.detach().float(), candidates)
         num_uncertain = int(config.importance_sample_ratio * total)
         top = (-values.abs()).topk(num_uncertain, dim=1).indices
         uncertain = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
-        uniform = torch.rand(num, total - num_uncertain, 2, device=logits.device)
+        uniform = torch.rand(num, total - num_uncertain, 2, device=logits.device, generator=generator)
         return torch.cat([uncertain, uniform], dim=1)
 
-    def single_output_loss(self, class_logits, mask_logits, targets: list[SemanticTargets]) -> dict[str, torch.Tensor]:
+    def image_loss(self, class_logits, mask_logits, target: SemanticTargets, generator=None) -> dict[str, torch.Tensor]:
+        """Loss terms of one image: (N, C + 1) class logits and (N, H, W) mask logits."""
         config = self.config
         num_classes = class_logits.shape[-1] - 1
-        indices = self.matcher(class_logits, mask_logits, targets)
-
-        target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.long, device=class_logits.device)
-        for b, (rows, cols) in enumerate(indices):
-            target_classes[b, rows] = targets[b].class_ids[cols]
+        rows, cols = self.matcher(class_logits, mask_logits, target, generator)
+        target_classes = torch.full(class_logits.shape[:1], num_classes, dtype=torch.long, device=class_logits.device)
+        target_classes[rows] = target.class_ids[cols]
         class_weights = torch.ones(num_classes + 1, device=class_logits.device)
         class_weights[-1] = config.no_object_weight
-        loss_class = F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, class_weights)
-
-        preds, target_masks, weights = [], [], []
-        for b, (rows, cols) in enumerate(indices):
-            if not rows.numel():
-                continue
-            logits = mask_logits[b, rows].float()
-            points = self.importance_points(logits)
-            preds.append(sample_logits_per_mask(logits, points))
-            ids = sample_labels(targets[b].label_map, points)
-            target_masks.append((ids == targets[b].class_ids[cols][:, None]).float())
-            weights.append((ids != config.ignore_index).float())
-        if not preds:
+        loss_class = F.cross_entropy(class_logits.float(), target_classes, class_weights)
+        if not rows.numel():
             zero = mask_logits.sum() * 0.0
             return {"loss_class": loss_class, "loss_mask": zero, "loss_dice": zero}
-        pred, target, weight = torch.cat(preds), torch.cat(target_masks), torch.cat(weights)
-        num_masks = max(pred.shape[0], 1)
-        bce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-        loss_mask = ((bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)).sum() / num_masks
+        logits = mask_logits[rows].float()
+        points = self.importance_points(logits, generator)
+        pred = sample_logits_per_mask(logits, points)
+        ids = sample_labels(target.label_map, points)
+        truth = (ids == target.class_ids[cols][:, None]).float()
+        weight = (ids != config.ignore_index).float()
+        bce = F.binary_cross_entropy_with_logits(pred, truth, reduction="none")
+        loss_mask = ((bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)).mean()
         probs = pred.sigmoid() * weight
-        dice = 1 - (2 * (probs * target).sum(-1) + 1) / (probs.sum(-1) + (target * weight).sum(-1) + 1)
-        loss_dice = dice.sum() / num_masks
-        return {"loss_class": loss_class, "loss_mask": loss_mask, "loss_dice": loss_dice}
+        dice = 1 - (2 * (probs * truth).sum(-1) + 1) / (probs.sum(-1) + (truth * weight).sum(-1) + 1)
+        return {"loss_class": loss_class, "loss_mask": loss_mask, "loss_dice": dice.mean()}
 
-    def forward(self, class_logits, mask_logits, labels: torch.Tensor, auxiliary=None) -> tuple[torch.Tensor, dict]:
-        """Total loss over the final and auxiliary outputs, plus its named parts (final output only)."""
-        targets = semantic_targets(labels, class_logits.shape[-1] - 1, self.config.ignore_index)
-        outputs = [(class_logits, mask_logits)] + [(a["class_queries_logits"], a["masks_queries_logits"]) for a in auxiliary or []]
+    def forward(self, class_logits, mask_logits, labels: torch.Tensor, auxiliary=None,
+                seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Total loss over the final and auxiliary outputs, averaged over images, plus the final output's terms."""
+        config = self.config
+        targets = semantic_targets(labels, class_logits.shape[-1] - 1, config.ignore_index)
+        outputs = [(class_logits, mask_logits)] + [
+            (a["class_queries_logits"], a["masks_queries_logits"]) for a in auxiliary or []
+        ]
+        generators = [None] * len(targets)
+        if seeds is not None:
+            generators = [torch.Generator(device=class_logits.device).manual_seed(int(seed)) for seed in seeds]
         total, parts = 0.0, {}
         for k, (cls, masks) in enumerate(outputs):
-            losses = self.single_output_loss(cls, masks, targets)
+            terms = [self.image_loss(cls[b], masks[b], targets[b], generators[b]) for b in range(len(targets))]
+            losses = {name: torch.stack([t[name] for t in terms]).mean() for name in terms[0]}
             total = total + (
-                self.config.class_weight * losses["loss_class"]
-                + self.config.mask_weight * losses["loss_mask"]
-                + self.config.dice_weight * losses["loss_dice"]
+                config.class_weight * losses["loss_class"]
+                + config.mask_weight * losses["loss_mask"]
+                + config.dice_weight * losses["loss_dice"]
             )
             if k == 0:
                 parts = {name: value.detach() for name, value in losses.items()}

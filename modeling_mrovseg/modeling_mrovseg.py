@@ -354,6 +354,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         text_prompt_owners: torch.Tensor | None = None,
         output_auxiliary_logits: bool | None = None,
+        loss_seeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -420,7 +421,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         loss = loss_dict = None
         if labels is not None:
             self._check_labels(labels, pixel_values, pixel_mask)
-            loss, loss_dict = self.criterion(class_logits, mask_logits[-1], labels, auxiliary)
+            loss, loss_dict = self.criterion(class_logits, mask_logits[-1], labels, auxiliary, loss_seeds)
 
         output = MROVSegOutput(
             loss=loss,
