@@ -1,0 +1,172 @@
+"""Segmentation datasets for training and evaluation: loading, deterministic augmentation, batching.
+
+One schema for every dataset: an `image` column and a `label` column (images; label values are class indices,
+255 = unlabelled) plus the list of class names (`class_names.json` beside local parquet files). Everything
+random is derived from (seed, epoch, position), so a run is reproducible whatever the number of processes and
+wherever it is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+IGNORE_INDEX = 255
+
+
+def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
+    """
+    (dataset, class names) for a local folder of parquet files (`<split>.parquet` or `<split>/*.parquet`, and
+    `class_names.json`) or a Hub dataset id (`datasets.load_dataset(id, split=split)`; class names from
+    `class_names`, a `class_names.json` file in the repository, or the `label` feature's names).
+    """
+    import datasets
+
+    names = _read_names(class_names)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
+        files = [str(f) for f in candidates if f.is_file()]
+        if not files:
+            raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
+        dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        if names is None and (path / "class_names.json").is_file():
+            names = json.loads((path / "class_names.json").read_text())
+    else:
+        dataset = datasets.load_dataset(name_or_path, split=split)
+        if names is None:
+            names = _hub_class_names(name_or_path, dataset)
+    if names is None:
+        raise ValueError(f"no class names for {name_or_path}: pass class_names (a list or a JSON file)")
+    missing = {"image", "label"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"{name_or_path} lacks the column(s) {sorted(missing)}; convert it with processing/.")
+    return dataset, list(names)
+
+
+def _read_names(class_names):
+    if class_names is None or isinstance(class_names, list):
+        return class_names
+    return json.loads(Path(class_names).read_text())
+
+
+def _hub_class_names(repo_id: str, dataset):
+    feature = dataset.features.get("label")
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(repo_id, "class_names.json", repo_type="dataset")).read_text())
+    except Exception:  # noqa: BLE001 - any failure means the names are simply not on the Hub
+        return None
+
+
+def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row."""
+    image = example["image"]
+    image = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)).convert("RGB")
+    label = example["label"]
+    label = np.asarray(label if not isinstance(label, Image.Image) else label, dtype=np.int64)
+    if label.ndim == 3:
+        label = label[..., 0]
+    image = np.asarray(image)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
+    return image, label
+
+
+@dataclass
+class SegmentationAugment:
+    """SAN's recipe: random short-side scaling (0.5-1.5 x crop), random crop, horizontal flip, colour jitter."""
+
+    crop_size: int = 640
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    flip: bool = True
+    jitter: float = 0.2
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        height, width = label.shape
+        short = self.crop_size * rng.uniform(*self.scale_range)
+        scale = short / min(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        pil = Image.fromarray(image).resize(size, Image.BILINEAR)
+        lab = Image.fromarray(label.astype(np.int32)).resize(size, Image.NEAREST)
+        image, label = np.asarray(pil), np.asarray(lab, dtype=np.int64)
+        crop = self.crop_size
+        pad_h, pad_w = max(0, crop - image.shape[0]), max(0, crop - image.shape[1])
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+            label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        top = int(rng.integers(0, image.shape[0] - crop + 1))
+        left = int(rng.integers(0, image.shape[1] - crop + 1))
+        image, label = image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        if self.jitter:
+            pil = Image.fromarray(np.ascontiguousarray(image))
+            for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                pil = enhancer(pil).enhance(1 + rng.uniform(-self.jitter, self.jitter))
+            image = np.asarray(pil)
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for the sample at global `position` of a run seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """
+    Item k is this process's share of global micro-batch k: the epoch's seeded permutation of the dataset is cut
+    into global batches of `global_batch` samples, and process `rank` takes positions [rank*b, (rank+1)*b). A
+    DataLoader over `range(start, stop)` of these items (batch_size=None) therefore resumes at any step and gives
+    every process count the same global batches.
+    """
+
+    def __init__(self, dataset, processor, augment: SegmentationAugment, seed: int, global_batch: int,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.dataset, self.processor, self.augment = dataset, processor, augment
+        self.seed, self.global_batch, self.rank, self.world_size = seed, global_batch, rank, world_size
+        self.per_process = global_batch // world_size
+        self.batches_per_epoch = max(1, len(dataset) // global_batch)
+
+    def __len__(self) -> int:  # effectively unbounded: the training loop decides when to stop
+        return 2**31 - 1
+
+    def positions(self, index: int) -> list[int]:
+        """Global sample positions (epoch-major) of this process's share of micro-batch `index`."""
+        start = index * self.global_batch + self.rank * self.per_process
+        return list(range(start, start + self.per_process))
+
+    def __getitem__(self, index: int) -> dict:
+        images, labels, seeds = [], [], []
+        for position in self.positions(index):
+            epoch, offset = divmod(position, self.batches_per_epoch * self.global_batch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            row = int(order[offset % len(self.dataset)])
+            seed = sample_seed(self.seed, position)
+            image, label = as_arrays(self.dataset[row])
+            image, label = self.augment(image, label, np.random.default_rng(seed))
+            images.append(image)
+            labels.append(label)
+            seeds.append(seed)
+        batch = self.processor(images, segmentation_maps=labels, do_resize=False, return_tensors="pt")
+        batch["loss_seeds"] = torch.tensor(seeds, dtype=torch.long)
+        return dict(batch)
+
+
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """Evaluation shard of one process: every `world_size`-th item, starting at `rank`."""
+    return list(range(rank, num_items, world_size))
+
+
+__all__ = ["load_segmentation_dataset", "as_arrays", "SegmentationAugment", "StepBatches", "sample_seed",
+           "shard_indices", "IGNORE_INDEX"]

@@ -1,0 +1,102 @@
+"""accelerate training: the loss falls, resuming is exact, two CPU processes equal one."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from processing.synthetic import write_parquet
+from training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"num_queries": 8, "hidden_dim": 32, "num_decoder_heads": 4, "decoder_ffn_dim": 64, "train_num_points": 512,
+        "prompt_templates": ["a photo of a {}."]}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (mixed precision is fixed per state)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_parquet(tmp_path_factory.mktemp("synthetic"), num_train=8, num_val=2, height=256, width=256)
+
+
+def args(clip, data, out, **extra):
+    values = {"--model": str(clip), "--dataset": str(data), "--output_dir": str(out), "--batch_size": "2",
+              "--crop_size": "128", "--eval_size": "128", "--config": json.dumps(TINY), "--no_progress": None,
+              "--log_steps": "1", "--lr": "1e-3", "--max_grad_norm": "1.0"}
+    values.update({f"--{k}": (None if v is None else str(v)) for k, v in extra.items()})
+    return [item for key, value in values.items() for item in ([key] if value is None else [key, value])]
+
+
+def weights(out, step):
+    return load_file(str(Path(out) / "checkpoints" / f"step_{step}" / "model.safetensors"))
+
+
+def test_training_loss_falls_and_saves_everything(tiny_clip_dir, synthetic, tmp_path):
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=40, checkpointing_steps=20, lr="3e-3"))
+    losses = [record["loss"] for record in results["history"]]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # about 35 -> 24 in 40 steps
+    model_dir = tmp_path / "model"
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    saved = json.loads((model_dir / "results.json").read_text())
+    assert 0.0 <= saved["final_evaluation"]["mean_iou"] <= 1.0
+    assert set(saved["final_evaluation"]["per_class_iou"]) == {"grass", "road", "building", "car", "sign"}
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(model_dir)
+    assert model.config.id2label[3] == "car"
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train.main(args(tiny_clip_dir, synthetic, straight, max_steps=6, checkpointing_steps=3))
+    train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3, stop_after_steps=3))
+    assert not (interrupted / "checkpoints" / "step_6").exists()
+    train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3,
+                    resume_from_checkpoint="latest"))
+    a, b = weights(straight, 6), weights(interrupted, 6)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(straight, 3)[k]) for k in a)  # training did move the weights
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_equal_one(tiny_clip_dir, synthetic, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(max_steps=3, checkpointing_steps=3, gradient_accumulation_steps=1)
+    train.main(args(tiny_clip_dir, synthetic, one, **common))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "training.train",
+               *args(tiny_clip_dir, synthetic, two, **common)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step 3" in result.stdout
+    a, b = weights(one, 3), weights(two, 3)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_bf16_mixed_precision_and_accumulation_run(tiny_clip_dir, synthetic, tmp_path):
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
+                              mixed_precision="bf16", gradient_accumulation_steps=2, gradient_checkpointing=None))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in results["history"])

@@ -1,0 +1,219 @@
+"""Train MROVSeg with accelerate (one process, several CPU processes, GPUs or machines).
+
+    accelerate launch -m training.train --model openai/clip-vit-base-patch16 --dataset DIR_OR_HUB_ID \
+        --output_dir runs/coco-stuff --max_steps 60000 --batch_size 4 --mixed_precision bf16
+
+`--model` is a CLIP (Hub id or folder holding a CLIPModel: a new MROVSeg is built around it) or an MROVSeg
+checkpoint to continue from. Checkpoints (`accelerator.save_state`) go to OUTPUT_DIR/checkpoints/step_N every
+`--checkpointing_steps`; `--resume_from_checkpoint latest` continues the newest one exactly. At the end the model
+(safetensors, remote code), its processor and results.json are written to OUTPUT_DIR/model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, max_grad_norm=0.01, crop_size=640, max_steps=60000, batch_size=32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="CLIP id/folder, or an MROVSeg checkpoint")
+    parser.add_argument("--dataset", required=True, help="folder of parquet files or a Hub dataset id")
+    parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--eval_split", default="validation")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_steps", type=int, default=DEFAULTS["max_steps"])
+    parser.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="global batch per step")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--weight_decay", type=float, default=DEFAULTS["weight_decay"])
+    parser.add_argument("--poly_power", type=float, default=0.9)
+    parser.add_argument("--max_grad_norm", type=float, default=DEFAULTS["max_grad_norm"], help="0 disables clipping")
+    parser.add_argument("--crop_size", type=int, default=DEFAULTS["crop_size"])
+    parser.add_argument("--eval_size", type=int, default=640, help="shortest edge at evaluation")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--checkpointing_steps", type=int, default=1000)
+    parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    parser.add_argument("--stop_after_steps", type=int, default=None,
+                        help="stop (resumably) after this many steps, e.g. to fit a time slot")
+    parser.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    parser.add_argument("--eval_max_samples", type=int, default=None)
+    parser.add_argument("--metric", default=str(Path(__file__).resolve().parent / "metrics" / "mean_iou"),
+                        help="evaluate metric: this package's streaming mean_iou (default) or the Hub id mean_iou")
+    parser.add_argument("--log_steps", type=int, default=10)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="{}", help='JSON of MROVSegConfig overrides, e.g. {"num_queries": 50}')
+    parser.add_argument("--no_progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def build_model(args, class_names):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+
+    overrides = json.loads(args.config)
+    config = AutoConfig.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if config.model_type == "mrovseg":
+        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model, **overrides)
+        if [model.config.id2label[i] for i in range(len(model.config.id2label))] != list(class_names):
+            model.set_vocabulary(class_names, tokenizer)
+    else:
+        model = MROVSegForOpenVocabSegmentation.from_clip(args.model, vocabulary=class_names, tokenizer=tokenizer,
+                                                          **overrides)
+    return model, tokenizer
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = sorted((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
+                   if (p / "training_state.json").exists())
+    return steps[-1][1] if steps else None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    import evaluate
+
+    from modeling_mrovseg import MROVSegImageProcessor, MROVSegProcessor
+    from modeling_mrovseg.data import SegmentationAugment, StepBatches, load_segmentation_dataset, shard_indices
+    from modeling_mrovseg.evaluation import evaluate_segmentation
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
+    model, tokenizer = build_model(args, class_names)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if accelerator.is_main_process:
+        model.print_trainable_parameters()
+    config = model.config
+    train_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap)
+    eval_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
+                                           size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+
+    world = accelerator.num_processes
+    per_step = args.batch_size // args.gradient_accumulation_steps
+    if args.batch_size % (args.gradient_accumulation_steps * world):
+        raise ValueError(f"--batch_size {args.batch_size} must be divisible by gradient_accumulation_steps x "
+                         f"processes = {args.gradient_accumulation_steps * world}")
+    batches = StepBatches(train_set, train_processor, SegmentationAugment(crop_size=args.crop_size), args.seed,
+                          global_batch=per_step, rank=accelerator.process_index, world_size=world)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1 - step / args.max_steps) ** args.poly_power)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped here once per optimizer step: accelerate's wrapper would step it once per process
+    accelerator.register_for_checkpointing(schedule)
+
+    start_step = 0
+    resume = args.resume_from_checkpoint
+    if resume:
+        path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            accelerator.print("no checkpoint to resume from: starting from scratch")
+        else:
+            accelerator.load_state(str(path))
+            start_step = json.loads((path / "training_state.json").read_text())["step"]
+            accelerator.print(f"resumed from {path} at step {start_step}")
+
+    stop_step = min(args.max_steps, args.stop_after_steps or args.max_steps)
+    accum = args.gradient_accumulation_steps
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(batches, range(start_step * accum, stop_step * accum)), batch_size=None,
+        num_workers=args.num_workers)
+    log_path = output_dir / "log.jsonl"
+    history = []
+    metric = evaluate.load(args.metric)
+
+    def run_evaluation(step: int) -> dict:
+        eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
+        count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
+        result = evaluate_segmentation(accelerator.unwrap_model(model), eval_processor, eval_set, class_names, metric,
+                                       shard_indices(count, accelerator.process_index, world),
+                                       show_progress=accelerator.is_main_process and not args.no_progress)
+        result.update(step=step, num_images=count)
+        accelerator.print(f"step {step}: mIoU {result['mean_iou']:.4f}")
+        return result
+
+    progress = tqdm(total=stop_step, initial=start_step, desc="training",
+                    disable=not accelerator.is_main_process or args.no_progress)
+    model.train()
+    step, running, started = start_step, [], time.time()
+    evaluations = []
+    for micro, batch in enumerate(loader):
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                schedule.step()
+            optimizer.zero_grad()
+        running.append(loss.detach().float())
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        if step % args.log_steps == 0 or step == stop_step:
+            mean_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
+            running = []
+            record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
+                      "seconds": round(time.time() - started, 1)}
+            history.append(record)
+            progress.set_postfix(loss=f"{mean_loss:.3f}")
+            if accelerator.is_main_process:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        if step % args.checkpointing_steps == 0 or step == stop_step:
+            path = output_dir / "checkpoints" / f"step_{step}"
+            accelerator.save_state(str(path))
+            if accelerator.is_main_process:
+                (path / "training_state.json").write_text(json.dumps({"step": step}))
+            accelerator.wait_for_everyone()
+        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
+            evaluations.append(run_evaluation(step))
+    progress.close()
+
+    results = {"history": history, "evaluations": evaluations, "stopped_at": step, "max_steps": args.max_steps}
+    if step >= args.max_steps:
+        final = run_evaluation(step)
+        evaluations.append(final)
+        results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
+                       class_names=class_names, args=vars(args))
+        if accelerator.is_main_process:
+            model_dir = output_dir / "model"
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(model_dir, safe_serialization=True)
+            MROVSegProcessor(eval_processor, tokenizer, prompt_templates=config.prompt_templates).save_pretrained(model_dir)
+            (model_dir / "results.json").write_text(json.dumps(results, indent=2))
+            accelerator.print(f"saved {model_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
