@@ -1,0 +1,77 @@
+"""Evaluate an MROVSeg checkpoint on a segmentation dataset (multi-resolution sliding-window inference).
+
+    accelerate launch -m training.evaluate --model runs/coco-stuff/model --dataset DIR_OR_HUB_ID \
+        --split validation --output results/ade150.json
+
+The dataset's class names become the model's vocabulary for the run (zero-shot transfer when they differ from
+the training vocabulary). Prints and writes mIoU, accuracies and per-class IoU; several processes split the images
+and merge their confusion histograms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="MROVSeg checkpoint folder or Hub id")
+    parser.add_argument("--dataset", required=True, help="folder of parquet files or a Hub dataset id")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
+    parser.add_argument("--benchmark_name", default=None, help="name for the results (default: the dataset)")
+    parser.add_argument("--output", default=None, help="results JSON (default: printed only)")
+    parser.add_argument("--eval_size", type=int, default=640, help="shortest edge the images are resized to")
+    parser.add_argument("--slice_batch_size", type=int, default=None)
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--metric", default=str(Path(__file__).resolve().parent / "metrics" / "mean_iou"))
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--no_progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import evaluate
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+    from modeling_mrovseg.data import load_segmentation_dataset, shard_indices
+    from modeling_mrovseg.evaluation import evaluate_segmentation
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
+    if args.slice_batch_size:
+        model.config.slice_batch_size = args.slice_batch_size
+    vocabulary = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    if vocabulary != list(class_names):
+        model.set_vocabulary(class_names, AutoTokenizer.from_pretrained(args.model))
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    config = accelerator.unwrap_model(model).config
+    processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
+                                      size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+    count = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
+    with accelerator.autocast():
+        results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,
+                                        evaluate.load(args.metric),
+                                        shard_indices(count, accelerator.process_index, accelerator.num_processes),
+                                        show_progress=accelerator.is_main_process and not args.no_progress)
+    results.update(num_images=count, benchmark=args.benchmark_name or Path(args.dataset).name, split=args.split,
+                   model=args.model, eval_size=args.eval_size)
+    if accelerator.is_main_process:
+        width = max(len(name) for name in class_names)
+        for name, iou in results["per_class_iou"].items():
+            print(f"{name:<{width}}  {'  n/a' if iou is None else f'{100 * iou:5.1f}'}")
+        print(f"mIoU {100 * results['mean_iou']:.2f} over {count} images of {results['benchmark']} ({args.split})")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
