@@ -1,0 +1,99 @@
+"""Model cards for MROVSeg checkpoints, filled from training/evaluation results JSON files.
+
+    python -m hub_cards.card --checkpoint runs/x/model --results results/ade150.json results/pc59.json
+writes CHECKPOINT/README.md whose `model-index` carries the mIoU of every benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+
+
+def load_results(paths: list[str | Path]) -> list[dict]:
+    """Evaluation records from results JSON files (training's results.json or evaluate.py's output)."""
+    records = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "final_evaluation" in data:  # training results: the final evaluation on its eval split
+            final = dict(data["final_evaluation"])
+            final.setdefault("benchmark", Path(str(data.get("dataset", "validation"))).name)
+            final.setdefault("split", data.get("eval_split", "validation"))
+            final.setdefault("eval_size", data.get("args", {}).get("eval_size"))
+            final["training"] = {k: data["args"][k] for k in ("model", "dataset", "max_steps", "batch_size", "lr",
+                                                              "crop_size") if k in data.get("args", {})}
+            records.append(final)
+        elif "mean_iou" in data:
+            records.append(data)
+        else:
+            raise ValueError(f"{path} holds no mean_iou results")
+    return records
+
+
+def is_hub_id(name: str) -> bool:
+    """"org/name" that is not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "mit"):
+    """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
+    eval_results = [
+        EvalResult(task_type="image-segmentation", task_name="Open-vocabulary semantic segmentation",
+                   dataset_type=str(r.get("benchmark", "unknown")), dataset_name=str(r.get("benchmark", "unknown")),
+                   dataset_split=str(r.get("split", "validation")), metric_type="mean_iou", metric_name="mIoU",
+                   metric_value=round(100 * float(r["mean_iou"]), 2))
+        for r in results
+    ]
+    datasets = sorted({str(r["training"]["dataset"]) for r in results if "training" in r
+                       and is_hub_id(str(r["training"]["dataset"]))})
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1], license=license, library_name="transformers",
+        pipeline_tag="image-segmentation", tags=["mrovseg", "open-vocabulary", "semantic-segmentation", "clip"],
+        datasets=datasets or None, eval_results=eval_results or None,
+    )
+    training = next((r["training"] for r in results if "training" in r), None)
+    if training:
+        training_description = (
+            f"Trained from `{training.get('model')}` on `{training.get('dataset')}` for {training.get('max_steps')} "
+            f"steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')} with a poly schedule, "
+            f"{training.get('crop_size')} px crops after random scaling (0.5-1.5x), flips and colour jitter; CLIP "
+            "frozen except its position embeddings; Hungarian-matched class / BCE / dice losses on sampled points.")
+    else:
+        training_description = ("The SAN recipe on COCO-Stuff-164k (171 classes): 640 px crops, AdamW lr 1e-4, poly "
+                                "schedule, CLIP frozen except its position embeddings. See the repository's README.")
+    vision = config.get("vision_config", {})
+    rows = [{"name": r.get("benchmark", "?"), "split": r.get("split", "?"), "num_images": r.get("num_images", "?"),
+             "miou": f"{100 * float(r['mean_iou']):.2f}"} for r in results]
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), model_name=repo_id.split("/")[-1], repo_id=repo_id,
+        clip_description=f"ViT with patch {vision.get('patch_size', '?')}, width {vision.get('hidden_size', '?')}, "
+                         f"{vision.get('num_hidden_layers', '?')} layers",
+        num_labels=len(labels), vocabulary_preview=", ".join(labels[:20]) + (", ..." if len(labels) > 20 else ""),
+        training_description=training_description, eval_rows=rows,
+        eval_size=next((r.get("eval_size") for r in results if r.get("eval_size")), 640), extra_limitations=None,
+    )
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--results", nargs="*", default=[], help="results JSON files (default: CHECKPOINT/results.json)")
+    parser.add_argument("--repo-id", default="your-name/mrovseg")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    paths = args.results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
+    card = build_card(checkpoint, load_results(paths), args.repo_id)
+    card.save(checkpoint / "README.md")
+    print(f"wrote {checkpoint / 'README.md'}")
+    return checkpoint / "README.md"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Publish an MROVSeg checkpoint to the Hugging Face Hub.
+
+    python -m hub_cards.push --checkpoint runs/x/model --repo-id ORG/NAME [--private] [--results a.json ...]
+
+Uploads `model.safetensors`, `config.json`, the processor and tokenizer files, the remote-code modules named in
+`auto_map` (so `trust_remote_code=True` works without this package) and a model card whose `model-index`
+carries the evaluation results. Pickled weights are never uploaded. Pushing the same checkpoint again uploads
+nothing (the Hub reports every file unchanged and no commit is made).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
+           "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "vocab.json", "merges.txt", "*.py", "README.md", "results.json"]
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Refuse folders without safetensors weights or without the remote-code modules their config names."""
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} has no config.json: not a saved checkpoint")
+    if not any(checkpoint.glob("model*.safetensors")):
+        pickled = [p.name for p in checkpoint.glob("*.bin")] + [p.name for p in checkpoint.glob("*.pt")]
+        raise ValueError(f"{checkpoint} has no safetensors weights{f' (only {pickled})' if pickled else ''}; "
+                         "re-save with model.save_pretrained(..., safe_serialization=True)")
+    auto_map = json.loads((checkpoint / "config.json").read_text()).get("auto_map", {})
+    missing = sorted({ref.split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str)}
+                     - {p.name for p in checkpoint.glob("*.py")})
+    if missing:
+        raise ValueError(f"remote-code modules {missing} named in auto_map are missing from {checkpoint}")
+
+
+def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: list[str] | None = None,
+         token: str | None = None, endpoint: str | None = None, commit_message: str | None = None) -> str | None:
+    """Create the repo if needed, write the card, upload the allowed files; returns the commit URL (None if no-op)."""
+    from huggingface_hub import HfApi
+
+    from .card import build_card, load_results
+
+    checkpoint = Path(checkpoint)
+    check_checkpoint(checkpoint)
+    paths = results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
+    card = build_card(checkpoint, load_results(paths), repo_id)
+    card.validate()
+    card.save(checkpoint / "README.md")
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
+                             allow_patterns=ALLOWED, ignore_patterns=["*.bin", "*.pt", "*.pkl", "checkpoints/*"],
+                             commit_message=commit_message or "Upload MROVSeg checkpoint")
+    url = getattr(info, "commit_url", None)
+    print(f"pushed {checkpoint} to {repo_id}" + (f": {url}" if url else " (no change)"))
+    return url
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--results", nargs="*", default=None, help="evaluation results JSON files for the card")
+    parser.add_argument("--token", default=None, help="default: the saved login / HF_TOKEN")
+    args = parser.parse_args(argv)
+    push(args.checkpoint, args.repo_id, args.private, args.results, args.token)
+
+
+if __name__ == "__main__":
+    main()
