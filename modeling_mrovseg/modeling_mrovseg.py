@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,36 @@ class MROVSegPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, but weights load only from safetensors: pickled weights (`*.bin`) can
+        run arbitrary code when unpickled, so they are refused unless `allow_pickle=True` (for sources you trust).
+        """
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError("use_safetensors=False loads pickled weights: also pass allow_pickle=True to confirm.")
+            kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+                raise ValueError(
+                    f"{folder} holds only pickled weights ({', '.join(p.name for p in folder.glob('*.bin'))}); "
+                    "MROVSeg loads safetensors only. If you trust the source, pass allow_pickle=True, then re-save "
+                    "with save_pretrained() to get model.safetensors."
+                ) from error
+            raise
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also map AutoModelForSemanticSegmentation in `auto_map`, so the stock image-segmentation pipeline loads
+        the remote code too (`register_for_auto_class` records one auto class only)."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForSemanticSegmentation", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (CLIPVisionEmbeddings, CLIPTextEmbeddings, CLIPAttention, CLIPMLP)):

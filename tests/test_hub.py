@@ -1,0 +1,145 @@
+"""Publishing to a Hub stand-in on 127.0.0.1, and loading a downloaded-snapshot layout every way users do."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import pipeline
+
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
+from tests.fake_hub import FakeHub
+from tests.helpers import LABELS, random_image, tiny_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_clip_dir, tiny_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation.from_clip(
+        str(tiny_clip_dir), vocabulary=LABELS, tokenizer=tiny_tokenizer, num_queries=8, hidden_dim=32,
+        num_decoder_heads=4, prompt_templates=["a photo of a {}."]).eval()
+    folder = tmp_path_factory.mktemp("to-push")
+    model.save_pretrained(folder)
+    MROVSegProcessor(tiny_processor(model.config), tiny_tokenizer,
+                     prompt_templates=model.config.prompt_templates).save_pretrained(folder)
+    (folder / "ade150.json").write_text(json.dumps({"mean_iou": 0.3125, "benchmark": "ade20k-150", "split": "validation",
+                                                    "num_images": 2000, "eval_size": 640}))
+    (folder / "pc59.json").write_text(json.dumps({"mean_iou": 0.5, "benchmark": "pascal-context-59",
+                                                  "split": "validation", "num_images": 5105}))
+    (folder / "stale.bin").write_bytes(b"pickled weights must never be uploaded")
+    return folder
+
+
+def push(checkpoint, hub, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    command = [sys.executable, "-m", "hub_cards.push", "--checkpoint", str(checkpoint), "--repo-id",
+               "acme/mrovseg-test", "--results", str(checkpoint / "ade150.json"), str(checkpoint / "pc59.json"), *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
+    with FakeHub() as hub:
+        push(checkpoint, hub, "--private")
+        repo = hub.repos["acme/mrovseg-test"]
+        assert repo["private"] is True and len(repo["commits"]) == 1 and not hub.unknown
+        files = set(repo["files"])
+        assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
+                "modeling_mrovseg.py", "configuration_mrovseg.py", "image_processing_mrovseg.py",
+                "processing_mrovseg.py", "masked_attention.py"} <= files
+        assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+        card = repo["files"]["README.md"].decode()
+        metadata = yaml.safe_load(card.split("---")[1])
+        results = metadata["model-index"][0]["results"]
+        assert {(r["dataset"]["name"], r["metrics"][0]["value"]) for r in results} == {
+            ("ade20k-150", 31.25), ("pascal-context-59", 50.0)}
+        assert metadata["pipeline_tag"] == "image-segmentation" and "| ade20k-150 | validation | 2000 | 31.25 |" in card
+        config = json.loads(repo["files"]["config.json"])
+        assert config["auto_map"]["AutoModel"] == "modeling_mrovseg.MROVSegForOpenVocabSegmentation"
+
+        # pushing the same checkpoint again: every file unchanged, no new commit
+        second = push(checkpoint, hub)
+        assert len(repo["commits"]) == 1, second.stderr[-2000:]
+
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir()
+        for name, content in repo["files"].items():
+            (snapshot / name).write_bytes(content)
+    check_snapshot(snapshot)
+
+
+def check_snapshot(snapshot: Path):
+    image = random_image(70, 110)
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(snapshot).eval()
+    processor = MROVSegProcessor.from_pretrained(snapshot)
+    with torch.inference_mode():
+        expected = processor.post_process_semantic_segmentation(
+            model(**processor(images=image)), target_sizes=[(70, 110)])[0].numpy()
+    zero_shot = pipeline("zero-shot-image-segmentation", model=str(snapshot))(Image.fromarray(image))
+    np.testing.assert_array_equal(zero_shot["label_map"], expected)
+    np.save(snapshot / "expected.npy", expected)
+    np.save(snapshot / "image.npy", image)
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["modeling_mrovseg"] = None
+        import numpy as np, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor, pipeline
+        folder = sys.argv[1]
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        image = np.load(folder + "/image.npy")
+        with torch.inference_mode():
+            outputs = model(**processor(images=image))
+        got = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 110)])[0].numpy()
+        assert (got == np.load(folder + "/expected.npy")).all(), "AutoModel differs"
+        segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(Image.fromarray(image))
+        labels = model.config.id2label
+        for segment in segments:
+            index = [k for k, v in labels.items() if v == segment["label"]][0]
+            assert ((np.asarray(segment["mask"]) > 0) == (got == index)).all(), segment["label"]
+        print("remote ok", type(model).__module__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script, str(snapshot)], cwd=snapshot.parent, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok transformers_modules" in result.stdout
+
+
+def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
+    from transformers import AutoModel
+
+    from tests.helpers import tiny_config
+
+    model = MROVSegForOpenVocabSegmentation(tiny_config())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    for loader in (MROVSegForOpenVocabSegmentation, AutoModel):
+        with pytest.raises(ValueError, match="only pickled weights"):
+            loader.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path, use_safetensors=False)
+    loaded = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path, allow_pickle=True)
+    assert torch.equal(loaded.adapters[0].projection[0].weight, model.adapters[0].projection[0].weight)
+
+
+def test_push_refuses_a_folder_without_safetensors(tmp_path):
+    from hub_cards.push import check_checkpoint
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        check_checkpoint(tmp_path)
