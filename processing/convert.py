@@ -1,0 +1,258 @@
+"""Convert segmentation datasets into the one schema training and evaluation read.
+
+Output: OUT/<split>.parquet with columns `image` and `label` (PNG images; label values are contiguous class
+indices, 255 = unlabelled) and OUT/class_names.json. One sub-command per source format:
+
+    python -m processing.convert coco-stuff   --source DIR_OR_HUB_ID --out data/coco-stuff     # parquet: image, mask
+    python -m processing.convert ade20k-150   --source DIR_OR_HUB_ID --out data/ade150         # parquet: image, annotation
+    python -m processing.convert ade20k-847   --source ADE20K_2021_17_01 --class-list ade847.tsv --out data/ade847
+    python -m processing.convert pascal-context --source VOCdevkit/VOC2010 --variant 59|459 --out data/pc59
+    python -m processing.convert pascal-voc   --source VOCdevkit/VOC2012 --variant 20|21 --out data/voc20
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .class_names import (
+    ADE20K_150,
+    COCO_STUFF_171,
+    COCO_STUFF_UNUSED_IDS,
+    PASCAL_CONTEXT_59,
+    PASCAL_VOC_20,
+    PASCAL_VOC_21,
+)
+
+IGNORE = 255
+
+
+def lookup_table(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
+    """Raw value -> contiguous id (everything unmapped -> 255)."""
+    table = np.full(size, IGNORE, dtype=np.uint8)
+    for raw, new in mapping.items():
+        table[raw] = new
+    return table
+
+
+def coco_stuff_table() -> np.ndarray:
+    used = [i for i in range(182) if i not in COCO_STUFF_UNUSED_IDS]
+    assert len(used) == len(COCO_STUFF_171)
+    return lookup_table({raw: new for new, raw in enumerate(used)})
+
+
+def reduce_labels_table(num_classes: int) -> np.ndarray:
+    """0 (other / background) -> 255, k -> k - 1."""
+    return lookup_table({k: k - 1 for k in range(1, num_classes + 1)})
+
+
+def _png(array_or_image) -> dict:
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _encoded(image: Image.Image) -> dict:
+    """Keep JPEG sources as JPEG bytes (no re-encoding loss, smaller files); anything else as PNG."""
+    if image.format == "JPEG" and getattr(image, "filename", None):
+        return {"bytes": Path(image.filename).read_bytes(), "path": None}
+    return _png(image.convert("RGB"))
+
+
+def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.Image, np.ndarray]]],
+                class_names: list[str]) -> Path:
+    """Stream (image, contiguous label array) pairs into OUT/<split>.parquet and write class_names.json."""
+    import datasets
+
+    def generate():
+        for image, label in rows():
+            if (image.height, image.width) != label.shape:
+                raise ValueError(f"image {image.size[::-1]} and label {label.shape} differ in size")
+            yield {"image": _encoded(image), "label": _png(label.astype(np.uint8))}
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.Dataset.from_generator(generate, features=features)
+    dataset.to_parquet(str(out / f"{split}.parquet"))
+    (out / "class_names.json").write_text(json.dumps(class_names, indent=1))
+    return out / f"{split}.parquet"
+
+
+# ---------------------------------------------------------------- parquet sources (Hub copies)
+def _load_table_dataset(source: str, split: str):
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*.parquet") if split in p.name or split in p.parent.name)
+        if not files:
+            raise FileNotFoundError(f"no parquet files for split {split!r} under {path}")
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    return datasets.load_dataset(source, split=split)
+
+
+def _column(dataset, candidates: tuple[str, ...]) -> str:
+    for name in candidates:
+        if name in dataset.column_names:
+            return name
+    raise ValueError(f"none of the columns {candidates} in {dataset.column_names}")
+
+
+def convert_table(source: str, out: Path, split: str, table: np.ndarray, class_names: list[str],
+                  label_columns: tuple[str, ...]) -> Path:
+    dataset = _load_table_dataset(source, split)
+    label_column = _column(dataset, label_columns)
+
+    def rows():
+        for example in dataset:
+            image = example["image"]
+            raw = np.asarray(example[label_column])
+            if raw.ndim == 3:
+                raw = raw[..., 0]
+            yield image, table[raw.astype(np.int64)]
+
+    return write_split(out, split, rows, class_names)
+
+
+def convert_coco_stuff(source: str, out: Path, split: str) -> Path:
+    """COCO-Stuff-164k parquet (image, mask with raw ids 0-181, 255 unlabelled) -> 171 contiguous classes."""
+    return convert_table(source, out, split, coco_stuff_table(), COCO_STUFF_171, ("mask", "label", "annotation"))
+
+
+def convert_ade20k_150(source: str, out: Path, split: str) -> Path:
+    """ADE20K SceneParsing parquet (image, annotation: 0 = other, 1-150 classes) -> 150 classes."""
+    return convert_table(source, out, split, reduce_labels_table(150), ADE20K_150,
+                         ("annotation", "label", "mask", "segmentation"))
+
+
+# ---------------------------------------------------------------- raw-file sources
+def read_class_list(path: str | Path) -> tuple[list[int], list[str]]:
+    """`raw_index<TAB>name` lines (or "raw_index: name") -> (raw indices, names) in file order."""
+    indices, names = [], []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        raw, name = (line.split("\t", 1) if "\t" in line else line.split(":", 1))
+        indices.append(int(raw))
+        names.append(name.strip())
+    return indices, names
+
+
+def convert_ade20k_847(source: str, out: Path, split: str, class_list: str) -> Path:
+    """
+    The full ADE20K release: images/ADE/<split>/**/ADE_*.jpg with *_seg.png, whose object class is
+    R / 10 * 256 + G. `class_list` gives the 847 benchmark classes as raw class index and name (the
+    benchmark's published list); other classes are unlabelled.
+    """
+    raw_indices, names = read_class_list(class_list)
+    table = lookup_table({raw: new for new, raw in enumerate(raw_indices)})
+    folder = "training" if split == "train" else "validation"
+    images = sorted((Path(source) / "images" / "ADE" / folder).rglob("*.jpg"))
+    if not images:
+        raise FileNotFoundError(f"no images under {Path(source) / 'images' / 'ADE' / folder}")
+
+    def rows():
+        for path in images:
+            seg = np.asarray(Image.open(path.with_name(path.stem + "_seg.png")).convert("RGB"), dtype=np.int64)
+            yield Image.open(path), table[seg[..., 0] // 10 * 256 + seg[..., 1]]
+
+    return write_split(out, split, rows, names)
+
+
+def convert_pascal_context(source: str, out: Path, split: str, variant: int) -> Path:
+    """
+    Pascal Context on VOC2010: JPEGImages/, trainval/<id>.mat (LabelMap, 459 classes, 0 = unlabelled),
+    labels.txt ("id: name") and the split list <split>.txt (or ImageSets/Segmentation/<split>.txt).
+    PC-459 keeps every class; PC-59 keeps the 59 frequent ones (by name) and ignores the rest.
+    """
+    from scipy.io import loadmat
+
+    root = Path(source)
+    raw_indices, raw_names = read_class_list(root / "labels.txt")
+    if variant == 459:
+        names = raw_names
+        table = lookup_table({raw: new for new, raw in enumerate(raw_indices)})
+    elif variant == 59:
+        names = PASCAL_CONTEXT_59
+        by_name = dict(zip(raw_names, raw_indices))
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"labels.txt lacks the Pascal Context 59 classes {missing}")
+        table = lookup_table({by_name[name]: new for new, name in enumerate(names)})
+    else:
+        raise ValueError("variant must be 59 or 459")
+    ids = _split_ids(root, split)
+
+    def rows():
+        for image_id in ids:
+            label = loadmat(str(root / "trainval" / f"{image_id}.mat"))["LabelMap"].astype(np.int64)
+            yield Image.open(root / "JPEGImages" / f"{image_id}.jpg"), table[label]
+
+    return write_split(out, split, rows, names)
+
+
+def convert_pascal_voc(source: str, out: Path, split: str, variant: int) -> Path:
+    """VOC2012: JPEGImages/, SegmentationClass/<id>.png (0 background, 1-20, 255 boundary), ImageSets lists."""
+    root = Path(source)
+    if variant == 21:
+        table, names = lookup_table({k: k for k in range(21)}), PASCAL_VOC_21
+    elif variant == 20:
+        table, names = reduce_labels_table(20), PASCAL_VOC_20
+    else:
+        raise ValueError("variant must be 20 or 21")
+    ids = _split_ids(root, split)
+
+    def rows():
+        for image_id in ids:
+            label = np.asarray(Image.open(root / "SegmentationClass" / f"{image_id}.png"), dtype=np.int64)
+            yield Image.open(root / "JPEGImages" / f"{image_id}.jpg"), table[label]
+
+    return write_split(out, split, rows, names)
+
+
+def _split_ids(root: Path, split: str) -> list[str]:
+    name = {"validation": "val"}.get(split, split)
+    for candidate in (root / f"{name}.txt", root / "ImageSets" / "Segmentation" / f"{name}.txt"):
+        if candidate.is_file():
+            return [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
+    raise FileNotFoundError(f"no split list {name}.txt in {root} or {root / 'ImageSets' / 'Segmentation'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="dataset", required=True)
+    for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--source", required=True)
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--splits", nargs="+", default=["validation"] if name != "coco-stuff" else ["train", "validation"])
+        if name == "ade20k-847":
+            sub.add_argument("--class-list", required=True)
+        if name in ("pascal-context", "pascal-voc"):
+            sub.add_argument("--variant", type=int, required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    for split in args.splits:
+        if args.dataset == "coco-stuff":
+            path = convert_coco_stuff(args.source, out, split)
+        elif args.dataset == "ade20k-150":
+            path = convert_ade20k_150(args.source, out, split)
+        elif args.dataset == "ade20k-847":
+            path = convert_ade20k_847(args.source, out, split, args.class_list)
+        elif args.dataset == "pascal-context":
+            path = convert_pascal_context(args.source, out, split, args.variant)
+        else:
+            path = convert_pascal_voc(args.source, out, split, args.variant)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

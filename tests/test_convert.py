@@ -1,0 +1,110 @@
+"""Each converter on a tiny fixture in its raw format, read back through the training loader."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from modeling_mrovseg.data import as_arrays, load_segmentation_dataset
+from processing import convert
+from processing.class_names import ADE20K_150, COCO_STUFF_171, PASCAL_CONTEXT_59, PASCAL_VOC_20, PASCAL_VOC_21
+
+
+def image(height=12, width=16, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def read_back(out, split="validation"):
+    dataset, names = load_segmentation_dataset(str(out), split)
+    return [as_arrays(row)[1] for row in dataset], names
+
+
+def write_table(folder, split, label_column, labels):
+    import datasets
+
+    rows = {"image": [image(*lab.shape, seed=i) for i, lab in enumerate(labels)],
+            label_column: [Image.fromarray(lab.astype(np.uint8)) for lab in labels]}
+    features = datasets.Features({"image": datasets.Image(), label_column: datasets.Image()})
+    folder.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+
+
+def test_coco_stuff_ids_to_171_classes(tmp_path):
+    raw = np.array([[0, 11, 12, 90], [91, 181, 255, 182]] * 3, dtype=np.int64)
+    write_table(tmp_path / "raw", "validation", "mask", [raw])
+    convert.convert_coco_stuff(str(tmp_path / "raw"), tmp_path / "out", "validation")
+    (label,), names = read_back(tmp_path / "out")
+    assert names == COCO_STUFF_171 and len(names) == 171
+    # 0 person -> 0; 11 unused -> 255; 12 (stop sign) -> 11; 90 unused -> 255; 91 (banner) -> 80; 181 (wood) -> 170
+    assert label[0].tolist() == [0, 255, 11, 255] and label[1].tolist() == [80, 170, 255, 255]
+    assert names[11] == "stop sign" and names[80] == "banner" and names[170] == "wood"
+
+
+def test_ade20k_150_reduces_labels(tmp_path):
+    raw = np.array([[0, 1, 150, 75]] * 4)
+    write_table(tmp_path / "raw" / "data", "validation", "annotation", [raw])
+    convert.convert_ade20k_150(str(tmp_path / "raw"), tmp_path / "out", "validation")
+    (label,), names = read_back(tmp_path / "out")
+    assert names == ADE20K_150 and label[0].tolist() == [255, 0, 149, 74]
+
+
+def test_ade20k_847_from_raw_files(tmp_path):
+    folder = tmp_path / "ADE20K_2021_17_01" / "images" / "ADE" / "validation" / "cultural" / "apse"
+    folder.mkdir(parents=True)
+    image(4, 4).save(folder / "ADE_val_00000001.jpg")
+    seg = np.zeros((4, 4, 3), dtype=np.uint8)
+    seg[0, :] = (10, 5, 0)   # class 1 * 256 + 5 = 261
+    seg[1, :] = (0, 7, 0)    # class 7
+    seg[2, :] = (20, 0, 0)   # class 512: not in the list
+    Image.fromarray(seg).save(folder / "ADE_val_00000001_seg.png")
+    (tmp_path / "list.tsv").write_text("7\twall\n261\tbuilding, edifice\n")
+    convert.convert_ade20k_847(str(tmp_path / "ADE20K_2021_17_01"), tmp_path / "out", "validation",
+                               str(tmp_path / "list.tsv"))
+    (label,), names = read_back(tmp_path / "out")
+    assert names == ["wall", "building, edifice"]
+    assert label[:, 0].tolist() == [1, 0, 255, 255]
+
+
+def pascal_context_fixture(root):
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "trainval").mkdir()
+    names = ["accordion", "aeroplane"] + [n for n in PASCAL_CONTEXT_59 if n != "aeroplane"] + ["zebra"]
+    (root / "labels.txt").write_text("".join(f"{i + 1}: {name}\n" for i, name in enumerate(names)))
+    (root / "val.txt").write_text("2008_000002\n")
+    image(3, 4).save(root / "JPEGImages" / "2008_000002.jpg")
+    label = np.array([[0, 1, 2, 3], [61, 2, 2, 2], [1, 1, 1, 1]])  # 0 unlabelled, 1 accordion, 2 aeroplane, 3 bag
+    savemat(str(root / "trainval" / "2008_000002.mat"), {"LabelMap": label.astype(np.uint16)})
+    return names
+
+
+@pytest.mark.parametrize("variant", [59, 459])
+def test_pascal_context(tmp_path, variant):
+    names = pascal_context_fixture(tmp_path / "VOC2010")
+    convert.convert_pascal_context(str(tmp_path / "VOC2010"), tmp_path / "out", "validation", variant)
+    (label,), got = read_back(tmp_path / "out")
+    if variant == 459:
+        assert got == names and label[0].tolist() == [255, 0, 1, 2] and label[1, 0] == 60
+    else:
+        assert got == PASCAL_CONTEXT_59
+        assert label[0].tolist() == [255, 255, 0, 1] and label[1, 0] == 255  # accordion / zebra not in PC-59
+
+
+@pytest.mark.parametrize("variant,expected,names", [(21, [0, 1, 20, 255], PASCAL_VOC_21),
+                                                    (20, [255, 0, 19, 255], PASCAL_VOC_20)])
+def test_pascal_voc(tmp_path, variant, expected, names):
+    root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n")
+    image(2, 4).save(root / "JPEGImages" / "2007_000033.jpg")
+    palette_label = Image.fromarray(np.array([[0, 1, 20, 255]] * 2, dtype=np.uint8), mode="P")
+    palette_label.putpalette([0, 0, 0, 128, 0, 0] * 128)
+    palette_label.save(root / "SegmentationClass" / "2007_000033.png")
+    convert.convert_pascal_voc(str(root), tmp_path / "out", "validation", variant)
+    (label,), got = read_back(tmp_path / "out")
+    assert got == names and label[0].tolist() == expected
+
+
+def test_cli_and_missing_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="split list"):
+        convert.main(["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")])
