@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="{}", help='JSON of MROVSegConfig overrides, e.g. {"num_queries": 50}')
+    parser.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on CLIP attention (0: no LoRA)")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
+    parser.add_argument("--lora_targets", default="vision", choices=["vision", "text", "both"])
     parser.add_argument("--no_progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -103,9 +106,13 @@ def main(argv=None) -> dict:
     model, tokenizer = build_model(args, class_names)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    config = model.config
+    if args.lora_rank:
+        from modeling_mrovseg.lora import apply_lora
+
+        model = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
-    config = model.config
     train_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap)
     eval_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
                                            size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
@@ -205,6 +212,13 @@ def main(argv=None) -> dict:
         if accelerator.is_main_process:
             model_dir = output_dir / "model"
             unwrapped = accelerator.unwrap_model(model)
+            if args.lora_rank:  # the adapter (LoRA + trained decoder), then the merged plain checkpoint
+                from modeling_mrovseg.lora import merge_lora
+
+                unwrapped.save_pretrained(output_dir / "adapter")
+                (output_dir / "adapter" / "mrovseg_base.json").write_text(json.dumps(
+                    {"model": args.model, "config": json.loads(args.config), "class_names": class_names}, indent=2))
+                unwrapped = merge_lora(unwrapped)
             unwrapped.save_pretrained(model_dir, safe_serialization=True)
             MROVSegProcessor(eval_processor, tokenizer, prompt_templates=config.prompt_templates).save_pretrained(model_dir)
             (model_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,43 @@
+"""Merge a LoRA adapter saved by training/train.py into a plain MROVSeg checkpoint (no peft needed to load it).
+
+    python -m training.merge_lora --adapter runs/x/adapter --out runs/x/merged [--base CLIP_OR_CHECKPOINT]
+
+The base model is rebuilt from `adapter/mrovseg_base.json` (the CLIP or MROVSeg checkpoint, config overrides
+and class names the run started from) unless `--base` names another copy of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None)
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from modeling_mrovseg import MROVSegImageProcessor, MROVSegProcessor
+    from modeling_mrovseg.lora import load_lora, merge_lora
+    from training.train import build_model
+
+    adapter = Path(args.adapter)
+    recipe = json.loads((adapter / "mrovseg_base.json").read_text())
+    base_args = argparse.Namespace(model=args.base or recipe["model"], config=json.dumps(recipe["config"]))
+    base, tokenizer = build_model(base_args, recipe["class_names"])
+    merged = merge_lora(load_lora(base, str(adapter)))
+    out = Path(args.out)
+    merged.save_pretrained(out)
+    image_processor = MROVSegImageProcessor(slice_size=merged.config.slice_size, slice_overlap=merged.config.slice_overlap)
+    MROVSegProcessor(image_processor, tokenizer or AutoTokenizer.from_pretrained(base_args.model),
+                     prompt_templates=merged.config.prompt_templates).save_pretrained(out)
+    print(f"merged {adapter} into {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
