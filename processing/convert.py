@@ -8,6 +8,10 @@ indices, 255 = unlabelled) and OUT/class_names.json. One sub-command per source 
     python -m processing.convert ade20k-847   --source ADE20K_2021_17_01 --class-list ade847.tsv --out data/ade847
     python -m processing.convert pascal-context --source VOCdevkit/VOC2010 --variant 59|459 --out data/pc59
     python -m processing.convert pascal-voc   --source VOCdevkit/VOC2012 --variant 20|21 --out data/voc20
+    python -m processing.convert folder       --source my_data --class-names "background,crack,rust" --out data/mine
+
+`folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
+index, 255 = unlabelled); a seeded `--val-fraction` of the images becomes the validation split.
 """
 
 from __future__ import annotations
@@ -79,7 +83,11 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     out.mkdir(parents=True, exist_ok=True)
-    dataset = datasets.Dataset.from_generator(generate, features=features)
+    try:
+        dataset = datasets.Dataset.from_generator(generate, features=features)
+    except datasets.exceptions.DatasetGenerationError as error:  # surface our own message, not the wrapper's
+        cause = error.__cause__ or error.__context__
+        raise (cause if isinstance(cause, (ValueError, OSError)) else error) from None
     dataset.to_parquet(str(out / f"{split}.parquet"))
     (out / "class_names.json").write_text(json.dumps(class_names, indent=1))
     return out / f"{split}.parquet"
@@ -217,6 +225,33 @@ def convert_pascal_voc(source: str, out: Path, split: str, variant: int) -> Path
     return write_split(out, split, rows, names)
 
 
+def convert_folder(source: str, out: Path, class_names: list[str], val_fraction: float = 0.1,
+                   seed: int = 0) -> list[Path]:
+    """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count)."""
+    root = Path(source)
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in suffixes)
+    pairs = [(p, root / "labels" / f"{p.stem}.png") for p in images]
+    missing = [str(label) for _, label in pairs if not label.is_file()]
+    if not pairs or missing:
+        raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing {missing[:3]}")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    num_val = int(round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
+    splits = {"validation": [pairs[i] for i in order[:num_val]], "train": [pairs[i] for i in order[num_val:]]}
+
+    def reader(items):
+        def rows():
+            for image_path, label_path in items:
+                label = np.asarray(Image.open(label_path), dtype=np.int64)
+                bad = np.setdiff1d(np.unique(label), [*range(len(class_names)), IGNORE])
+                if bad.size:
+                    raise ValueError(f"{label_path} has values {bad.tolist()} outside 0..{len(class_names) - 1} and 255")
+                yield Image.open(image_path), label
+        return rows
+
+    return [write_split(out, split, reader(items), class_names) for split, items in splits.items() if items]
+
+
 def _split_ids(root: Path, split: str) -> list[str]:
     name = {"validation": "val"}.get(split, split)
     for candidate in (root / f"{name}.txt", root / "ImageSets" / "Segmentation" / f"{name}.txt"):
@@ -229,10 +264,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="dataset", required=True)
-    for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc"):
+    for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc", "folder"):
         sub = commands.add_parser(name)
         sub.add_argument("--source", required=True)
         sub.add_argument("--out", required=True)
+        if name == "folder":
+            sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
+            sub.add_argument("--val-fraction", type=float, default=0.1)
+            continue
         sub.add_argument("--splits", nargs="+", default=["validation"] if name != "coco-stuff" else ["train", "validation"])
         if name == "ade20k-847":
             sub.add_argument("--class-list", required=True)
@@ -240,6 +279,12 @@ def main(argv=None) -> None:
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.dataset == "folder":
+        names = (json.loads(Path(args.class_names).read_text()) if Path(args.class_names).is_file()
+                 else [n.strip() for n in args.class_names.split(",") if n.strip()])
+        for path in convert_folder(args.source, out, names, args.val_fraction):
+            print(f"wrote {path}")
+        return
     for split in args.splits:
         if args.dataset == "coco-stuff":
             path = convert_coco_stuff(args.source, out, split)

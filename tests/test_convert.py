@@ -108,3 +108,21 @@ def test_pascal_voc(tmp_path, variant, expected, names):
 def test_cli_and_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="split list"):
         convert.main(["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")])
+
+
+def test_own_folder_of_images_and_label_pngs(tmp_path):
+    for sub in ("images", "labels"):
+        (tmp_path / "mine" / sub).mkdir(parents=True)
+    for i in range(5):
+        image(8, 10, seed=i).save(tmp_path / "mine" / "images" / f"img{i}.jpg")
+        Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "background, crack, rust",
+                  "--val-fraction", "0.2", "--out", str(tmp_path / "out")])
+    train, names = read_back(tmp_path / "out", "train")
+    validation, _ = read_back(tmp_path / "out", "validation")
+    assert names == ["background", "crack", "rust"] and len(train) == 4 and len(validation) == 1
+    (tmp_path / "mine" / "labels" / "img0.png").unlink()
+    Image.fromarray(np.full((8, 10), 7, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / "img0.png")
+    with pytest.raises(ValueError, match="outside 0..2"):
+        convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
+                      str(tmp_path / "bad")])
