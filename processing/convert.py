@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,12 +84,14 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        dataset = datasets.Dataset.from_generator(generate, features=features)
-    except datasets.exceptions.DatasetGenerationError as error:  # surface our own message, not the wrapper's
-        cause = error.__cause__ or error.__context__
-        raise (cause if isinstance(cause, (ValueError, OSError)) else error) from None
-    dataset.to_parquet(str(out / f"{split}.parquet"))
+    # a throw-away cache: from_generator would otherwise reuse a stale conversion of files changed on disk
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            dataset = datasets.Dataset.from_generator(generate, features=features, cache_dir=cache)
+        except datasets.exceptions.DatasetGenerationError as error:  # surface our own message, not the wrapper's
+            cause = error.__cause__ or error.__context__
+            raise (cause if isinstance(cause, (ValueError, OSError)) else error) from None
+        dataset.to_parquet(str(out / f"{split}.parquet"))
     (out / "class_names.json").write_text(json.dumps(class_names, indent=1))
     return out / f"{split}.parquet"
 
