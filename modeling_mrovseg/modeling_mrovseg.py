@@ -180,8 +180,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         self.attention_mask_decoder = MROVSegAttentionMaskDecoder(config, num_remaining, vision.num_attention_heads)
         self.masked_attention = MROVSegMultiGrainedMaskedAttention(config)
         self.classifier = MROVSegOpenVocabClassifier(config.projection_dim)
-        self.register_buffer("vocabulary_embeds", placeholder_vocabulary(config.num_labels, config.projection_dim),
-                             persistent=True)
+        placeholder = placeholder_vocabulary(config.num_labels, config.projection_dim).to(self.logit_scale.device)
+        self.register_buffer("vocabulary_embeds", placeholder, persistent=True)
         self.criterion = MROVSegLoss(config)
         self.post_init()
         self.freeze_clip()

@@ -1,0 +1,356 @@
+"""MROVSeg benchmark suite: every figure a ratio of measurements taken side by side in one run.
+
+    python -m benchmarks.run [--quick] [--only latency metric processor training]
+
+1. Latency and peak memory against input size for a ViT-B/16-shaped MROVSeg (random weights, fp32) against
+   (a) its single-resolution ablation, (b) full-resolution CLIP (interpolated position embeddings) feeding the
+   same decoder, (c) the CLIP passes over the global view and slices alone: the floor our model cannot beat.
+   Each (variant, size) runs in its own process, so its peak RSS is its own; timings are medians after a warm-up.
+2. FLOPs (torch.utils.flop_counter, counted on the meta device) and achieved FLOP/s against the machine's
+   measured fp32 matrix-multiply rate.
+3. The streaming mean-IoU metric against a per-image numpy implementation of the same formula (500 maps of
+   512 x 512): speed ratio, identical values.
+4. Image-processor throughput at 2048 x 1024 and training-step time for the tiny and ViT-B/16 configs.
+Results go to benchmarks/RESULTS.md (section "performance") with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+SIZES = [(512, 512), (1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096)]  # (height, width)
+QUICK_SIZES = [(512, 512), (1024, 2048)]
+VARIANTS = ["mrovseg", "single_resolution", "full_resolution_clip", "clip_floor"]
+FULL_RES_MAX_PIXELS = 2048 * 2048  # beyond this the quadratic full-resolution pass is estimated, not run
+
+
+# ---------------------------------------------------------------- models
+def vit_b16_model(**overrides):
+    from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation
+
+    names = [f"class {i}" for i in range(20)]
+    config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
+                                       label2id={n: i for i, n in enumerate(names)}, **overrides)
+    torch.manual_seed(0)
+    return MROVSegForOpenVocabSegmentation(config).eval()
+
+
+class FullResolutionBaseline:
+    """The same MROVSeg decoder fed by one CLIP pass over the whole canvas (position embeddings interpolated)."""
+
+    @staticmethod
+    def patch(model):
+        from modeling_mrovseg.modeling_mrovseg import MROVSegFeatures
+        from modeling_mrovseg.slicing import SliceGrid, stitch_windows
+
+        config = model.config
+
+        def forward_features(pixel_values, pixel_values_slices=None, slice_grid=None, output_hidden_states=False):
+            rows, cols = model._grid_from(slice_grid, pixel_values_slices)
+            grid = SliceGrid(rows, cols, config.slice_size, config.slice_stride)
+            canvas = stitch_windows(pixel_values_slices, grid)
+            vision, patch = model.vision_model, config.patch_size
+            hidden = vision.pre_layrnorm(vision.embeddings(canvas, interpolate_pos_encoding=True))
+            needed = model._needed_layers()
+            states = {0: hidden} if 0 in needed else {}
+            for index, layer in enumerate(vision.encoder.layers[: max(needed)]):
+                hidden = layer(hidden, None)
+                if index + 1 in needed:
+                    states[index + 1] = hidden
+            height, width = canvas.shape[-2] // patch, canvas.shape[-1] // patch
+            side = config.slice_size // patch
+            maps, global_tokens = {}, {}
+            for layer, tokens in states.items():
+                grid_map = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+                maps[layer] = grid_map
+                global_tokens[layer] = torch.nn.functional.adaptive_avg_pool2d(grid_map, side).flatten(2).transpose(1, 2)
+            return MROVSegFeatures(global_tokens=global_tokens, high_res_maps=maps,
+                                   cls_token=states[config.query_layer][:, 0], global_grid=(side, side),
+                                   high_res_grid=(height, width))
+
+        model.forward_features = forward_features
+        return model
+
+
+def clip_floor(model, inputs) -> torch.Tensor:
+    """Plain CLIPVisionModel over the global view and every slice, chunked like the model: the floor."""
+    images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
+    chunk = model.config.slice_batch_size or images.shape[0]
+    outputs = [model.vision_model(pixel_values=images[i : i + chunk]).last_hidden_state for i in range(0, len(images), chunk)]
+    return outputs[-1]
+
+
+def prepare(size, slice_batch_size=16):
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    height, width = size
+    processor = MROVSegImageProcessor(size={"height": height, "width": width})
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return processor, image
+
+
+def run_variant(variant: str, size, runs: int) -> dict:
+    """One (variant, size) in this process: warm-up on a small input, then `runs` timed runs."""
+    torch.set_num_threads(torch.get_num_threads())
+    model = vit_b16_model(slice_batch_size=16, use_high_res=variant != "single_resolution")
+    if variant == "full_resolution_clip":
+        FullResolutionBaseline.patch(model)
+
+    def once(sz):
+        processor, image = prepare(sz)
+        inputs = processor(image, return_tensors="pt")
+        if variant == "clip_floor":
+            return clip_floor(model, inputs)
+        if variant == "single_resolution":
+            inputs = {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+        outputs = model(**inputs)
+        return processor.post_process_semantic_segmentation(outputs, target_sizes=[sz])[0]
+
+    with torch.inference_mode():
+        once((448, 448))  # warm-up: allocator, kernels, lazy inits
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            once(size)
+            times.append(time.perf_counter() - start)
+    return {"variant": variant, "size": list(size), "seconds": statistics.median(times), "runs": runs,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+
+
+def count_flops(variant: str, size) -> float:
+    """FLOPs of one forward (CLIP and decoder; post-processing excluded), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_mrovseg.slicing import SliceGrid
+
+    with torch.device("meta"):
+        model = vit_b16_model(slice_batch_size=None, use_high_res=variant != "single_resolution")
+    model.requires_grad_(False)  # the counter's module tracker hooks tensors that require grad
+    if variant == "full_resolution_clip":
+        FullResolutionBaseline.patch(model)
+    grid = SliceGrid.covering(size[0], size[1], 224, 0)
+    with torch.device("meta"):
+        inputs = {"pixel_values": torch.zeros(1, 3, 224, 224),
+                  "pixel_values_slices": torch.zeros(1, grid.num_slices, 3, 224, 224),
+                  "slice_grid": (grid.rows, grid.cols)}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        if variant == "clip_floor":
+            images = torch.zeros(1 + grid.num_slices, 3, 224, 224, device="meta")
+            model.vision_model(pixel_values=images)
+        elif variant == "single_resolution":
+            model(pixel_values=inputs["pixel_values"])
+        else:
+            model(**inputs)
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(runs: int = 5) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------- metric, processor, training
+def metric_benchmark(num_maps: int = 500, size: int = 512, num_labels: int = 150) -> dict:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "mean_iou", Path(__file__).resolve().parents[1] / "training" / "metrics" / "mean_iou" / "mean_iou.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    preds = [rng.integers(0, num_labels, (size, size), dtype=np.int64) for _ in range(num_maps)]
+    labels = [rng.integers(0, num_labels, (size, size)).astype(np.uint8) for _ in range(num_maps)]
+    for label in labels[::7]:
+        label[:32] = 255
+
+    def numpy_per_image():
+        total = np.zeros((4, num_labels))
+        for pred, label in zip(preds, labels):
+            mask = label != 255
+            p, lab = pred[mask], label[mask]
+            inter = p[p == lab]
+            hists = [np.histogram(x, bins=num_labels, range=(0, num_labels - 1))[0] for x in (inter, p, lab)]
+            total += np.stack([hists[0], hists[1], hists[2], hists[1] + hists[2] - hists[0]])
+        return total[0] / total[3]
+
+    def streaming():
+        histogram = module.JointHistogram()
+        for pred, label in zip(preds, labels):
+            histogram.update(pred, label)
+        intersect, union, _, _ = histogram.confusion(num_labels, 255, None, False)
+        return intersect / union
+
+    start = time.perf_counter()
+    reference = numpy_per_image()
+    numpy_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = streaming()
+    ours_seconds = time.perf_counter() - start
+    return {"maps": num_maps, "size": size, "numpy_seconds": numpy_seconds, "streaming_seconds": ours_seconds,
+            "speedup": numpy_seconds / ours_seconds, "identical": bool(np.array_equal(reference, ours))}
+
+
+def processor_benchmark(runs: int = 5) -> dict:
+    processor, image = prepare((1024, 2048))
+    processor(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        processor(image, return_tensors="pt")
+        times.append(time.perf_counter() - start)
+    return {"size": [1024, 2048], "seconds": statistics.median(times), "images_per_second": 1 / statistics.median(times)}
+
+
+def training_step_benchmark(preset: str, crop: int, runs: int) -> dict:
+    from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+
+    names = [f"class {i}" for i in range(20)]
+    kwargs = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    if preset == "tiny":
+        kwargs.update(num_queries=16, hidden_dim=64, num_decoder_heads=4, decoder_ffn_dim=128, train_num_points=2048)
+    config = MROVSegConfig.from_preset(preset, **kwargs)
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation(config).train()
+    processor = MROVSegImageProcessor(slice_size=config.slice_size, size={"height": crop, "width": crop})
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (crop, crop, 3), dtype=np.uint8)
+    label = rng.integers(0, 20, (crop // 32, crop // 32)).repeat(32, 0).repeat(32, 1)
+    batch = processor([image, image], segmentation_maps=[label, label], return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step is the warm-up
+            times.append(time.perf_counter() - start)
+    return {"preset": preset, "batch": 2, "crop": crop, "seconds_per_step": statistics.median(times)}
+
+
+# ---------------------------------------------------------------- orchestration
+def in_subprocess(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two sizes, one timed run each")
+    parser.add_argument("--only", nargs="+", default=["latency", "metric", "processor", "training"])
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "variant":
+            result = run_variant(rest[0], (int(rest[1]), int(rest[2])), int(rest[3]))
+        elif kind == "training":
+            result = training_step_benchmark(rest[0], int(rest[1]), int(rest[2]))
+        else:
+            raise ValueError(kind)
+        print(json.dumps(result))
+        return result
+
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
+    report = {"command": command, "matmul_flops_per_second": matmul_rate()}
+    sizes = QUICK_SIZES if args.quick else SIZES
+    if "latency" in args.only:
+        rows = []
+        for size in sizes:
+            runs = 1 if args.quick or size[0] * size[1] >= 2048 * 2048 else 3
+            row = {"size": size}
+            for variant in VARIANTS:
+                flops = count_flops(variant, size)
+                if variant == "full_resolution_clip" and size[0] * size[1] > FULL_RES_MAX_PIXELS:
+                    row[variant] = {"flops": flops, "seconds": None, "peak_rss_gb": None}
+                    continue
+                measured = in_subprocess("variant", variant, str(size[0]), str(size[1]), str(runs))
+                row[variant] = {"flops": flops, "seconds": measured["seconds"], "peak_rss_gb": measured["peak_rss_gb"]}
+                print(size, variant, row[variant], flush=True)
+            rows.append(row)
+        report["latency"] = rows
+    if "metric" in args.only:
+        report["metric"] = metric_benchmark(100 if args.quick else 500)
+        print(report["metric"], flush=True)
+    if "processor" in args.only:
+        report["processor"] = processor_benchmark()
+        print(report["processor"], flush=True)
+    if "training" in args.only:
+        report["training"] = [in_subprocess("training", "tiny", "256", "3"),
+                              in_subprocess("training", "vit-b-16", "448" if args.quick else "640", "2")]
+        print(report["training"], flush=True)
+    write_report(report)
+    return report
+
+
+def write_report(report: dict) -> None:
+    from benchmarks.results_file import RESULTS, machine, write_section
+
+    rate = report["matmul_flops_per_second"]
+    lines = ["## Performance (CPU)", "", f"`{report['command']}` on {machine()}; ViT-B/16 shapes, random weights, "
+             f"fp32, SDPA, 20 classes, `slice_batch_size=16`. Measured fp32 2048 x 2048 matmul rate: "
+             f"{rate / 1e9:.0f} GFLOP/s. Times are medians after a warm-up; each (variant, size) ran in its own "
+             "process (peak RSS is that process's, model included)."]
+    if "latency" in report:
+        lines += ["", "| image (H x W) | MROVSeg s | CLIP floor s | overhead after CLIP | single-res s | "
+                      "full-res CLIP s | FLOPs MROVSeg / floor / full-res (T) | full-res FLOP ratio (target >= 0.9 x ideal) "
+                      "| MROVSeg GFLOP/s (% of matmul) | peak RSS MROVSeg / full-res GB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in report["latency"]:
+            ours, floor, single, full = (row[v] for v in VARIANTS)
+            ideal = full["flops"] / floor["flops"]
+            achieved = full["flops"] / ours["flops"]
+            full_s = f"{full['seconds']:.1f}" if full["seconds"] else "not run (quadratic)"
+            full_mem = f"{full['peak_rss_gb']:.1f}" if full["peak_rss_gb"] else "-"
+            lines.append(
+                f"| {row['size'][0]} x {row['size'][1]} | {ours['seconds']:.1f} | {floor['seconds']:.1f} | "
+                f"{100 * (ours['seconds'] / floor['seconds'] - 1):+.0f}% | {single['seconds']:.2f} | {full_s} | "
+                f"{ours['flops'] / 1e12:.2f} / {floor['flops'] / 1e12:.2f} / {full['flops'] / 1e12:.2f} | "
+                f"{achieved:.2f} of {ideal:.2f} ({achieved / ideal:.2f} x) | "
+                f"{ours['flops'] / ours['seconds'] / 1e9:.0f} ({100 * ours['flops'] / ours['seconds'] / rate:.0f}%) | "
+                f"{ours['peak_rss_gb']:.1f} / {full_mem} |")
+        small, large = report["latency"][0], report["latency"][-1]
+        scale = large["mrovseg"]["seconds"] / small["mrovseg"]["seconds"]
+        pixels = (large["size"][0] * large["size"][1]) / (small["size"][0] * small["size"][1])
+        lines += ["", f"Scaling: time({large['size'][0]} x {large['size'][1]}) / time({small['size'][0]} x "
+                      f"{small['size'][1]}) = {scale:.1f} for {pixels:.0f}x the pixels."]
+    if "metric" in report:
+        m = report["metric"]
+        lines += ["", f"Metric: {m['maps']} maps of {m['size']} x {m['size']}, 150 classes: per-image numpy "
+                      f"{m['numpy_seconds']:.2f} s, streaming histogram {m['streaming_seconds']:.2f} s: "
+                      f"**{m['speedup']:.1f}x**, identical values: {m['identical']}."]
+    if "processor" in report:
+        p = report["processor"]
+        lines += ["", f"Image processor at 1024 x 2048 (50 windows + global view): {p['seconds'] * 1000:.0f} ms "
+                      f"per image ({p['images_per_second']:.1f} images/s)."]
+    if "training" in report:
+        lines += ["", "Training step (batch 2, forward + backward + AdamW): " + "; ".join(
+            f"{t['preset']} at {t['crop']} px crops {t['seconds_per_step']:.2f} s" for t in report["training"]) + "."]
+    write_section("performance", "\n".join(lines))
+    from pathlib import Path
+
+    (Path(__file__).resolve().parent / "results").mkdir(exist_ok=True)
+    (Path(__file__).resolve().parent / "results" / "performance.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
