@@ -220,10 +220,6 @@ class MROVSegConfig(PretrainedConfig):
     def slice_stride(self) -> int:
         return self.slice_size - self.slice_overlap
 
-    @property
-    def num_vocabulary(self) -> int:
-        return self.num_labels
-
     @classmethod
     def from_clip_config(cls, clip_config: CLIPConfig | dict, **kwargs) -> "MROVSegConfig":
         """Build a config around the shapes of an existing `CLIPConfig` (e.g. `CLIPConfig.from_pretrained(id)`)."""

@@ -407,9 +407,10 @@ def _resize_scores(score: torch.Tensor, geometry: list[int] | None, size: tuple[
     """(1, C, h, w) scores -> bilinear to the padded canvas, padding cropped, then to `size` (if given)."""
     if geometry is not None:
         valid_h, valid_w, padded_h, padded_w = geometry
-        score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+        if tuple(score.shape[-2:]) != (padded_h, padded_w):
+            score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
         score = score[..., :valid_h, :valid_w]
-    if size is not None:
+    if size is not None and tuple(score.shape[-2:]) != tuple(size):  # resizing to the same size is the identity
         score = F.interpolate(score, size=size, mode="bilinear", align_corners=False)
     return score
 

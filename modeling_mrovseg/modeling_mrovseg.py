@@ -404,6 +404,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         self._check_pixel_values(pixel_values)
+        if labels is not None:
+            self._check_labels(labels, pixel_values, pixel_mask)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
 
         # 1. One CLIP, two resolutions: global view and stitched slices.
@@ -451,7 +453,6 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         ]
         loss = loss_dict = None
         if labels is not None:
-            self._check_labels(labels, pixel_values, pixel_mask)
             loss, loss_dict = self.criterion(class_logits, mask_logits[-1], labels, auxiliary, loss_seeds)
 
         output = MROVSegOutput(
