@@ -19,13 +19,10 @@ def run_one(size: int, slice_batch_size: int, labels: int) -> dict:
     import numpy as np
     import torch
 
-    from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+    from benchmarks.run import vit_b16_model
+    from modeling_mrovseg import MROVSegImageProcessor
 
-    torch.manual_seed(0)
-    names = [f"class {i}" for i in range(labels)]
-    config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
-                                       label2id={n: i for i, n in enumerate(names)}, slice_batch_size=slice_batch_size)
-    model = MROVSegForOpenVocabSegmentation(config).eval()
+    model = vit_b16_model(num_labels=labels, slice_batch_size=slice_batch_size)
     processor = MROVSegImageProcessor(size={"shortest_edge": size, "longest_edge": size})
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

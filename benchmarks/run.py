@@ -34,10 +34,11 @@ FULL_RES_MAX_PIXELS = 2048 * 2048  # beyond this the quadratic full-resolution p
 
 
 # ---------------------------------------------------------------- models
-def vit_b16_model(**overrides):
+def vit_b16_model(num_labels: int = 20, **overrides):
+    """A ViT-B/16-shaped MROVSeg with random weights (seed 0) and `num_labels` placeholder classes, in eval mode."""
     from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation
 
-    names = [f"class {i}" for i in range(20)]
+    names = [f"class {i}" for i in range(num_labels)]
     config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
                                        label2id={n: i for i, n in enumerate(names)}, **overrides)
     torch.manual_seed(0)
@@ -303,7 +304,7 @@ def main(argv=None) -> dict:
 
 
 def write_report(report: dict) -> None:
-    from benchmarks.results_file import RESULTS, machine, write_section
+    from benchmarks.results_file import machine, write_section
 
     rate = report["matmul_flops_per_second"]
     lines = ["## Performance (CPU)", "", f"`{report['command']}` on {machine()}; ViT-B/16 shapes, random weights, "

@@ -137,6 +137,13 @@ class StepBatches(torch.utils.data.Dataset):
         self.seed, self.global_batch, self.rank, self.world_size = seed, global_batch, rank, world_size
         self.per_process = global_batch // world_size
         self.batches_per_epoch = max(1, len(dataset) // global_batch)
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the last epoch used
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The seeded permutation of the dataset for `epoch` (computed once per epoch and process)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)))
+        return self._order[1]
 
     def __len__(self) -> int:  # effectively unbounded: the training loop decides when to stop
         return 2**31 - 1
@@ -150,8 +157,7 @@ class StepBatches(torch.utils.data.Dataset):
         images, labels, seeds = [], [], []
         for position in self.positions(index):
             epoch, offset = divmod(position, self.batches_per_epoch * self.global_batch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-            row = int(order[offset % len(self.dataset)])
+            row = int(self.epoch_order(epoch)[offset % len(self.dataset)])
             seed = sample_seed(self.seed, position)
             image, label = as_arrays(self.dataset[row])
             image, label = self.augment(image, label, np.random.default_rng(seed))

@@ -198,6 +198,11 @@ class MROVSegImageProcessor(PilBackend):
                 f"slice_overlap={self.slice_overlap} must lie in [0, {self.slice_size - 1}] (below slice_size)."
             )
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "MROVSegImageProcessor":
+        """A processor whose windows match the model's (`slice_size`, `slice_overlap`); `kwargs` set the rest."""
+        return cls(slice_size=config.slice_size, slice_overlap=config.slice_overlap, **kwargs)
+
     # ------------------------------------------------------------------ entry point
     def preprocess(
         self,

@@ -226,6 +226,11 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         return self.vision_model.embeddings.patch_embedding
 
     # ------------------------------------------------------------------ text side
+    @property
+    def vocabulary(self) -> list[str]:
+        """The stored class names, in class-id order (`config.id2label`)."""
+        return [self.config.id2label[i] for i in range(len(self.config.id2label))]
+
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (..., L) -> unit-norm CLIP text embeddings (..., P)."""

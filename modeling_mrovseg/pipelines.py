@@ -76,7 +76,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
         self.text_cache_misses += 1
-        if list(labels) == [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]:
+        if list(labels) == self.model.vocabulary:
             embeds = self.model.vocabulary_embeds
         else:
             if self.tokenizer is None:
@@ -88,8 +88,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         return embeds
 
     def preprocess(self, image, candidate_labels=None, timeout=None):
-        fallback = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
-        labels = parse_candidate_labels(candidate_labels, fallback)
+        labels = parse_candidate_labels(candidate_labels, self.model.vocabulary)
         image = load_image(image, timeout=timeout)
         inputs = self.image_processor(images=[image], return_tensors="pt")
         inputs = inputs.to(self.dtype)

@@ -47,13 +47,12 @@ def main(argv=None) -> dict:
     model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
     if args.slice_batch_size:
         model.config.slice_batch_size = args.slice_batch_size
-    vocabulary = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    if vocabulary != list(class_names):
+    if model.vocabulary != list(class_names):
         model.set_vocabulary(class_names, AutoTokenizer.from_pretrained(args.model))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     config = accelerator.unwrap_model(model).config
-    processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
-                                      size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+    processor = MROVSegImageProcessor.from_model_config(
+        config, size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
     count = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
     with accelerator.autocast():
         results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,

@@ -32,7 +32,7 @@ def main(argv=None) -> Path:
     merged = merge_lora(load_lora(base, str(adapter)))
     out = Path(args.out)
     merged.save_pretrained(out)
-    image_processor = MROVSegImageProcessor(slice_size=merged.config.slice_size, slice_overlap=merged.config.slice_overlap)
+    image_processor = MROVSegImageProcessor.from_model_config(merged.config)
     MROVSegProcessor(image_processor, tokenizer or AutoTokenizer.from_pretrained(base_args.model),
                      prompt_templates=merged.config.prompt_templates).save_pretrained(out)
     print(f"merged {adapter} into {out}")

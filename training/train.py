@@ -70,7 +70,7 @@ def build_model(args, class_names):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if config.model_type == "mrovseg":
         model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model, **overrides)
-        if [model.config.id2label[i] for i in range(len(model.config.id2label))] != list(class_names):
+        if model.vocabulary != list(class_names):
             model.set_vocabulary(class_names, tokenizer)
     else:
         model = MROVSegForOpenVocabSegmentation.from_clip(args.model, vocabulary=class_names, tokenizer=tokenizer,
@@ -113,9 +113,9 @@ def main(argv=None) -> dict:
         model = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
-    train_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap)
-    eval_processor = MROVSegImageProcessor(slice_size=config.slice_size, slice_overlap=config.slice_overlap,
-                                           size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+    train_processor = MROVSegImageProcessor.from_model_config(config)
+    eval_processor = MROVSegImageProcessor.from_model_config(
+        config, size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
 
     world = accelerator.num_processes
     per_step = args.batch_size // args.gradient_accumulation_steps
@@ -153,8 +153,12 @@ def main(argv=None) -> dict:
     history = []
     metric = evaluate.load(args.metric)
 
+    eval_set = None
+
     def run_evaluation(step: int) -> dict:
-        eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
+        nonlocal eval_set
+        if eval_set is None:  # loaded on first use, then kept for every later evaluation
+            eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
         result = evaluate_segmentation(accelerator.unwrap_model(model), eval_processor, eval_set, class_names, metric,
                                        shard_indices(count, accelerator.process_index, world),
