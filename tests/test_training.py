@@ -104,3 +104,37 @@ def test_bf16_mixed_precision_and_accumulation_run(tiny_clip_dir, synthetic, tmp
     results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
                               mixed_precision="bf16", gradient_accumulation_steps=2, gradient_checkpointing=None))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in results["history"])
+
+
+class _StopAfterFirstForward(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_every_batch_tensor_reaches_the_accelerator_device(tiny_clip_dir, synthetic, tmp_path, monkeypatch, lora_rank):
+    """On a GPU the loader's CPU batches must be moved to the device; here the accelerator's device is made `meta`
+    (the model is moved there by `prepare`), and a pre-hook records where every input of the first forward lives."""
+    from accelerate import Accelerator
+
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("meta")))
+    seen = {}
+
+    def record(module, args_, kwargs):
+        seen.update({name: value.device for name, value in kwargs.items() if isinstance(value, torch.Tensor)})
+        seen.update({f"arg{i}": value.device for i, value in enumerate(args_) if isinstance(value, torch.Tensor)})
+        seen["model"] = next(module.parameters()).device
+        raise _StopAfterFirstForward
+
+    original_init = MROVSegForOpenVocabSegmentation.__init__
+
+    def init_with_hook(self, config):
+        original_init(self, config)
+        self.register_forward_pre_hook(record, with_kwargs=True)
+
+    monkeypatch.setattr(MROVSegForOpenVocabSegmentation, "__init__", init_with_hook)
+    with pytest.raises(_StopAfterFirstForward):
+        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, lora_rank=lora_rank))
+    assert {"pixel_values", "pixel_values_slices", "labels", "loss_seeds", "model"} <= set(seen)
+    assert set(seen.values()) == {torch.device("meta")}, seen

@@ -87,7 +87,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
     from tqdm.auto import tqdm
 
     import evaluate
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     accum = args.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start_step * accum, stop_step * accum)), batch_size=None,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
     log_path = output_dir / "log.jsonl"
     history = []
     metric = evaluate.load(args.metric)
@@ -173,6 +173,9 @@ def main(argv=None) -> dict:
     step, running, started = start_step, [], time.time()
     evaluations = []
     for micro, batch in enumerate(loader):
+        # StepBatches shards by itself (exact resume, N processes == 1), so the loader is not `prepare`d and its
+        # CPU batches are moved here, to this process's device.
+        batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
             loss = model(**batch).loss
             accelerator.backward(loss)
