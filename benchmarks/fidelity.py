@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     from accelerate.state import AcceleratorState
 
     from benchmarks.results_file import machine, write_section
-    from modeling_mrovseg.tiny import build_tiny_clip
+    from processing.tiny_clip import build_tiny_clip
     from processing.synthetic import SMALL_CLASSES, write_parquet
     from training import evaluate as evaluate_script
     from training import train

@@ -8,16 +8,22 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_mrovseg import CLIP_PRESETS, VILD_TEMPLATES, MROVSegConfig
+from .configuration_mrovseg import CLIP_PRESETS, IGNORE_INDEX, VILD_TEMPLATES, MROVSegConfig
 from .image_processing_mrovseg import MROVSegImageProcessor
-from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput, MROVSegPreTrainedModel
+from .modeling_mrovseg import (
+    MROVSegForOpenVocabSegmentation,
+    MROVSegModel,
+    MROVSegModelOutput,
+    MROVSegOutput,
+    MROVSegPreTrainedModel,
+)
 from .pipelines import MROVSegZeroShotSegmentationPipeline, register_pipelines
 from .processing_mrovseg import MROVSegProcessor
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
 AutoConfig.register(MROVSegConfig.model_type, MROVSegConfig, exist_ok=True)
 AutoImageProcessor.register(MROVSegConfig, image_processor_classes={"pil": MROVSegImageProcessor}, exist_ok=True)
-AutoModel.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
+AutoModel.register(MROVSegConfig, MROVSegModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MROVSegConfig, MROVSegForOpenVocabSegmentation, exist_ok=True)
 AutoProcessor.register(MROVSegConfig, MROVSegProcessor, exist_ok=True)
 
@@ -25,16 +31,20 @@ AutoProcessor.register(MROVSegConfig, MROVSegProcessor, exist_ok=True)
 # `trust_remote_code=True` without this package installed.
 MROVSegConfig.register_for_auto_class()
 MROVSegImageProcessor.register_for_auto_class("AutoImageProcessor")
-MROVSegForOpenVocabSegmentation.register_for_auto_class("AutoModel")
+MROVSegModel.register_for_auto_class("AutoModel")
+MROVSegForOpenVocabSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 MROVSegProcessor.register_for_auto_class("AutoProcessor")
 register_pipelines()
 
 __all__ = [
     "CLIP_PRESETS",
+    "IGNORE_INDEX",
     "VILD_TEMPLATES",
     "MROVSegConfig",
     "MROVSegImageProcessor",
     "MROVSegForOpenVocabSegmentation",
+    "MROVSegModel",
+    "MROVSegModelOutput",
     "MROVSegOutput",
     "MROVSegPreTrainedModel",
     "MROVSegProcessor",

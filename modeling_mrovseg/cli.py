@@ -16,13 +16,6 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def parse_labels(text: str) -> list[str]:
-    from .text_classifier import validate_labels
-
-    separator = ";" if ";" in text else ","
-    return validate_labels([part.strip() for part in text.split(separator) if part.strip()])
-
-
 def collect_images(source: Path) -> list[Path]:
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -31,54 +24,104 @@ def collect_images(source: Path) -> list[Path]:
     raise FileNotFoundError(f"{source} does not exist")
 
 
+def output_stems(images: list[Path], source: Path) -> list[str]:
+    """One output name per image: its path below `source`; `photo.jpg` and `photo.png` become photo_jpg / photo_png."""
+    stems = [p.stem if len(images) == 1 else str(p.relative_to(source).with_suffix("")).replace("/", "__") for p in images]
+    taken = {stem: stems.count(stem) for stem in stems}
+    return [f"{stem}_{p.suffix.lstrip('.').lower()}" if taken[stem] > 1 else stem for stem, p in zip(stems, images)]
+
+
+def is_hub_id(name: str) -> bool:
+    """ORG/NAME that is not a local path: the one rule of the CLI, the demo and the training scripts."""
+    return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def load_pipeline(model: str, device: str | None, resolution: int | None, slice_batch_size: int | None):
     from transformers import pipeline
 
     from . import register_pipelines
+    from .image_processing_mrovseg import MROVSegImageProcessor
 
     register_pipelines()
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") != 1
-    if looks_local and not Path(model).expanduser().is_dir():
+    if not is_hub_id(model) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
-    segmenter = pipeline("zero-shot-image-segmentation", model=str(Path(model).expanduser()) if looks_local else model,
+    segmenter = pipeline("zero-shot-image-segmentation", model=model if is_hub_id(model) else str(Path(model).expanduser()),
                          device=device)
     if resolution is not None:
-        segmenter.image_processor.size = {"shortest_edge": resolution, "longest_edge": max(resolution, 4 * resolution)}
+        segmenter.image_processor.size = MROVSegImageProcessor.size_for_resolution(resolution)
     if slice_batch_size is not None:
         segmenter.model.config.slice_batch_size = slice_batch_size
     return segmenter
 
 
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a device name ({error})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         "leave --device out to run on the CPU.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine.")
+
+
+def prepare_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mrovseg-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be written: {error.strerror or error}") from None
+
+
 def segment_command(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
     from tqdm.auto import tqdm
 
+    from .image_processing_mrovseg import to_rgb_uint8
+    from .pipelines import open_image
+    from .text_classifier import parse_class_names
     from .visualization import colorize, draw_segmentation
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
-        labels = parse_labels(args.labels)
-        images = collect_images(Path(args.source))
+        labels = parse_class_names(args.labels)
+        source = Path(args.source)
+        images = collect_images(source)
+        if not images:
+            raise ValueError(f"no images found in {args.source}")
+        out = Path(args.out)
+        prepare_output(out)
+        check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not images:
-        print(f"error: no images found in {args.source}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for path in tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet):
+    stems = output_stems(images, source if source.is_dir() else source.parent)
+    bar = tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet)
+    for path, stem in zip(bar, stems):
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB") if opened.mode != "RGB" else opened.copy()
+            image = to_rgb_uint8(open_image(str(path)))  # EXIF orientation, 16-bit and alpha as the model sees them
+            if not args.quiet and len(images) == 1:
+                print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
             result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:
             failed.append(path)
             print(f"skipped {path}: {error}", file=sys.stderr)
             continue
         label_map = result["label_map"]
-        stem = path.stem if len(images) == 1 else str(path.relative_to(args.source).with_suffix("")).replace("/", "__")
         colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")
         draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png")
         total = label_map.size
@@ -94,6 +137,27 @@ def segment_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(upper: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 1 <= value <= upper:
+            raise argparse.ArgumentTypeError(f"{value} must lie in [1, {upper}]")
+        return value
+    return parse
+
+
+def _threshold(text: str) -> float:
+    from .pipelines import check_score_threshold
+
+    try:
+        return check_score_threshold(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrovseg", description="MROVSeg open-vocabulary segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -104,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp"')
     segment.add_argument("--out", required=True, help="output folder")
     segment.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    segment.add_argument("--resolution", type=int, default=None, help="shortest edge the image is resized to")
-    segment.add_argument("--slice-batch-size", type=int, default=None, help="slices per CLIP call (memory bound)")
-    segment.add_argument("--score-threshold", type=float, default=None,
+    segment.add_argument("--resolution", type=_positive_int(8192), default=None,
+                         help="shortest edge the image is resized to (longest at most 4x it), 1..8192")
+    segment.add_argument("--slice-batch-size", type=_positive_int(4096), default=None,
+                         help="slices per CLIP call (memory bound)")
+    segment.add_argument("--score-threshold", type=_threshold, default=None,
                          help="leave pixels whose best class score is below this unlabelled")
-    segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     args = parser.parse_args(argv)
     return segment_command(args)
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import string
+import unicodedata
 from typing import Any
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+
+# Label value of unlabelled and padding pixels: the one default of the config, the image processor and the metric.
+IGNORE_INDEX = 255
+
+# How the full-resolution branch is encoded: MROVSeg's CLIP-sized slices, or (the baseline it improves on, kept for
+# benchmarks) one CLIP pass over the whole canvas with interpolated position embeddings.
+HIGH_RES_ENCODINGS = ("slices", "full_image")
 
 # The 14 prompt templates of ViLD (Gu et al., 2022), the usual ensemble for open-vocabulary segmentation.
 VILD_TEMPLATES: tuple[str, ...] = (
@@ -85,12 +95,14 @@ class MROVSegConfig(PretrainedConfig):
         query_layer: layer whose [CLS] token seeds the queries; they then run through the remaining layers.
         adapter_kernel_size: kernel of the depthwise conv that repairs slice seams.
         hidden_dim: decoder width D.
-        mask_decoder_channels: output channels of each 2x upsampling stage (one stage per tapped layer).
+        pixel_decoder_channels: output channels of each 2x upsampling stage of the pixel decoder (one stage per
+            tapped layer); `mask_decoder_channels` in configs saved before the rename.
         num_queries / num_decoder_layers / num_decoder_heads / decoder_ffn_dim: the light query decoder.
         prompt_templates: templates that wrap every class name for the text encoder (ViLD's 14 by default).
         class_weight / mask_weight / dice_weight / no_object_weight: loss and matching weights.
         train_num_points / oversample_ratio / importance_sample_ratio: point sampling of the mask losses.
         use_high_res / use_scale_attention / use_local_mask: ablation switches of the three mechanisms.
+        high_res_encoding: "slices" (MROVSeg) or "full_image" (one CLIP pass over the whole canvas, the baseline).
         train_position_embeddings: keep CLIP's position embeddings trainable (the rest of CLIP stays frozen).
         ignore_index: label value that marks unlabelled pixels.
 
@@ -118,7 +130,7 @@ class MROVSegConfig(PretrainedConfig):
     query_layer: int | None = None
     adapter_kernel_size: int = 3
     hidden_dim: int = 256
-    mask_decoder_channels: list[int] | None = None
+    pixel_decoder_channels: list[int] | None = None
     num_queries: int = 100
     num_decoder_layers: int = 3
     num_decoder_heads: int = 8
@@ -134,12 +146,17 @@ class MROVSegConfig(PretrainedConfig):
     use_high_res: bool = True
     use_scale_attention: bool = True
     use_local_mask: bool = True
+    high_res_encoding: str = "slices"
     train_position_embeddings: bool = True
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        legacy_channels = kwargs.pop("mask_decoder_channels", None)  # the field's name before the rename
+        if self.pixel_decoder_channels is None and legacy_channels is not None:
+            self.pixel_decoder_channels = legacy_channels
         super().__post_init__(**kwargs)
+        self._check_types()
         vision = self.vision_config
         if self.slice_size is None:
             self.slice_size = int(vision.image_size)
@@ -148,13 +165,42 @@ class MROVSegConfig(PretrainedConfig):
         self.feature_layers = [int(layer) for layer in self.feature_layers]
         if self.query_layer is None and self.feature_layers:
             self.query_layer = max(self.feature_layers)
-        if self.mask_decoder_channels is None:
-            self.mask_decoder_channels = [max(8, self.hidden_dim // 2 ** (i + 1)) for i in range(len(self.feature_layers))]
-        self.mask_decoder_channels = [int(c) for c in self.mask_decoder_channels]
+        if self.pixel_decoder_channels is None:
+            self.pixel_decoder_channels = [max(8, self.hidden_dim // 2 ** (i + 1)) for i in range(len(self.feature_layers))]
+        self.pixel_decoder_channels = [int(c) for c in self.pixel_decoder_channels]
         if self.prompt_templates is None:
             self.prompt_templates = list(VILD_TEMPLATES)
         self.prompt_templates = list(self.prompt_templates)
         self.validate()
+
+    _INT_FIELDS = ("projection_dim", "slice_size", "slice_overlap", "slice_batch_size", "query_layer",
+                   "adapter_kernel_size", "hidden_dim", "num_queries", "num_decoder_layers", "num_decoder_heads",
+                   "decoder_ffn_dim", "train_num_points", "ignore_index")
+    _FLOAT_FIELDS = ("logit_scale_init", "class_weight", "mask_weight", "dice_weight", "no_object_weight",
+                     "oversample_ratio", "importance_sample_ratio", "initializer_range")
+    _BOOL_FIELDS = ("use_high_res", "use_scale_attention", "use_local_mask", "train_position_embeddings")
+
+    def _check_types(self) -> None:
+        """Wrong types fail here, by name, not as a TypeError deep inside the model (`num_queries="8"`)."""
+        for field in self._INT_FIELDS:
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"MROVSegConfig.{field}={value!r} is invalid: must be an integer.")
+        for field in self._FLOAT_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"MROVSegConfig.{field}={value!r} is invalid: must be a finite number.")
+        for field in self._BOOL_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"MROVSegConfig.{field}={getattr(self, field)!r} is invalid: must be true or false.")
+        for field in ("feature_layers", "pixel_decoder_channels"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, (list, tuple)) or any(
+                    isinstance(v, bool) or not isinstance(v, int) for v in value)):
+                raise ValueError(f"MROVSegConfig.{field}={value!r} is invalid: must be a list of integers.")
+        templates = self.prompt_templates
+        if templates is not None and (isinstance(templates, str) or any(not isinstance(t, str) for t in templates)):
+            raise ValueError(f"MROVSegConfig.prompt_templates={templates!r} is invalid: must be a list of strings.")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -190,8 +236,8 @@ class MROVSegConfig(PretrainedConfig):
             fail("adapter_kernel_size", self.adapter_kernel_size, "must be a positive odd integer")
         if self.hidden_dim < 1 or self.hidden_dim % self.num_decoder_heads:
             fail("hidden_dim", self.hidden_dim, f"must be a positive multiple of num_decoder_heads={self.num_decoder_heads}")
-        if len(self.mask_decoder_channels) != len(self.feature_layers) or min(self.mask_decoder_channels) < 1:
-            fail("mask_decoder_channels", self.mask_decoder_channels,
+        if len(self.pixel_decoder_channels) != len(self.feature_layers) or min(self.pixel_decoder_channels) < 1:
+            fail("pixel_decoder_channels", self.pixel_decoder_channels,
                  f"needs {len(self.feature_layers)} positive widths, one per tapped layer")
         for field in ("num_queries", "num_decoder_layers", "num_decoder_heads", "decoder_ffn_dim", "projection_dim",
                       "train_num_points"):
@@ -204,12 +250,29 @@ class MROVSegConfig(PretrainedConfig):
             fail("oversample_ratio", self.oversample_ratio, "must be >= 1")
         if not 0 <= self.importance_sample_ratio <= 1:
             fail("importance_sample_ratio", self.importance_sample_ratio, "must lie in [0, 1]")
-        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
-            fail("prompt_templates", self.prompt_templates, "need at least one template, each with a '{}' slot")
+        if not self.prompt_templates or any(not _single_slot(t) for t in self.prompt_templates):
+            fail("prompt_templates", self.prompt_templates,
+                 "need at least one template, each with exactly one '{}' slot and no other placeholder "
+                 "(write a literal brace as '{{' or '}}')")
+        if self.high_res_encoding not in HIGH_RES_ENCODINGS:
+            fail("high_res_encoding", self.high_res_encoding, f"must be one of {list(HIGH_RES_ENCODINGS)}")
+        self._check_vocabulary()
         if not 0 <= self.ignore_index:
             fail("ignore_index", self.ignore_index, "must be >= 0")
         if image_size % patch:
             fail("vision_config.image_size", image_size, f"must be a multiple of the patch size {patch}")
+
+    def _check_vocabulary(self) -> None:
+        """id2label must name classes 0..C-1 and label2id must be its inverse: class ids index text embeddings."""
+        id2label = self.id2label
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"MROVSegConfig.id2label={id2label!r} is invalid: it has ids {sorted(id2label)}: class ids must be 0..{len(id2label) - 1} "
+                             "without gaps (they index the text embeddings).")
+        expected = {label: i for i, label in id2label.items()}
+        if len(expected) != len(id2label):
+            raise ValueError("MROVSegConfig.id2label names a class twice.")
+        if self.label2id and {label: int(i) for label, i in self.label2id.items()} != expected:
+            raise ValueError(f"MROVSegConfig.label2id={dict(self.label2id)!r} is invalid: not the inverse of id2label {id2label}.")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -242,4 +305,19 @@ class MROVSegConfig(PretrainedConfig):
         return cls(vision_config=vision, text_config=text, **kwargs)
 
 
-__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "default_feature_layers"]
+def _single_slot(template: str) -> bool:
+    """True when `template.format(name)` uses exactly one positional `{}` and nothing else."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:  # unbalanced braces
+        return False
+    return fields == [""]
+
+
+def normalize_class_name(name: str) -> str:
+    """One spelling per class name: Unicode NFC and single spaces (`"traffic  cone"` == `"traffic cone"`)."""
+    return " ".join(unicodedata.normalize("NFC", name).split())
+
+
+__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "HIGH_RES_ENCODINGS",
+           "default_feature_layers", "normalize_class_name"]

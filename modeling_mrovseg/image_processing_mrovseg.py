@@ -26,6 +26,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
+from .configuration_mrovseg import IGNORE_INDEX
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
 
@@ -43,7 +44,7 @@ class MROVSegImageProcessorKwargs(ImagesKwargs, total=False):
     ignore_index: int
 
 
-def _to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
+def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
     """Turn one PIL image, numpy array or torch tensor into an H x W x 3 uint8 array (see module docstring)."""
     where = f"image {index}"
     if isinstance(image, Image.Image):
@@ -51,9 +52,9 @@ def _to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None =
             raise ValueError(f"{where} is empty (size {image.width} x {image.height}).")
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            return _to_rgb_uint8(np.asarray(image).astype(np.float64) / 65535.0, index)
+            return to_rgb_uint8(np.asarray(image).astype(np.float64) / 65535.0, index)
         if image.mode == "F":
-            return _to_rgb_uint8(np.asarray(image, dtype=np.float32), index)
+            return to_rgb_uint8(np.asarray(image, dtype=np.float32), index)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -158,7 +159,7 @@ class MROVSegImageProcessor(PilBackend):
 
     * `pixel_values` (B x 3 x S x S): the global view, i.e. the padded canvas downsampled to CLIP's input size S;
     * `pixel_values_slices` (B x K x 3 x S x S): the K = rows x cols windows of the canvas, row-major;
-    * `slice_grid` (B x 2): (rows, cols); `pixel_mask` (B x H x W): 1 on image pixels, 0 on padding;
+    * `slice_grid` (B x 4): rows, cols, slice size, stride (the model checks them against its own); `pixel_mask` (B x H x W): 1 on image pixels, 0 on padding;
     * `labels` (B x H x W) when `segmentation_maps` are given (nearest resize, padding = `ignore_index`).
 
     Example:
@@ -169,7 +170,7 @@ class MROVSegImageProcessor(PilBackend):
     >>> processor = MROVSegImageProcessor(slice_size=224)
     >>> inputs = processor(np.zeros((480, 640, 3), dtype=np.uint8), return_tensors="pt")
     >>> tuple(inputs["pixel_values_slices"].shape), inputs["slice_grid"].tolist()
-    ((1, 12, 3, 224, 224), [[3, 4]])
+    ((1, 12, 3, 224, 224), [[3, 4, 224, 224]])
     ```
     """
 
@@ -189,7 +190,7 @@ class MROVSegImageProcessor(PilBackend):
     slice_size = 224
     slice_overlap = 0
     do_reduce_labels = False
-    ignore_index = 255
+    ignore_index = IGNORE_INDEX
 
     def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -217,7 +218,7 @@ class MROVSegImageProcessor(PilBackend):
 
     def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
         images = self._as_list(images, "images")
-        rgb = [_to_rgb_uint8(image, i) for i, image in enumerate(images)]
+        rgb = [to_rgb_uint8(image, i) for i, image in enumerate(images)]
         maps = None
         if segmentation_maps is not None:
             maps = self._as_list(segmentation_maps, "segmentation_maps")
@@ -267,23 +268,27 @@ class MROVSegImageProcessor(PilBackend):
         slice_overlap = self.slice_overlap if slice_overlap is None else slice_overlap
         ignore_index = self.ignore_index if ignore_index is None else ignore_index
         resample = PILImageResampling.BICUBIC if resample is None else resample
-        mean = np.asarray(image_mean if image_mean is not None else OPENAI_CLIP_MEAN, dtype=np.float32)
-        std = np.asarray(image_std if image_std is not None else OPENAI_CLIP_STD, dtype=np.float32)
+        mean = np.asarray(image_mean if image_mean is not None else OPENAI_CLIP_MEAN, dtype=np.float32).reshape(-1)
+        std = np.asarray(image_std if image_std is not None else OPENAI_CLIP_STD, dtype=np.float32).reshape(-1)
         if mean.size != 3 or std.size != 3:
             raise ValueError(f"image_mean and image_std need 3 values (images are RGB), got {mean.size} and {std.size}.")
 
+        if not 0 <= slice_overlap < slice_size:
+            raise ValueError(f"slice_overlap={slice_overlap} must lie in [0, {slice_size - 1}] (below slice_size).")
+
+        # transformers' PIL backend resizes (to MROVSeg's aspect-kept size), rescales and normalises each image
         resized, resized_maps = [], []
         for i, image in enumerate(images):
             height, width = image.shape[:2]
             target = resized_size(height, width, size) if do_resize else (height, width)
+            pixels = image.transpose(2, 0, 1)
             if target != (height, width):
-                image = np.asarray(Image.fromarray(image).resize(target[::-1], resample=resample))
-            pixels = image.astype(np.float32)
+                pixels = self.resize(pixels, SizeDict(height=target[0], width=target[1]), resample=resample)
             if do_rescale:
-                pixels = pixels * np.float32(rescale_factor)
+                pixels = self.rescale(pixels, rescale_factor)
             if do_normalize:
-                pixels = (pixels - mean) / std
-            resized.append(pixels.transpose(2, 0, 1))
+                pixels = self.normalize(pixels.astype(np.float32), mean, std)
+            resized.append(pixels.astype(np.float32, copy=False))
             if segmentation_maps is not None:
                 label = segmentation_maps[i]
                 if do_reduce_labels:
@@ -291,41 +296,39 @@ class MROVSegImageProcessor(PilBackend):
                     label = np.where(label == ignore_index - 1, ignore_index, label)
                 if target != label.shape:
                     label = _resize_nearest(label, target)
-                resized_maps.append(label)
+                resized_maps.append(label[None])
 
-        max_height = max(p.shape[1] for p in resized)
-        max_width = max(p.shape[2] for p in resized)
-        grid = SliceGrid.covering(max_height, max_width, slice_size, slice_overlap)
+        # one canvas for the batch, the smallest that S x S windows at stride S - overlap cover exactly
+        grid = SliceGrid.covering(max(p.shape[1] for p in resized), max(p.shape[2] for p in resized),
+                                  slice_size, slice_overlap)
+        canvas_size = SizeDict(height=grid.height, width=grid.width)
+        padded, masks = self.pad(resized, pad_size=canvas_size, fill_value=0, return_mask=True)
+        canvas = np.stack(padded)
         batch = len(resized)
-        canvas = np.zeros((batch, 3, grid.height, grid.width), dtype=np.float32)
-        pixel_mask = np.zeros((batch, grid.height, grid.width), dtype=np.int64)
-        for i, pixels in enumerate(resized):
-            canvas[i, :, : pixels.shape[1], : pixels.shape[2]] = pixels
-            pixel_mask[i, : pixels.shape[1], : pixels.shape[2]] = 1
-
         data = {
             "pixel_values": global_view(canvas, slice_size),
             "pixel_values_slices": np.require(slice_windows(canvas, grid), requirements=["C", "W"]),
-            "slice_grid": np.tile(np.array([[grid.rows, grid.cols]], dtype=np.int64), (batch, 1)),
-            "pixel_mask": pixel_mask,
+            "slice_grid": np.tile(np.array([[grid.rows, grid.cols, grid.window, grid.stride]], dtype=np.int64),
+                                  (batch, 1)),
+            "pixel_mask": np.stack(masks),
         }
         if segmentation_maps is not None:
-            labels = np.full((batch, grid.height, grid.width), ignore_index, dtype=np.int64)
-            for i, label in enumerate(resized_maps):
-                labels[i, : label.shape[0], : label.shape[1]] = label
-            data["labels"] = labels
+            labels = self.pad(resized_maps, pad_size=canvas_size, fill_value=ignore_index)
+            data["labels"] = np.concatenate(labels).astype(np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    # ------------------------------------------------------------------ geometry helpers for users and the model
-    def slice_grid_for(self, height: int, width: int) -> SliceGrid:
-        """The sliding-window grid this processor uses for a (resized) canvas of `height` x `width`."""
-        return SliceGrid.covering(height, width, self.slice_size, self.slice_overlap)
+    # ------------------------------------------------------------------ geometry helpers
+    @staticmethod
+    def size_for_resolution(resolution: int) -> dict[str, int]:
+        """The size rule of evaluation, the CLI and the demo: shortest edge `resolution`, longest at most 4x it."""
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or not 1 <= resolution <= 8192:
+            raise ValueError(f"resolution={resolution!r} must be an integer number of pixels in [1, 8192].")
+        return {"shortest_edge": resolution, "longest_edge": 4 * resolution}
 
     def stitch(self, slices: torch.Tensor, slice_grid: Sequence[int]) -> torch.Tensor:
         """Inverse of slicing: (B, K, C, S, S) windows back to the (B, C, H, W) canvas, overlaps averaged."""
-        rows, cols = (int(v) for v in slice_grid)
-        grid = SliceGrid(rows, cols, self.slice_size, self.slice_size - self.slice_overlap)
-        return stitch_windows(torch.as_tensor(slices), grid)
+        rows, cols, window, stride = (int(v) for v in slice_grid)
+        return stitch_windows(torch.as_tensor(slices), SliceGrid(rows, cols, window, stride))
 
     # ------------------------------------------------------------------ post-processing
     def post_process_semantic_segmentation(
@@ -338,8 +341,7 @@ class MROVSegImageProcessor(PilBackend):
         """
         Turn model outputs into one class-id map per image.
 
-        Per-class scores are `sum_q softmax(class_logits)[q, :C] * sigmoid(mask_logits)[q]` (or `outputs.logits` when
-        the outputs carry dense logits). They are resized bilinearly to the padded canvas, the padding is cropped
+        Per-class scores are `sum_q softmax(class_logits)[q, :C] * sigmoid(mask_logits)[q]`. They are resized bilinearly to the padded canvas, the padding is cropped
         (from `outputs.image_sizes`) and the result is resized to `target_sizes[i]` (default: the resized image).
         With `score_threshold`, pixels whose best score is below it get the label `-1` (unlabelled); without it
         every pixel gets a class of the vocabulary.
@@ -392,13 +394,10 @@ class MROVSegImageProcessor(PilBackend):
 
 
 def semantic_scores(outputs) -> torch.Tensor:
-    """(B, C, h, w) per-class scores from mask-classification outputs (or dense `logits`)."""
+    """(B, C, h, w) per-class scores from mask-classification outputs."""
     class_logits = getattr(outputs, "class_queries_logits", None)
-    if class_logits is None:
-        logits = getattr(outputs, "logits", None)
-        if logits is None:
-            raise ValueError("outputs carry neither `class_queries_logits`/`masks_queries_logits` nor `logits`.")
-        return logits.float()
+    if class_logits is None or getattr(outputs, "masks_queries_logits", None) is None:
+        raise ValueError("outputs need `class_queries_logits` and `masks_queries_logits` (an MROVSegOutput).")
     probs = class_logits.float().softmax(dim=-1)[..., :-1]
     masks = outputs.masks_queries_logits
     scores = None

@@ -1,4 +1,4 @@
-"""Mask decoding: hierarchical pixel decoder, light query decoder, mask head and attention-mask decoder."""
+"""Hierarchical mask decoding: the pixel decoder, the light query decoder and the mask head."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ class MROVSegPixelDecoder(nn.Module):
     """
     Hierarchical upsampling, one 2x stage per tapped layer, deepest first: the running map is upsampled 2x and
     concatenated with the next-shallower adapted feature (laterally projected to the stage width, then upsampled
-    to the same size), then a 3x3 conv block. Widths shrink as resolution grows (`mask_decoder_channels`) so the
+    to the same size), then a 3x3 conv block. Widths shrink as resolution grows (`pixel_decoder_channels`) so the
     decoder stays a small fraction of the CLIP cost even at 8x the token grid.
     """
 
     def __init__(self, config: MROVSegConfig):
         super().__init__()
-        widths = config.mask_decoder_channels
+        widths = config.pixel_decoder_channels
         num_stages = len(widths)
         self.laterals = nn.ModuleList()
         self.stages = nn.ModuleList()
@@ -102,38 +102,7 @@ class MROVSegMaskHead(nn.Module):
 
     def __init__(self, config: MROVSegConfig):
         super().__init__()
-        self.mask_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, config.mask_decoder_channels[-1], 3)
+        self.mask_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, config.pixel_decoder_channels[-1], 3)
 
     def forward(self, queries: torch.Tensor, pixel_features: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bqc,bchw->bqhw", self.mask_embed(queries), pixel_features)
-
-
-class MROVSegAttentionMaskDecoder(nn.Module):
-    """
-    SAN-style attention bias for the masked-attention CLIP layers: per (remaining layer, head), the dot product
-    of a query embedding with a pixel embedding of the deepest fused map, times a learned scale plus a learned
-    shift. Each layer's (B, H, N, h, w) bias is later max-pooled to the global and high-resolution token grids.
-    """
-
-    def __init__(self, config: MROVSegConfig, num_layers: int, num_heads: int, embed_dim: int = 32):
-        super().__init__()
-        self.num_layers, self.num_heads, self.embed_dim = num_layers, num_heads, embed_dim
-        groups = num_layers * num_heads
-        self.query_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, groups * embed_dim, 2)
-        self.pixel_embed = nn.Conv2d(config.hidden_dim, groups * embed_dim, 1)
-        self.scale = nn.Parameter(torch.ones(groups))
-        self.shift = nn.Parameter(torch.zeros(groups))
-
-    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor, layer: int) -> torch.Tensor:
-        """Bias for one remaining CLIP layer, (B, H, N, h, w): computed per layer so only one is ever in memory."""
-        batch, num_queries, _ = queries.shape
-        height, width = memory_map.shape[-2:]
-        heads, dim = self.num_heads, self.embed_dim
-        columns = slice(layer * heads * dim, (layer + 1) * heads * dim)
-        q = self.query_embed(queries)[..., columns].view(batch, num_queries, heads, dim)
-        p = F.conv2d(memory_map, self.pixel_embed.weight[columns], self.pixel_embed.bias[columns])
-        p = p.view(batch, heads, dim, height * width)
-        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (dim**-0.5)
-        groups = slice(layer * heads, (layer + 1) * heads)
-        bias = bias * self.scale[groups, None, None] + self.shift[groups, None, None]
-        return bias.view(batch, heads, num_queries, height, width)

@@ -1,4 +1,8 @@
-"""Multi-grained Masked Attention: [CLS]-seeded queries read both resolutions through CLIP's own last layers."""
+"""Multi-grained Masked Attention: [CLS]-seeded queries read both resolutions through CLIP's own last layers.
+
+Shapes: B images, N queries, W CLIP width, H attention heads, (g, g) the global token grid, (h, w) the stitched
+high-resolution token grid, (h', w') the deepest fused map the attention biases are predicted on.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collections.abc import Callable
-
 from .configuration_mrovseg import MROVSegConfig
+from .layers import MROVSegMLP
+
+
+class MROVSegAttentionBiasDecoder(nn.Module):
+    """
+    SAN-style attention biases for the masked-attention CLIP layers: per (remaining layer, head), the dot product
+    of a query embedding with a pixel embedding of the deepest fused map, times a learned scale plus a learned
+    shift. Each layer's (B, H, N, h', w') bias is max-pooled to the global and high-resolution token grids.
+    """
+
+    def __init__(self, config: MROVSegConfig, num_layers: int, num_heads: int, embed_dim: int = 32):
+        super().__init__()
+        self.num_layers, self.num_heads, self.embed_dim = num_layers, num_heads, embed_dim
+        groups = num_layers * num_heads
+        self.query_embed = MROVSegMLP(config.hidden_dim, config.hidden_dim, groups * embed_dim, 2)
+        self.pixel_embed = nn.Conv2d(config.hidden_dim, groups * embed_dim, 1)
+        self.scale = nn.Parameter(torch.ones(groups))
+        self.shift = nn.Parameter(torch.zeros(groups))
+
+    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bias for one remaining CLIP layer, (B, H, N, h', w'): computed per layer so only one is ever in memory."""
+        batch, num_queries, _ = queries.shape
+        height, width = memory_map.shape[-2:]
+        heads, dim = self.num_heads, self.embed_dim
+        columns = slice(layer * heads * dim, (layer + 1) * heads * dim)
+        q = self.query_embed(queries)[..., columns].view(batch, num_queries, heads, dim)
+        p = F.conv2d(memory_map, self.pixel_embed.weight[columns], self.pixel_embed.bias[columns])
+        p = p.view(batch, heads, dim, height * width)
+        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (dim**-0.5)
+        groups = slice(layer * heads, (layer + 1) * heads)
+        bias = bias * self.scale[groups, None, None] + self.shift[groups, None, None]
+        return bias.view(batch, heads, num_queries, height, width)
 
 
 class MROVSegMultiGrainedMaskedAttention(nn.Module):
@@ -16,20 +50,24 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
     The [CLS] token at `query_layer` is duplicated into N queries (a learned projection plus learned per-query
     embeddings). Each remaining CLIP layer then updates only the queries, as cross-attention with that layer's
     frozen q/k/v/out projections, layer norms and MLP: every query attends to itself, to the global-view tokens
-    under the *global* attention bias and to the stitched high-resolution tokens under the *local* one. The cost
-    is N x tokens per layer (linear in pixels), never a joint self-attention over all high-resolution tokens.
+    under the *global* attention bias and to the stitched high-resolution tokens under the *local* one. Both biases
+    come from this module's `bias_decoder`, pooled (max) to each token grid. The cost is N x tokens per layer (linear
+    in pixels), never a joint self-attention over all high-resolution tokens.
     """
 
     def __init__(self, config: MROVSegConfig):
         super().__init__()
-        width = config.vision_config.hidden_size
+        vision = config.vision_config
+        width = vision.hidden_size
         self.num_queries = config.num_queries
         self.use_local_mask = config.use_local_mask
         self.query_projection = nn.Linear(width, width)
         self.query_embeddings = nn.Parameter(torch.zeros(config.num_queries, width))
+        num_remaining = vision.num_hidden_layers - config.query_layer
+        self.bias_decoder = MROVSegAttentionBiasDecoder(config, num_remaining, vision.num_attention_heads)
 
     def seed_queries(self, cls_token: torch.Tensor) -> torch.Tensor:
-        """(B, C) [CLS] -> (B, N, C) query tokens."""
+        """(B, W) [CLS] -> (B, N, W) query tokens."""
         return self.query_projection(cls_token)[:, None, :] + self.query_embeddings[None]
 
     def forward(
@@ -37,34 +75,37 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
         cls_token: torch.Tensor,
         clip_layers: list[nn.Module],
         global_tokens: list[torch.Tensor],
-        high_res_tokens: list[torch.Tensor | None],
-        attention_bias: Callable[[int], torch.Tensor],
-        global_grid: tuple[int, int],
-        high_res_grid: tuple[int, int] | None,
+        high_res_maps: list[torch.Tensor] | None,
+        decoder_queries: torch.Tensor,
+        memory_map: torch.Tensor,
     ) -> torch.Tensor:
         """
-        cls_token (B, C); per remaining layer l: `global_tokens[l]` (B, Tg, C) and `high_res_tokens[l]` (B, Th, C) or
-        None, the inputs CLIP layer l saw in the backbone pass; attention_bias(l) gives (B, H, N, h, w). Returns
-        (B, N, C).
+        cls_token (B, W); per remaining CLIP layer l: `global_tokens[l]` (B, g*g, W) and `high_res_maps[l]`
+        (B, W, h, w) (None: single resolution), the inputs layer l saw in the backbone pass. `decoder_queries`
+        (B, N, D) and `memory_map` (B, D, h', w') predict the attention biases. Returns the queries (B, N, W).
         """
         queries = self.seed_queries(cls_token)
         batch, num_queries, _ = queries.shape
+        side = int(round(global_tokens[0].shape[1] ** 0.5))
+        global_grid = (side, side)
+        high_res_grid = None if high_res_maps is None else tuple(high_res_maps[0].shape[-2:])
         self_bias = torch.full((num_queries, num_queries), float("-inf"), device=queries.device, dtype=queries.dtype)
         self_bias.fill_diagonal_(0.0)
         for index, layer in enumerate(clip_layers):
-            bias = attention_bias(index).to(queries.dtype)  # (B, H, N, h, w)
+            bias = self.bias_decoder(decoder_queries, memory_map, index).to(queries.dtype)  # (B, H, N, h', w')
             heads = bias.shape[1]
             flat = bias.flatten(0, 2)
             global_bias = F.adaptive_max_pool2d(flat, global_grid).reshape(batch, heads, num_queries, -1)
             parts_bias = [self_bias.expand(batch, heads, -1, -1), global_bias]
             context = [global_tokens[index]]
-            if high_res_tokens[index] is not None:
+            if high_res_maps is not None:
+                high_res_tokens = high_res_maps[index].flatten(2).transpose(1, 2)
                 if self.use_local_mask:
-                    local = flat if tuple(flat.shape[-2:]) == tuple(high_res_grid) else F.adaptive_max_pool2d(flat, high_res_grid)
+                    local = flat if tuple(flat.shape[-2:]) == high_res_grid else F.adaptive_max_pool2d(flat, high_res_grid)
                     parts_bias.append(local.reshape(batch, heads, num_queries, -1))
                 else:
-                    parts_bias.append(bias.new_zeros(batch, heads, num_queries, high_res_tokens[index].shape[1]))
-                context.append(high_res_tokens[index])
+                    parts_bias.append(bias.new_zeros(batch, heads, num_queries, high_res_tokens.shape[1]))
+                context.append(high_res_tokens)
             queries = self._cross_attention_layer(layer, queries, torch.cat(context, 1), torch.cat(parts_bias, -1))
         return queries
 
@@ -86,3 +127,6 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
         queries = queries + attn.out_proj(out.transpose(1, 2).reshape(batch, num_queries, width))
         return queries + layer.mlp(layer.layer_norm2(queries))
+
+
+__all__ = ["MROVSegAttentionBiasDecoder", "MROVSegMultiGrainedMaskedAttention"]

@@ -1,4 +1,12 @@
-"""MROVSeg: open-vocabulary semantic segmentation with one CLIP at two resolutions (arXiv 2408.14776)."""
+"""MROVSeg: open-vocabulary semantic segmentation with one CLIP at two resolutions (arXiv 2408.14776).
+
+`MROVSegModel` is the multi-resolution feature extractor (one CLIP over a global view and full-resolution slices,
+Multi-Res Adapters, hierarchical pixel decoder, query decoder); `MROVSegForOpenVocabSegmentation` holds it under
+`base_model_prefix` and adds the multi-grained masked attention, the open-vocabulary classifier and the loss.
+
+Shapes: B images, K slices, W CLIP width, D decoder width, E joint image-text width, N queries, C classes,
+(g, g) the global token grid, (h, w) the stitched high-resolution token grid.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +30,46 @@ from transformers.utils import ModelOutput
 
 from .configuration_mrovseg import MROVSegConfig
 from .loss_mrovseg import MROVSegLoss
-from .mask_decoder import MROVSegAttentionMaskDecoder, MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder
-from .masked_attention import MROVSegMultiGrainedMaskedAttention
+from .mask_decoder import MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder
+from .masked_attention import MROVSegAttentionBiasDecoder, MROVSegMultiGrainedMaskedAttention
 from .multi_res_adapter import MROVSegMultiResAdapter
 from .slicing import SliceGrid, stitch_windows
-from .text_classifier import MROVSegOpenVocabClassifier, build_prompts, pool_prompt_embeddings, validate_labels
+from .text_classifier import MROVSegOpenVocabClassifier, embed_class_names, pool_prompt_embeddings, validate_labels
+
+# Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
+LEGACY_KEY_MAPPING = {
+    r"^vision_model\.": "mrovseg.vision_model.",
+    r"^adapters\.": "mrovseg.adapters.",
+    r"^pixel_decoder\.": "mrovseg.pixel_decoder.",
+    r"^query_decoder\.": "mrovseg.query_decoder.",
+    r"^attention_mask_decoder\.": "masked_attention.bias_decoder.",
+}
+
+
+@dataclass
+class MROVSegModelOutput(ModelOutput):
+    """
+    Outputs of [`MROVSegModel`]: multi-resolution features for dense prediction.
+
+    Args:
+        pixel_decoder_last_hidden_state: (B, c, h * 2^T, w * 2^T) final pixel features of the hierarchical decoder.
+        fused_features: the Multi-Res Adapter outputs (B, D, h, w), one per tapped layer, shallow to deep.
+        query_decoder_hidden_states: the query decoder's (B, N, D) outputs, one per layer (the last one is final).
+        cls_token: (B, W) CLIP's [CLS] token at `query_layer`: the seed of the masked-attention queries.
+        clip_global_tokens: per CLIP layer after `query_layer`, the (B, g*g, W) global-view tokens it was given.
+        clip_high_res_maps: per CLIP layer after `query_layer`, the (B, W, h, w) stitched high-resolution map it was
+            given (None for the single-resolution ablation).
+        hidden_states: CLIP hidden states of the global view, embeddings then every layer the backbone runs
+            (all but the last, which only the queries pass through), on request.
+    """
+
+    pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
+    fused_features: tuple[torch.FloatTensor, ...] | None = None
+    query_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cls_token: torch.FloatTensor | None = None
+    clip_global_tokens: tuple[torch.FloatTensor, ...] | None = None
+    clip_high_res_maps: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -60,7 +103,7 @@ class MROVSegOutput(ModelOutput):
 
 @dataclass
 class MROVSegFeatures(ModelOutput):
-    """Backbone pass results: per needed CLIP layer, global tokens (B, Tg, C) and high-res maps (B, C, h, w)."""
+    """One CLIP pass at two resolutions: per needed CLIP layer, global tokens (B, g*g, W) and high-res maps (B, W, h, w)."""
 
     global_tokens: dict[int, torch.Tensor] | None = None
     global_hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -75,7 +118,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
     config: MROVSegConfig
     base_model_prefix = "mrovseg"
     main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
+    input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "CLIPTextEmbeddings"]
@@ -85,11 +128,13 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         """
         `PreTrainedModel.from_pretrained`, but weights load only from safetensors: pickled weights (`*.bin`) can
         run arbitrary code when unpickled, so they are refused unless `allow_pickle=True` (for sources you trust).
+        Checkpoints saved before the base model / head split load through `LEGACY_KEY_MAPPING`.
         """
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: also pass allow_pickle=True to confirm.")
             kwargs["use_safetensors"] = True
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
@@ -102,17 +147,43 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                 ) from error
             raise
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also map AutoModelForSemanticSegmentation in `auto_map`, so the stock image-segmentation pipeline loads
-        the remote code too (`register_for_auto_class` records one auto class only)."""
+    def save_pretrained(self, save_directory, *args, image_processor=None, tokenizer=None, **kwargs):
+        """
+        Save the model so the folder works on its own in both pipelines and the CLI: weights and config, plus (unless
+        the folder has them already) the image processor matching this model's slices and the CLIP tokenizer it
+        knows (`image_processor=` / `tokenizer=` override those). `auto_map` also maps
+        AutoModelForSemanticSegmentation, so the stock image-segmentation pipeline loads the remote code too.
+        """
+        from .image_processing_mrovseg import MROVSegImageProcessor
+        from .processing_mrovseg import MROVSegProcessor
+
+        module = type(self).__module__.split(".")[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForSemanticSegmentation", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+        auto_map.update(AutoModel=f"{module}.MROVSegModel",
+                        AutoModelForSemanticSegmentation=f"{module}.MROVSegForOpenVocabSegmentation")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            folder = Path(save_directory)
+            tokenizer = tokenizer if tokenizer is not None else getattr(self, "clip_tokenizer", None)
+            if image_processor is not None or not (folder / "preprocessor_config.json").exists():
+                image_processor = image_processor or MROVSegImageProcessor.from_model_config(self.config)
+                if tokenizer is not None:
+                    MROVSegProcessor(image_processor, tokenizer,
+                                     prompt_templates=self.config.prompt_templates).save_pretrained(folder)
+                else:
+                    image_processor.save_pretrained(folder)
+            elif tokenizer is not None and not (folder / "tokenizer_config.json").exists():
+                tokenizer.save_pretrained(folder)
+        return result
+
+    @property
+    def clip_vision(self) -> CLIPVisionModel:
+        return self.mrovseg.vision_model if hasattr(self, "mrovseg") else self.vision_model
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (CLIPVisionEmbeddings, CLIPTextEmbeddings, CLIPAttention, CLIPMLP)):
-            CLIPPreTrainedModel._init_weights(self.vision_model, module)
+            CLIPPreTrainedModel._init_weights(self.clip_vision, module)
             return
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -127,18 +198,253 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             init.normal_(module.query_embeddings, std=std)
         elif isinstance(module, MROVSegOpenVocabClassifier):
             init.normal_(module.no_object_embedding, std=std)
-        elif isinstance(module, MROVSegAttentionMaskDecoder):
+        elif isinstance(module, MROVSegAttentionBiasDecoder):
             init.ones_(module.scale)
             init.zeros_(module.shift)
         elif isinstance(module, MROVSegForOpenVocabSegmentation):
             init.constant_(module.logit_scale, self.config.logit_scale_init)
             init.copy_(module.vocabulary_embeds, placeholder_vocabulary(*module.vocabulary_embeds.shape))
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.clip_vision.embeddings.patch_embedding
+
 
 def placeholder_vocabulary(num_classes: int, dim: int) -> torch.Tensor:
     """Fixed, distinct unit vectors standing in for class embeddings until `set_vocabulary` is called."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     return F.normalize(torch.randn(num_classes, dim, generator=generator, device="cpu"), dim=-1)
+
+
+class MROVSegModel(MROVSegPreTrainedModel):
+    r"""
+    The multi-resolution feature extractor of MROVSeg: one CLIP encodes a global view and full-resolution slices
+    in one batched pass, Multi-Res Adapters fuse the two resolutions at every tapped layer, a hierarchical pixel
+    decoder upsamples the fused maps and a light query decoder reads them.
+
+    `forward_features` stops after the adapters (timm's convention); `forward` also runs both decoders.
+
+    Example:
+
+    ```python
+    >>> import numpy as np, torch
+    >>> from modeling_mrovseg import MROVSegConfig, MROVSegImageProcessor, MROVSegModel
+    >>> config = MROVSegConfig.from_preset("tiny")
+    >>> model = MROVSegModel(config).eval()
+    >>> processor = MROVSegImageProcessor.from_model_config(config, size={"shortest_edge": 128, "longest_edge": 512})
+    >>> inputs = processor(np.zeros((100, 150, 3), dtype=np.uint8), return_tensors="pt")
+    >>> with torch.inference_mode():
+    ...     fused = model.forward_features(inputs["pixel_values"], inputs["pixel_values_slices"], inputs["slice_grid"])
+    >>> [tuple(f.shape) for f in fused]  # (B, D, h, w) per tapped layer on the 128 x 192 canvas's 16 x 24 token grid
+    [(1, 256, 16, 24), (1, 256, 16, 24), (1, 256, 16, 24)]
+    ```
+    """
+
+    def __init__(self, config: MROVSegConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.adapters = nn.ModuleList(MROVSegMultiResAdapter(config) for _ in config.feature_layers)
+        self.pixel_decoder = MROVSegPixelDecoder(config)
+        self.query_decoder = MROVSegQueryDecoder(config)
+        self.post_init()
+        self.freeze_clip()
+
+    def freeze_clip(self) -> None:
+        """CLIP stays frozen (it is the open-vocabulary prior); only its position embeddings may adapt."""
+        self.vision_model.requires_grad_(False)
+        position = self.vision_model.embeddings.position_embedding
+        position.requires_grad_(bool(self.config.train_position_embeddings))
+
+    # ------------------------------------------------------------------ 1. one CLIP, two resolutions
+    def _needed_layers(self) -> list[int]:
+        depth = self.config.vision_config.num_hidden_layers
+        return sorted(set(self.config.feature_layers) | set(range(self.config.query_layer, depth)))
+
+    def encode_multi_resolution(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_slices: torch.Tensor | None = None,
+        slice_grid: torch.Tensor | Sequence[int] | None = None,
+        output_hidden_states: bool = False,
+    ) -> MROVSegFeatures:
+        """
+        The global view and all slices through CLIP in one batched pass (chunked by `slice_batch_size`), keeping the
+        hidden states of the tapped layers and of every layer the queries will read; slice tokens are stitched to
+        the high-resolution token grid.
+        """
+        config = self.config
+        self.check_pixel_values(pixel_values)
+        batch = pixel_values.shape[0]
+        patch = config.patch_size
+        grid = None
+        if pixel_values_slices is not None and config.use_high_res:
+            grid = self.check_slice_geometry(slice_grid, pixel_values_slices)
+            if config.high_res_encoding == "full_image":
+                return self._encode_full_image(pixel_values_slices, grid)
+        images = pixel_values if grid is None else torch.cat([pixel_values, pixel_values_slices.flatten(0, 1)], dim=0)
+        needed = self._needed_layers()
+        depth = config.vision_config.num_hidden_layers
+        run = sorted(set(needed) | set(range(depth))) if output_hidden_states else needed
+        states = self._run_clip(images.to(self.vision_model.dtype), run)
+        hidden_states = tuple(states[layer][:batch] for layer in range(depth)) if output_hidden_states else None
+
+        side = pixel_values.shape[-1] // patch
+        global_tokens = {layer: states[layer][:batch, 1:] for layer in needed}
+        cls_token = states[config.query_layer][:batch, 0]
+        high_res_maps = {}
+        token_grid = None
+        if grid is not None:
+            token_grid = grid.scaled(patch)
+            for layer in needed:
+                tokens = states[layer][batch:, 1:]  # (B*K, t*t, W)
+                width = tokens.shape[-1]
+                windows = tokens.reshape(batch, grid.num_slices, side, side, width).permute(0, 1, 4, 2, 3)
+                high_res_maps[layer] = stitch_windows(windows, token_grid)
+                states[layer] = None  # free the per-slice copy
+        return MROVSegFeatures(
+            global_tokens=global_tokens,
+            global_hidden_states=hidden_states,
+            high_res_maps=high_res_maps or None,
+            cls_token=cls_token,
+            global_grid=(side, side),
+            high_res_grid=(token_grid.height, token_grid.width) if token_grid is not None else None,
+        )
+
+    def _encode_full_image(self, pixel_values_slices: torch.Tensor, grid: SliceGrid) -> MROVSegFeatures:
+        """The baseline MROVSeg improves on: one CLIP pass over the whole canvas (position embeddings interpolated),
+        quadratic in pixels; the global tokens are its map pooled to the global grid."""
+        config = self.config
+        patch, side = config.patch_size, config.slice_size // config.patch_size
+        canvas = stitch_windows(pixel_values_slices, grid)
+        needed = self._needed_layers()
+        states = self._run_clip(canvas.to(self.vision_model.dtype), needed)
+        height, width = canvas.shape[-2] // patch, canvas.shape[-1] // patch
+        maps, global_tokens = {}, {}
+        for layer, tokens in states.items():
+            maps[layer] = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+            global_tokens[layer] = F.adaptive_avg_pool2d(maps[layer], side).flatten(2).transpose(1, 2)
+        return MROVSegFeatures(global_tokens=global_tokens, high_res_maps=maps,
+                               cls_token=states[config.query_layer][:, 0], global_grid=(side, side),
+                               high_res_grid=(height, width))
+
+    def _run_clip(self, images: torch.Tensor, needed: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states (M, 1 + T, W) of `needed` layers (0 = embeddings) for a stack of M images."""
+        vision = self.vision_model
+        interpolate = images.shape[-1] != self.config.vision_config.image_size or images.shape[-2] != images.shape[-1]
+        last = max(needed)
+        chunk = self.config.slice_batch_size or images.shape[0]
+        collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in needed}
+        for start in range(0, images.shape[0], chunk):
+            hidden = vision.embeddings(images[start : start + chunk], interpolate_pos_encoding=interpolate)
+            hidden = vision.pre_layrnorm(hidden)
+            if 0 in collected:
+                collected[0].append(hidden)
+            for index, layer in enumerate(vision.encoder.layers[:last]):
+                hidden = layer(hidden, None)
+                if index + 1 in collected:
+                    collected[index + 1].append(hidden)
+        return {layer: torch.cat(parts) if len(parts) > 1 else parts[0] for layer, parts in collected.items()}
+
+    # ------------------------------------------------------------------ 2. Multi-Res Adapters
+    def fuse(self, features: MROVSegFeatures) -> list[torch.Tensor]:
+        """One Multi-Res Adapter per tapped layer: (B, D, h, w) fused maps, shallow to deep."""
+        global_maps = {
+            layer: features.global_tokens[layer].transpose(1, 2).reshape(
+                features.global_tokens[layer].shape[0], -1, *features.global_grid)
+            for layer in self.config.feature_layers
+        }
+        high_res = features.high_res_maps
+        return [
+            adapter(global_maps[layer], high_res[layer] if high_res else None)
+            for adapter, layer in zip(self.adapters, self.config.feature_layers)
+        ]
+
+    def forward_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_slices: torch.Tensor | None = None,
+        slice_grid: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The fused multi-resolution maps (B, D, h, w) of every tapped layer, without running the decoders."""
+        return self.fuse(self.encode_multi_resolution(pixel_values, pixel_values_slices, slice_grid))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_values_slices: torch.Tensor | None = None,
+        slice_grid: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MROVSegModelOutput | tuple:
+        r"""
+        pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 4: rows,
+        cols, slice size, stride): the full-resolution windows; without them the single-resolution ablation runs.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        # 1. One CLIP, two resolutions: global view and stitched slices.
+        features = self.encode_multi_resolution(pixel_values, pixel_values_slices, slice_grid, output_hidden_states)
+        # 2. Multi-Res Adapters fuse both resolutions at every tapped layer.
+        fused = self.fuse(features)
+        # 3. Hierarchical mask decoding and the light query decoder.
+        pixel_features = self.pixel_decoder(fused)
+        query_states = self.query_decoder(fused[-1])
+
+        remaining = range(self.config.query_layer, self.config.vision_config.num_hidden_layers)
+        high_res = features.high_res_maps
+        output = MROVSegModelOutput(
+            pixel_decoder_last_hidden_state=pixel_features,
+            fused_features=tuple(fused),
+            query_decoder_hidden_states=tuple(query_states),
+            cls_token=features.cls_token,
+            clip_global_tokens=tuple(features.global_tokens[i] for i in remaining),
+            clip_high_res_maps=tuple(high_res[i] for i in remaining) if high_res else None,
+            hidden_states=features.global_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ input checks
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        size = self.config.slice_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must be the global view (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "prepare images with the model's own processor: AutoImageProcessor.from_pretrained(checkpoint) or "
+                "MROVSegImageProcessor.from_model_config(model.config)."
+            )
+
+    def check_slice_geometry(self, slice_grid, slices: torch.Tensor) -> SliceGrid:
+        """The processor's slice geometry must be the model's: a mismatch would stitch tokens to the wrong places."""
+        config = self.config
+        if slices.dim() != 5 or slices.shape[-1] != config.slice_size or slices.shape[-2] != config.slice_size:
+            raise ValueError(
+                f"pixel_values_slices must be (B, K, 3, {config.slice_size}, {config.slice_size}), got "
+                f"{tuple(slices.shape)}; the image processor's slice_size must match the model's "
+                "(MROVSegImageProcessor.from_model_config(model.config))."
+            )
+        if slice_grid is None:
+            raise ValueError("pixel_values_slices need `slice_grid` (rows, cols, slice size, stride), as returned by "
+                             "the image processor.")
+        grid = torch.as_tensor(slice_grid)
+        if grid.dim() != 2 or grid.shape[-1] != 4:
+            raise ValueError(f"slice_grid must be (B, 4): rows, cols, slice size, stride per image; got shape "
+                             f"{tuple(grid.shape)}. Prepare inputs with MROVSegImageProcessor.")
+        if (grid != grid[0]).any():
+            raise ValueError("All images of a batch must share one slice grid (the processor pads them together).")
+        rows, cols, window, stride = (int(v) for v in grid[0].tolist())
+        if (window, stride) != (config.slice_size, config.slice_stride):
+            raise ValueError(
+                f"The inputs were sliced with windows of {window} px at stride {stride} (overlap {window - stride}), "
+                f"the model expects {config.slice_size} px at stride {config.slice_stride} (slice_overlap="
+                f"{config.slice_overlap}); build the processor with MROVSegImageProcessor.from_model_config(model.config)."
+            )
+        if rows * cols != slices.shape[1]:
+            raise ValueError(f"slice_grid {rows} x {cols} does not match the {slices.shape[1]} slices given.")
+        return SliceGrid(rows, cols, window, stride)
 
 
 class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
@@ -154,7 +460,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
     >>> from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
     >>> config = MROVSegConfig.from_preset("tiny", id2label={0: "sky", 1: "road"}, label2id={"sky": 0, "road": 1})
     >>> model = MROVSegForOpenVocabSegmentation(config).eval()
-    >>> processor = MROVSegImageProcessor(slice_size=64, size={"shortest_edge": 128, "longest_edge": 512})
+    >>> processor = MROVSegImageProcessor.from_model_config(config, size={"shortest_edge": 128, "longest_edge": 512})
     >>> inputs = processor(np.zeros((100, 150, 3), dtype=np.uint8), return_tensors="pt")
     >>> with torch.inference_mode():
     ...     outputs = model(**inputs)
@@ -163,41 +469,37 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
     ```
     """
 
+    input_modalities = ("image", "text")
+
     def __init__(self, config: MROVSegConfig):
         super().__init__(config)
-        vision = config.vision_config
-        self.vision_model = CLIPVisionModel._from_config(vision)
-        self.visual_projection = nn.Linear(vision.hidden_size, config.projection_dim, bias=False)
+        self.mrovseg = MROVSegModel(config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_model = CLIPTextModel._from_config(config.text_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
 
-        self.adapters = nn.ModuleList(MROVSegMultiResAdapter(config) for _ in config.feature_layers)
-        self.pixel_decoder = MROVSegPixelDecoder(config)
-        self.query_decoder = MROVSegQueryDecoder(config)
         self.mask_head = MROVSegMaskHead(config)
-        num_remaining = vision.num_hidden_layers - config.query_layer
-        self.attention_mask_decoder = MROVSegAttentionMaskDecoder(config, num_remaining, vision.num_attention_heads)
         self.masked_attention = MROVSegMultiGrainedMaskedAttention(config)
         self.classifier = MROVSegOpenVocabClassifier(config.projection_dim)
         placeholder = placeholder_vocabulary(config.num_labels, config.projection_dim).to(self.logit_scale.device)
         self.register_buffer("vocabulary_embeds", placeholder, persistent=True)
         self.criterion = MROVSegLoss(config)
+        self.clip_tokenizer = None  # the CLIP tokenizer, when known: new vocabularies and save_pretrained use it
         self.post_init()
         self.freeze_clip()
 
     # ------------------------------------------------------------------ parameter groups
     def freeze_clip(self) -> None:
         """CLIP stays frozen (it is the open-vocabulary prior); only its position embeddings may adapt."""
-        for module in (self.vision_model, self.visual_projection, self.text_model, self.text_projection):
+        self.mrovseg.freeze_clip()
+        for module in (self.visual_projection, self.text_model, self.text_projection):
             module.requires_grad_(False)
         self.logit_scale.requires_grad_(False)
-        position = self.vision_model.embeddings.position_embedding
-        position.requires_grad_(bool(self.config.train_position_embeddings))
 
     def parameter_summary(self) -> dict[str, dict[str, int]]:
         """Parameter counts (total and trainable) of CLIP vision, CLIP text and the new MROVSeg modules."""
-        groups = {"clip_vision": [self.vision_model, self.visual_projection],
+        groups = {"clip_vision": [self.mrovseg.vision_model, self.visual_projection],
                   "clip_text": [self.text_model, self.text_projection]}
         clip_ids = {id(p) for modules in groups.values() for m in modules for p in m.parameters()}
         clip_ids.add(id(self.logit_scale))
@@ -222,9 +524,6 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         print(text)
         return text
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
-
     # ------------------------------------------------------------------ text side
     @property
     def vocabulary(self) -> list[str]:
@@ -233,7 +532,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (..., L) -> unit-norm CLIP text embeddings (..., P)."""
+        """Token ids (..., L) -> unit-norm CLIP text embeddings (..., E)."""
         shape = input_ids.shape[:-1]
         flat_ids = input_ids.reshape(-1, input_ids.shape[-1])
         flat_mask = None if attention_mask is None else attention_mask.reshape(-1, attention_mask.shape[-1])
@@ -241,26 +540,22 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         return F.normalize(self.text_projection(pooled), dim=-1).reshape(*shape, -1)
 
     @torch.no_grad()
-    def embed_class_names(self, labels: Sequence[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
-        """(C, P) embeddings: every name (and synonym) in every prompt template, averaged and normalised."""
-        labels = validate_labels(labels)
-        prompts, owners = build_prompts(labels, self.config.prompt_templates)
-        max_length = self.config.text_config.max_position_embeddings
-        device = self.text_projection.weight.device
-        chunks = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start : start + batch_size], padding=True, truncation=True,
-                               max_length=max_length, return_tensors="pt")
-            chunks.append(self.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
-        return pool_prompt_embeddings(torch.cat(chunks), owners, len(labels))
+    def embed_class_names(self, labels: Sequence[str], tokenizer=None) -> torch.Tensor:
+        """(C, E) embeddings: every name (and synonym) in every prompt template, averaged and normalised."""
+        tokenizer = tokenizer if tokenizer is not None else self.clip_tokenizer
+        if tokenizer is None:
+            raise ValueError("New class names need the CLIP tokenizer: pass `tokenizer=` (AutoTokenizer.from_pretrained "
+                             "of the checkpoint or of its CLIP), or precomputed `text_embeds`.")
+        return embed_class_names(self.encode_text, labels, tokenizer, self.config.prompt_templates,
+                                 self.text_projection.weight.device, self.config.text_config.max_position_embeddings)
 
     def set_vocabulary(self, labels: Sequence[str], tokenizer=None, text_embeds: torch.Tensor | None = None) -> None:
         """Make `labels` the default vocabulary: embeds them (or takes `text_embeds`), updates id2label/label2id."""
         labels = validate_labels(labels)
+        if tokenizer is not None:
+            self.clip_tokenizer = tokenizer
         if text_embeds is None:
-            if tokenizer is None:
-                raise ValueError("set_vocabulary needs a CLIP tokenizer (or precomputed `text_embeds`).")
-            text_embeds = self.embed_class_names(labels, tokenizer)
+            text_embeds = self.embed_class_names(labels)
         if text_embeds.shape != (len(labels), self.config.projection_dim):
             raise ValueError(
                 f"text_embeds has shape {tuple(text_embeds.shape)}, expected ({len(labels)}, {self.config.projection_dim})."
@@ -283,99 +578,10 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             if owners is not None:  # prompt ensemble with synonyms, as built by MROVSegProcessor
                 owners = [tuple(pair) for pair in owners.tolist()]
                 return pool_prompt_embeddings(embeds, owners, max(pair[0] for pair in owners) + 1)
-            if embeds.dim() == 3:  # (C, templates, P): prompt ensemble
+            if embeds.dim() == 3:  # (C, templates, E): prompt ensemble
                 embeds = F.normalize(embeds.mean(dim=1), dim=-1)
             return embeds
         return self.vocabulary_embeds
-
-    # ------------------------------------------------------------------ backbone pass
-    def _needed_layers(self) -> list[int]:
-        depth = self.config.vision_config.num_hidden_layers
-        return sorted(set(self.config.feature_layers) | set(range(self.config.query_layer, depth)))
-
-    def forward_features(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_values_slices: torch.Tensor | None = None,
-        slice_grid: torch.Tensor | Sequence[int] | None = None,
-        output_hidden_states: bool = False,
-    ) -> MROVSegFeatures:
-        """
-        The global view and all slices through CLIP in one batched pass (chunked by `slice_batch_size`), keeping the
-        hidden states of the tapped layers and of every layer the queries will read; slice tokens are stitched to
-        the high-resolution token grid.
-        """
-        config = self.config
-        batch = pixel_values.shape[0]
-        patch = config.patch_size
-        use_slices = pixel_values_slices is not None and config.use_high_res
-        images = pixel_values
-        grid = None
-        if use_slices:
-            rows, cols = self._grid_from(slice_grid, pixel_values_slices)
-            grid = SliceGrid(rows, cols, config.slice_size, config.slice_stride)
-            images = torch.cat([pixel_values, pixel_values_slices.flatten(0, 1)], dim=0)
-        needed = self._needed_layers()
-        depth = config.vision_config.num_hidden_layers
-        run = sorted(set(needed) | set(range(depth))) if output_hidden_states else needed
-        states = self._run_clip(images.to(self.vision_model.dtype), run)
-        hidden_states = tuple(states[layer][:batch] for layer in range(depth)) if output_hidden_states else None
-
-        side = pixel_values.shape[-1] // patch
-        global_tokens = {layer: states[layer][:batch, 1:] for layer in needed}
-        cls_token = states[config.query_layer][:batch, 0]
-        high_res_maps = {}
-        token_grid = None
-        if grid is not None:
-            token_grid = grid.scaled(patch)
-            for layer in needed:
-                tokens = states[layer][batch:, 1:]  # (B*K, t*t, C)
-                width = tokens.shape[-1]
-                windows = tokens.reshape(batch, grid.num_slices, side, side, width).permute(0, 1, 4, 2, 3)
-                high_res_maps[layer] = stitch_windows(windows, token_grid)
-                states[layer] = None  # free the per-slice copy
-        return MROVSegFeatures(
-            global_tokens=global_tokens,
-            global_hidden_states=hidden_states,
-            high_res_maps=high_res_maps or None,
-            cls_token=cls_token,
-            global_grid=(side, side),
-            high_res_grid=(token_grid.height, token_grid.width) if token_grid is not None else None,
-        )
-
-    def _grid_from(self, slice_grid, slices: torch.Tensor) -> tuple[int, int]:
-        if slices.dim() != 5 or slices.shape[-1] != self.config.slice_size or slices.shape[-2] != self.config.slice_size:
-            raise ValueError(
-                f"pixel_values_slices must be (B, K, 3, {self.config.slice_size}, {self.config.slice_size}), got "
-                f"{tuple(slices.shape)}; check that the image processor's slice_size matches the model's."
-            )
-        if slice_grid is None:
-            raise ValueError("pixel_values_slices need `slice_grid` (rows, cols), as returned by the image processor.")
-        grid = torch.as_tensor(slice_grid).reshape(-1, 2)
-        if (grid != grid[0]).any():
-            raise ValueError("All images of a batch must share one slice grid (the processor pads them together).")
-        rows, cols = (int(v) for v in grid[0])
-        if rows * cols != slices.shape[1]:
-            raise ValueError(f"slice_grid {rows} x {cols} does not match the {slices.shape[1]} slices given.")
-        return rows, cols
-
-    def _run_clip(self, images: torch.Tensor, needed: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states (N, 1 + T, C) of `needed` layers (0 = embeddings) for a stack of S x S images."""
-        vision = self.vision_model
-        interpolate = images.shape[-1] != self.config.vision_config.image_size
-        last = max(needed)
-        chunk = self.config.slice_batch_size or images.shape[0]
-        collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in needed}
-        for start in range(0, images.shape[0], chunk):
-            hidden = vision.embeddings(images[start : start + chunk], interpolate_pos_encoding=interpolate)
-            hidden = vision.pre_layrnorm(hidden)
-            if 0 in collected:
-                collected[0].append(hidden)
-            for index, layer in enumerate(vision.encoder.layers[:last]):
-                hidden = layer(hidden, None)
-                if index + 1 in collected:
-                    collected[index + 1].append(hidden)
-        return {layer: torch.cat(parts) if len(parts) > 1 else parts[0] for layer, parts in collected.items()}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -396,61 +602,44 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         **kwargs,
     ) -> MROVSegOutput | tuple:
         r"""
-        pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 2): the
-        full-resolution windows; without them the model runs the single-resolution ablation. pixel_mask (B, H, W):
-        1 on image pixels of the padded canvas. labels (B, H, W): semantic class ids on the canvas (ignore 255).
-        input_ids / attention_mask ((C, L), (C, templates, L), or (P, L) prompts with `text_prompt_owners` (P, 2)
-        from `MROVSegProcessor`) or text_embeds ((C, P) or (B, C, P)): a per-call vocabulary; by default the
-        stored one (`set_vocabulary`). output_auxiliary_logits: also return the intermediate decoder layers'
-        predictions (default: when training or given labels; inference skips those full-resolution masks).
+        pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 4: rows,
+        cols, slice size, stride): the full-resolution windows; without them the model runs the single-resolution
+        ablation. pixel_mask (B, H, W): 1 on image pixels of the padded canvas. labels (B, H, W): semantic class ids
+        on the canvas (ignore 255). input_ids / attention_mask (text token ids and their padding mask: (C, L),
+        (C, templates, L), or (T, L) prompts with `text_prompt_owners` (T, 2) from `MROVSegProcessor`) or
+        text_embeds ((C, E) or (B, C, E)): a per-call vocabulary; by default the stored one (`set_vocabulary`).
+        output_auxiliary_logits: also return the intermediate decoder layers' predictions (default: when training
+        or given labels; inference skips those full-resolution masks). loss_seeds (B,): per-image seeds of the
+        loss's point sampling, for a loss that is reproducible call to call.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        self._check_pixel_values(pixel_values)
         if labels is not None:
             self._check_labels(labels, pixel_values, pixel_mask)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
 
-        # 1. One CLIP, two resolutions: global view and stitched slices.
-        features = self.forward_features(pixel_values, pixel_values_slices, slice_grid, output_hidden_states)
-        high_res = features.high_res_maps
-        global_maps = {
-            layer: tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *features.global_grid)
-            for layer, tokens in features.global_tokens.items()
-        }
-
-        # 2. Multi-Res Adapters fuse both resolutions at every tapped layer.
-        fused = [
-            adapter(global_maps[layer], high_res[layer] if high_res else None)
-            for adapter, layer in zip(self.adapters, self.config.feature_layers)
-        ]
-
-        # 3. Hierarchical mask decoding and the light query decoder.
-        pixel_features = self.pixel_decoder(fused)
-        query_states = self.query_decoder(fused[-1])
+        # 1-3. One CLIP at two resolutions, Multi-Res Adapters, hierarchical pixel decoder and query decoder.
+        base = self.mrovseg(pixel_values, pixel_values_slices, slice_grid, pixel_mask,
+                            output_hidden_states=output_hidden_states, return_dict=True)
+        query_states = base.query_decoder_hidden_states
         if output_auxiliary_logits is None:
             output_auxiliary_logits = self.training or labels is not None
         decoded = query_states if output_auxiliary_logits else query_states[-1:]
-        mask_logits = [self.mask_head(q, pixel_features) for q in decoded]
+        mask_logits = [self.mask_head(q, base.pixel_decoder_last_hidden_state) for q in decoded]
 
         # 4. Multi-grained masked attention through CLIP's remaining layers, then open-vocabulary classification.
-        def attention_bias(layer: int) -> torch.Tensor:
-            return self.attention_mask_decoder(query_states[-1], fused[-1], layer)
-
-        remaining = list(range(self.config.query_layer, self.config.vision_config.num_hidden_layers))
+        vision = self.mrovseg.vision_model
         queries = self.masked_attention(
-            features.cls_token,
-            [self.vision_model.encoder.layers[i] for i in remaining],
-            [features.global_tokens[i] for i in remaining],
-            [high_res[i].flatten(2).transpose(1, 2) if high_res else None for i in remaining],
-            attention_bias,
-            features.global_grid,
-            features.high_res_grid,
+            base.cls_token,
+            list(vision.encoder.layers[self.config.query_layer :]),
+            base.clip_global_tokens,
+            base.clip_high_res_maps,
+            query_states[-1],
+            base.fused_features[-1],
         )
-        query_embeds = self.visual_projection(self.vision_model.post_layernorm(queries))
-        query_embeds = F.normalize(query_embeds, dim=-1)
+        query_embeds = F.normalize(self.visual_projection(vision.post_layernorm(queries)), dim=-1)
         class_logits = self.classifier(query_embeds, vocabulary.to(query_embeds.dtype), self.logit_scale)
 
         auxiliary = [
@@ -464,24 +653,16 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             loss=loss,
             class_queries_logits=class_logits,
             masks_queries_logits=mask_logits[-1],
-            auxiliary_logits=auxiliary,
+            auxiliary_logits=auxiliary or None,  # None, not [], so pipelines can unbatch the outputs
             image_sizes=self._image_sizes(pixel_mask),
             loss_dict=loss_dict,
-            hidden_states=features.global_hidden_states,
-            fused_features=tuple(fused) if output_hidden_states else None,
-            pixel_decoder_last_hidden_state=pixel_features if output_hidden_states else None,
+            hidden_states=base.hidden_states,
+            fused_features=base.fused_features if output_hidden_states else None,
+            pixel_decoder_last_hidden_state=base.pixel_decoder_last_hidden_state if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ input checks
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        size = self.config.slice_size
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"pixel_values must be the global view (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
-                "prepare images with MROVSegImageProcessor."
-            )
-
     def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor, pixel_mask) -> None:
         if labels.dim() != 3 or labels.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"labels must be (B, H, W) class-id maps, got {tuple(labels.shape)}.")
@@ -520,15 +701,17 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             config_overrides.setdefault("label2id", {label: i for i, label in enumerate(labels)})
         config = MROVSegConfig.from_clip_config(clip.config, **config_overrides)
         model = cls(config)
-        for name in ("vision_model", "visual_projection", "text_model", "text_projection"):
+        model.mrovseg.vision_model.load_state_dict(clip.vision_model.state_dict())
+        for name in ("visual_projection", "text_model", "text_projection"):
             getattr(model, name).load_state_dict(getattr(clip, name).state_dict())
         with torch.no_grad():
             model.logit_scale.copy_(clip.logit_scale)
         model.freeze_clip()
+        model.clip_tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path)
         if vocabulary is not None:
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_path)
-            model.set_vocabulary(vocabulary, tokenizer)
+            model.set_vocabulary(vocabulary)
         return model
 
 
-__all__ = ["MROVSegPreTrainedModel", "MROVSegForOpenVocabSegmentation", "MROVSegOutput", "MROVSegFeatures"]
+__all__ = ["MROVSegPreTrainedModel", "MROVSegModel", "MROVSegForOpenVocabSegmentation", "MROVSegModelOutput",
+           "MROVSegOutput", "MROVSegFeatures", "LEGACY_KEY_MAPPING"]

@@ -1,9 +1,10 @@
 """`pipeline("zero-shot-image-segmentation")`: label every pixel with class names chosen per call.
 
 The stock `pipeline("image-segmentation")` already works on the vocabulary stored in a checkpoint; this one
-takes `candidate_labels` (a list, where one entry may carry synonyms as "sofa, couch", or a comma-separated
-string of single names). Text embeddings are cached per (labels, templates), so a folder of images with one
-vocabulary runs the text encoder once.
+takes `candidate_labels` (a list, where one entry may carry synonyms as "sofa, couch", or a string of names
+separated by "," or, to allow synonyms, by ";"). Text embeddings are cached per (labels, templates), so a folder of
+images with one vocabulary runs the text encoder once. With `batch_size > 1`, images of one size and one vocabulary
+run as one batch; others run one by one, so a batched result equals the one-at-a-time result.
 """
 
 from __future__ import annotations
@@ -17,16 +18,34 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .text_classifier import validate_labels
+from .text_classifier import parse_class_names
 
 
 def parse_candidate_labels(candidate_labels: str | Sequence[str] | None, fallback: Sequence[str]) -> list[str]:
-    """A list is taken as is (entries may hold synonyms); a string is split on commas; None means `fallback`."""
-    if candidate_labels is None:
-        return list(fallback)
-    if isinstance(candidate_labels, str):
-        candidate_labels = [name for name in (part.strip() for part in candidate_labels.split(",")) if name]
-    return validate_labels(list(candidate_labels))
+    """`parse_class_names`, with None meaning `fallback` (the stored vocabulary)."""
+    labels = parse_class_names(candidate_labels)
+    return list(fallback) if labels is None else labels
+
+
+def open_image(image, timeout: float | None = None) -> Image.Image:
+    """
+    A path opens with PIL as it is (16-bit, alpha and EXIF orientation are left to the image processor, which
+    handles them; `load_image` would flatten them to 8-bit RGB first); URLs and base64 go through `load_image`.
+    Unreadable files and decompression bombs raise a `ValueError` naming the file.
+    """
+    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return opened.copy()
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{image}: {error} Resize it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
+                             "it.") from None
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"{image} cannot be read as an image: {error}") from None
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        return image
+    return load_image(image, timeout=timeout)
 
 
 class MROVSegZeroShotSegmentationPipeline(Pipeline):
@@ -41,9 +60,9 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     >>> [(segment["label"], round(segment["score"], 2)) for segment in result["segments"]]
     ```
 
-    Returns per image a dict: `segments` (one `{"label", "score", "mask"}` per class present, largest first;
-    `score` is the mean class probability inside the mask, `mask` a PIL "L" image), `label_map` (H x W int64
-    array of indices into `labels`, -1 where `score_threshold` left a pixel unlabelled) and `labels`.
+    Returns per image a dict: `segments` (one `{"label", "score", "mask", "pixels"}` per class present, largest
+    first; `score` is the mean class probability inside the mask, `mask` a PIL "L" image), `label_map` (H x W
+    int64 array of indices into `labels`, -1 where `score_threshold` left a pixel unlabelled) and `labels`.
     """
 
     _load_processor = False
@@ -65,23 +84,26 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         if timeout is not None:
             preprocess["timeout"] = timeout
         if score_threshold is not None:
-            postprocess["score_threshold"] = score_threshold
+            postprocess["score_threshold"] = check_score_threshold(score_threshold)
         return preprocess, {}, postprocess
 
     def text_embeddings(self, labels: list[str]) -> torch.Tensor:
-        """(C, P) embeddings of `labels`, computed once per (labels, templates) and then served from a cache."""
+        """(C, E) embeddings of `labels`: the stored ones for the model's own vocabulary, else computed once per
+        (labels, templates) and then served from a cache."""
+        if list(labels) == self.model.vocabulary:  # always the live buffer: set_vocabulary may have replaced it
+            return self.model.vocabulary_embeds
         key = (tuple(labels), tuple(self.model.config.prompt_templates))
         if key in self._text_cache:
             self.text_cache_hits += 1
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
         self.text_cache_misses += 1
-        if list(labels) == self.model.vocabulary:
-            embeds = self.model.vocabulary_embeds
-        else:
-            if self.tokenizer is None:
-                raise ValueError("New candidate_labels need the CLIP tokenizer: pass `tokenizer=` to the pipeline.")
-            embeds = self.model.embed_class_names(labels, self.tokenizer)
+        tokenizer = self.tokenizer if self.tokenizer is not None else self.model.clip_tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                f"This checkpoint has no CLIP tokenizer, so it can only segment its stored vocabulary "
+                f"{self.model.vocabulary}; for other candidate_labels pass `tokenizer=` (the CLIP's) to pipeline().")
+        embeds = self.model.embed_class_names(labels, tokenizer)
         self._text_cache[key] = embeds
         if len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
@@ -89,22 +111,57 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def preprocess(self, image, candidate_labels=None, timeout=None):
         labels = parse_candidate_labels(candidate_labels, self.model.vocabulary)
-        image = load_image(image, timeout=timeout)
+        from .image_processing_mrovseg import to_rgb_uint8
+
+        image = to_rgb_uint8(open_image(image, timeout=timeout))  # the processor's reading, EXIF applied
         inputs = self.image_processor(images=[image], return_tensors="pt")
-        inputs = inputs.to(self.dtype)
-        return {**inputs, "text_embeds": self.text_embeddings(labels), "target_size": [(image.height, image.width)],
-                "candidate_labels": labels}
+        return {**inputs, "target_size": image.shape[:2], "candidate_labels": labels}
+
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        """As the base class, with a collate that keeps each image's own inputs (`_forward` groups equal shapes)."""
+        from transformers.pipelines.base import PipelineDataset
+        from transformers.pipelines.pt_utils import PipelineIterator
+
+        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        loader = torch.utils.data.DataLoader(dataset, num_workers=num_workers, batch_size=batch_size,
+                                             collate_fn=lambda items: {"items": list(items)})
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
     def _forward(self, model_inputs):
-        target_size = model_inputs.pop("target_size")
-        labels = model_inputs.pop("candidate_labels")
-        outputs = self.model(**model_inputs)
-        return {"outputs": outputs, "target_size": target_size, "candidate_labels": labels}
+        items = model_inputs["items"] if "items" in model_inputs else [model_inputs]
+        results: list[dict | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):  # one batch per (input shapes, vocabulary): same result as one by one
+            key = (tuple((k, tuple(v.shape)) for k, v in item.items() if isinstance(v, torch.Tensor)),
+                   tuple(item["candidate_labels"]))
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            first = items[members[0]]
+            labels = first["candidate_labels"]
+            names = [k for k, v in first.items() if isinstance(v, torch.Tensor)]
+            batch = {k: torch.cat([items[i][k] for i in members]).to(self.device) for k in names}
+            batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            outputs = self.model(**batch, text_embeds=self.text_embeddings(labels))
+            for j, i in enumerate(members):
+                results[i] = {"class_queries_logits": outputs.class_queries_logits[j : j + 1],
+                              "masks_queries_logits": outputs.masks_queries_logits[j : j + 1],
+                              "image_sizes": outputs.image_sizes[j : j + 1],
+                              "target_size": items[i]["target_size"], "candidate_labels": labels}
+        return {"results": results} if "items" in model_inputs else results[0]
 
     def postprocess(self, model_outputs, score_threshold=None):
+        from .modeling_mrovseg import MROVSegOutput
+
+        model_outputs = model_outputs.get("results", model_outputs)
+        if isinstance(model_outputs, list):  # a list input at batch size 1 is not unbatched by the iterator
+            model_outputs = model_outputs[0]
         labels = model_outputs["candidate_labels"]
+        outputs = MROVSegOutput(class_queries_logits=model_outputs["class_queries_logits"],
+                                masks_queries_logits=model_outputs["masks_queries_logits"],
+                                image_sizes=model_outputs["image_sizes"])
         result = self.image_processor.post_process_semantic_segmentation(
-            model_outputs["outputs"], target_sizes=model_outputs["target_size"], return_segmentation_scores=True,
+            outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True,
             score_threshold=score_threshold,
         )[0]
         label_map = result.segmentation.cpu().numpy().astype(np.int64)
@@ -123,6 +180,15 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         return {"segments": segments, "label_map": label_map, "labels": labels}
 
 
+def check_score_threshold(value) -> float:
+    """A score threshold is a finite number (scores are sums of probabilities, so >= 0)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"score_threshold={value!r} must be a finite number >= 0 (or None for no threshold).")
+    return float(value)
+
+
 def register_pipelines() -> None:
     from transformers import AutoModelForSemanticSegmentation
     from transformers.pipelines import PIPELINE_REGISTRY
@@ -136,4 +202,5 @@ def register_pipelines() -> None:
         )
 
 
-__all__ = ["MROVSegZeroShotSegmentationPipeline", "parse_candidate_labels", "register_pipelines"]
+__all__ = ["MROVSegZeroShotSegmentationPipeline", "parse_candidate_labels", "register_pipelines", "open_image",
+           "check_score_threshold"]

@@ -9,7 +9,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_mrovseg import VILD_TEMPLATES
-from .text_classifier import build_prompts, validate_labels
+from .text_classifier import build_prompts, tokenize_prompts, validate_labels
 
 
 class MROVSegProcessor(ProcessorMixin):
@@ -32,6 +32,14 @@ class MROVSegProcessor(ProcessorMixin):
         self.prompt_templates = list(prompt_templates or VILD_TEMPLATES)
         super().__init__(image_processor, tokenizer, **kwargs)
 
+    @classmethod
+    def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "MROVSegProcessor":
+        """The processor of a model: its slice geometry and its prompt templates (the config owns both)."""
+        from .image_processing_mrovseg import MROVSegImageProcessor
+
+        return cls(MROVSegImageProcessor.from_model_config(config, **image_processor_kwargs), tokenizer,
+                   prompt_templates=config.prompt_templates)
+
     def __call__(self, images=None, text: Sequence[str] | None = None, segmentation_maps=None,
                  return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         if images is None and text is None:
@@ -48,11 +56,7 @@ class MROVSegProcessor(ProcessorMixin):
         """input_ids / attention_mask (P x L) for all template x synonym prompts, and their (class, synonym) owners."""
         labels = validate_labels(labels)
         prompts, owners = build_prompts(labels, self.prompt_templates)
-        max_length = getattr(self.tokenizer, "model_max_length", 77)
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=min(max_length, 77),
-                                return_tensors="pt")
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                "text_prompt_owners": torch.tensor(owners, dtype=torch.long)}
+        return {**tokenize_prompts(self.tokenizer, prompts), "text_prompt_owners": torch.tensor(owners, dtype=torch.long)}
 
     def post_process_semantic_segmentation(self, *args, **kwargs):
         return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)

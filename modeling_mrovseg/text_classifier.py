@@ -2,32 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .configuration_mrovseg import normalize_class_name
+
+# CLIP's text context: prompts longer than this many tokens are truncated.
+CLIP_CONTEXT_LENGTH = 77
 
 
 def split_synonyms(label: str) -> list[str]:
     """`"sofa, couch"` -> `["sofa", "couch"]`; each synonym is embedded and the embeddings averaged."""
     if not isinstance(label, str):
         raise ValueError(f"Class names must be strings, got {type(label).__name__}: {label!r}.")
-    synonyms = [name.strip() for name in label.split(",") if name.strip()]
+    synonyms = [normalize_class_name(name) for name in label.split(",") if name.strip()]
     if not synonyms:
         raise ValueError(f"Class name {label!r} is empty.")
     return synonyms
 
 
+def parse_class_names(value: str | Sequence[str] | None) -> list[str] | None:
+    """
+    The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
+    couch"); a string is a JSON file holding such a list, or names separated by ";" (each may carry synonyms) or,
+    without any ";", by "," (single names). None stays None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if value.strip().endswith(".json") or (len(value) < 4096 and path.is_file()):
+            if not path.is_file():
+                raise ValueError(f"class-name file {value!r} not found.")
+            try:
+                value = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"class-name file {value!r} is not a JSON list of names: {error}") from None
+            if not isinstance(value, list):
+                raise ValueError(f"class-name file must hold a JSON list of names, got {type(value).__name__}.")
+        else:
+            separator = ";" if ";" in value else ","
+            value = [part for part in value.split(separator) if part.strip()]
+    return validate_labels(list(value))
+
+
 def validate_labels(labels: Sequence[str]) -> list[str]:
-    """Reject an empty vocabulary and duplicated class names (which would make argmax ambiguous)."""
+    """
+    Reject an empty vocabulary and duplicated class names (which would make argmax ambiguous). Names are compared
+    and returned in one spelling (Unicode NFC, single spaces; synonyms joined by ", ").
+    """
     if isinstance(labels, str):
         raise ValueError("Pass the vocabulary as a list of class names, not a single string.")
-    labels = [str(label).strip() if isinstance(label, str) else label for label in labels]
+    labels = [", ".join(split_synonyms(label)) for label in labels]
     if not labels:
         raise ValueError("The vocabulary is empty: give at least one class name.")
-    for label in labels:
-        split_synonyms(label)
     seen: dict[str, int] = {}
     for i, label in enumerate(labels):
         key = label.lower()
@@ -49,7 +83,7 @@ def build_prompts(labels: Sequence[str], templates: Sequence[str]) -> tuple[list
 
 
 def pool_prompt_embeddings(embeds: torch.Tensor, owners: list[tuple[int, int]], num_classes: int) -> torch.Tensor:
-    """Average normalised prompt embeddings over templates, then over synonyms; (P, D) -> (C, D), unit norm."""
+    """Average normalised prompt embeddings over templates, then over synonyms; (T, E) -> (C, E), unit norm."""
     embeds = F.normalize(embeds.float(), dim=-1)
     synonym_keys = sorted(set(owners))
     key_index = {key: i for i, key in enumerate(synonym_keys)}
@@ -61,6 +95,47 @@ def pool_prompt_embeddings(embeds: torch.Tensor, owners: list[tuple[int, int]], 
     return F.normalize(per_class, dim=-1)
 
 
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """The one tokenization of prompts: padded, truncated to CLIP's context (and `max_length`, the text tower's)."""
+    limit = min(CLIP_CONTEXT_LENGTH, getattr(tokenizer, "model_max_length", CLIP_CONTEXT_LENGTH) or CLIP_CONTEXT_LENGTH,
+                max_length or CLIP_CONTEXT_LENGTH)
+    tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def check_distinct_after_truncation(tokens: dict[str, torch.Tensor], labels: Sequence[str],
+                                    owners: Sequence[tuple[int, int]], limit: int) -> None:
+    """Two classes whose prompts tokenize identically (they differ only past the context) cannot be told apart."""
+    ids = tokens["input_ids"]
+    if ids.shape[-1] < limit:
+        return  # nothing was truncated
+    warnings.warn(f"Some class-name prompts are longer than {limit} tokens and were truncated.", stacklevel=3)
+    per_class: dict[int, list[tuple]] = {}
+    for row, (class_index, _) in zip(ids.tolist(), owners):
+        per_class.setdefault(class_index, []).append(tuple(row))
+    seen: dict[tuple, int] = {}
+    for class_index, rows in per_class.items():
+        key = tuple(sorted(rows))
+        if key in seen:
+            raise ValueError(f"Class names {labels[seen[key]]!r} and {labels[class_index]!r} are identical within "
+                             f"CLIP's {limit}-token context: shorten them so they differ early.")
+        seen[key] = class_index
+
+
+def embed_class_names(encode_text: Callable, labels: Sequence[str], tokenizer, templates: Sequence[str],
+                      device, max_length: int | None = None, batch_size: int = 256) -> torch.Tensor:
+    """(C, E) embeddings: every name (and synonym) in every prompt template, encoded, averaged and normalised."""
+    labels = validate_labels(labels)
+    prompts, owners = build_prompts(labels, templates)
+    tokens = tokenize_prompts(tokenizer, prompts, max_length)
+    check_distinct_after_truncation(tokens, labels, owners, min(CLIP_CONTEXT_LENGTH, max_length or CLIP_CONTEXT_LENGTH))
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = tokenize_prompts(tokenizer, prompts[start : start + batch_size], max_length)
+        chunks.append(encode_text(chunk["input_ids"].to(device), chunk["attention_mask"].to(device)))
+    return pool_prompt_embeddings(torch.cat(chunks), owners, len(labels))
+
+
 class MROVSegOpenVocabClassifier(nn.Module):
     """Cosine similarity x CLIP's logit scale against the class text embeddings, plus a learned no-object class."""
 
@@ -69,7 +144,7 @@ class MROVSegOpenVocabClassifier(nn.Module):
         self.no_object_embedding = nn.Parameter(torch.zeros(projection_dim))
 
     def forward(self, query_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        """query_embeds (B, N, P) unit norm, text_embeds (C, P) or (B, C, P) -> (B, N, C + 1) logits."""
+        """query_embeds (B, N, E) unit norm, text_embeds (C, E) or (B, C, E) -> (B, N, C + 1) logits."""
         if text_embeds.dim() == 2:
             text_embeds = text_embeds[None].expand(query_embeds.shape[0], -1, -1)
         no_object = F.normalize(self.no_object_embedding, dim=-1)

@@ -49,22 +49,26 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
     blended = Image.fromarray(overlay.round().astype(np.uint8))
 
     counts = np.bincount(seg[valid].ravel(), minlength=len(labels))
-    shown = [i for i in np.argsort(-counts) if show_absent or counts[i] > 0]
+    shown = [i for i in np.argsort(-counts, kind="stable") if show_absent or counts[i] > 0]
+    unlabelled = int(seg.size - valid.sum())
     font_size = max(14, min(48, base.height // 30))
     font = ImageFont.load_default(size=font_size)
     row = int(font_size * 1.6)
     draw_probe = ImageDraw.Draw(blended)
-    texts = [f"{labels[i]}  {100 * counts[i] / max(valid.sum(), 1):.1f}%" for i in shown]
+    # shares of all pixels, as in the CLI's JSON; pixels left unlabelled (score threshold) get their own row
+    texts = [f"{labels[i]}  {100 * counts[i] / seg.size:.1f}%" for i in shown]
+    if unlabelled:
+        texts.append(f"unlabelled  {100 * unlabelled / seg.size:.1f}%")
     text_width = max((draw_probe.textlength(t, font=font) for t in texts), default=0)
     panel_width = int(text_width + row * 2)
-    canvas = Image.new("RGB", (base.width + panel_width, max(base.height, row * (len(shown) + 1))), "white")
+    canvas = Image.new("RGB", (base.width + panel_width, max(base.height, row * (len(texts) + 1))), "white")
     canvas.paste(blended, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for k, (i, text) in enumerate(zip(shown, texts)):
+    swatches = [tuple(int(c) for c in colors[i]) for i in shown] + ([None] if unlabelled else [])
+    for k, (swatch, text) in enumerate(zip(swatches, texts)):
         top = row // 2 + k * row
         left = base.width + row // 2
-        draw.rectangle([left, top, left + font_size, top + font_size], fill=tuple(int(c) for c in colors[i]),
-                       outline="black")
+        draw.rectangle([left, top, left + font_size, top + font_size], fill=swatch or "white", outline="black")
         draw.text((left + int(font_size * 1.5), top), text, fill="black", font=font)
     return canvas
 

@@ -13,7 +13,7 @@ STEPS="${MROVSEG_DEMO_STEPS:-600}"
 echo "== 1/6 synthetic dataset (512 x 512 scenes, objects smaller than a global-view patch)"
 $PY -m processing.synthetic --out "$OUT/synthetic" --num-train 48 --num-val 8 --height 512 --width 512
 echo "== 2/6 tiny random CLIP (stands in for openai/clip-vit-base-patch16 offline)"
-$PY -c "from modeling_mrovseg.tiny import build_tiny_clip; build_tiny_clip('$OUT/tiny-clip')"
+$PY -c "from processing.tiny_clip import build_tiny_clip; build_tiny_clip('$OUT/tiny-clip')"
 echo "== 3/6 training with accelerate ($STEPS steps)"
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   -m training.train --model "$OUT/tiny-clip" --dataset "$OUT/synthetic" --output_dir "$OUT/run" \

@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A Hub-like folder with a random tiny CLIPModel and its tokenizer."""
-    from modeling_mrovseg.tiny import build_tiny_clip
+    from processing.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from modeling_mrovseg.data import as_arrays, load_segmentation_dataset
+from training.data import as_arrays, load_segmentation_dataset
 from processing import convert
 from processing.class_names import ADE20K_150, COCO_STUFF_171, PASCAL_CONTEXT_59, PASCAL_VOC_20, PASCAL_VOC_21
 

@@ -66,7 +66,8 @@ def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
             ("ade20k-150", 31.25), ("pascal-context-59", 50.0)}
         assert metadata["pipeline_tag"] == "image-segmentation" and "| ade20k-150 | validation | 2000 | 31.25 |" in card
         config = json.loads(repo["files"]["config.json"])
-        assert config["auto_map"]["AutoModel"] == "modeling_mrovseg.MROVSegForOpenVocabSegmentation"
+        assert config["auto_map"]["AutoModel"] == "modeling_mrovseg.MROVSegModel"
+        assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_mrovseg.MROVSegForOpenVocabSegmentation"
 
         # pushing the same checkpoint again: every file unchanged, no new commit
         second = push(checkpoint, hub)
@@ -95,9 +96,9 @@ def check_snapshot(snapshot: Path):
         sys.modules["modeling_mrovseg"] = None
         import numpy as np, torch
         from PIL import Image
-        from transformers import AutoModel, AutoProcessor, pipeline
+        from transformers import AutoModelForSemanticSegmentation, AutoProcessor, pipeline
         folder = sys.argv[1]
-        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         image = np.load(folder + "/image.npy")
         with torch.inference_mode():
@@ -119,7 +120,7 @@ def check_snapshot(snapshot: Path):
 
 
 def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
-    from transformers import AutoModel
+    from transformers import AutoModelForSemanticSegmentation
 
     from tests.helpers import tiny_config
 
@@ -127,13 +128,13 @@ def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    for loader in (MROVSegForOpenVocabSegmentation, AutoModel):
+    for loader in (MROVSegForOpenVocabSegmentation, AutoModelForSemanticSegmentation):
         with pytest.raises(ValueError, match="only pickled weights"):
             loader.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="allow_pickle"):
         MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path, use_safetensors=False)
     loaded = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path, allow_pickle=True)
-    assert torch.equal(loaded.adapters[0].projection[0].weight, model.adapters[0].projection[0].weight)
+    assert torch.equal(loaded.mrovseg.adapters[0].projection[0].weight, model.mrovseg.adapters[0].projection[0].weight)
 
 
 def test_push_refuses_a_folder_without_safetensors(tmp_path):

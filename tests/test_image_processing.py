@@ -66,13 +66,14 @@ def test_processor_slices_are_crops_of_the_normalised_canvas(sizes, overlap_patc
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     out = processor(images, return_tensors="pt")
     batch = len(images)
-    rows, cols = out["slice_grid"][0].tolist()
+    rows, cols, window, stride = out["slice_grid"][0].tolist()
+    assert (window, stride) == (32, 32 - overlap_patches * PATCH)
     grid = SliceGrid(rows, cols, 32, 32 - overlap_patches * PATCH)
     assert out["pixel_values"].shape == (batch, 3, 32, 32)
     assert out["pixel_values_slices"].shape == (batch, rows * cols, 3, 32, 32)
     assert out["pixel_mask"].shape == (batch, grid.height, grid.width)
-    assert (out["slice_grid"] == torch.tensor([rows, cols])).all()
-    canvas = processor.stitch(out["pixel_values_slices"], (rows, cols))
+    assert (out["slice_grid"] == torch.tensor([rows, cols, window, stride])).all()
+    canvas = processor.stitch(out["pixel_values_slices"], out["slice_grid"][0])
     mean = torch.tensor(processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_std).view(3, 1, 1)
     for i, image in enumerate(images):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 
-from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegOutput
+from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegModel, MROVSegOutput
 from tests.helpers import LABELS, random_image, tiny_config, tiny_processor
 
 
@@ -30,12 +30,13 @@ def inputs_for(config, size, labels=False, **processor_kwargs):
 def test_output_shapes(size, overlap):
     model = build(slice_overlap=overlap)
     inputs = inputs_for(model.config, size)
-    rows, cols = inputs["slice_grid"][0].tolist()
+    rows, cols, window, stride = inputs["slice_grid"][0].tolist()
+    assert (window, stride) == (64, 64 - overlap)
     height, width = inputs["pixel_mask"].shape[-2:]
     assert (height, width) == (64 + (rows - 1) * (64 - overlap), 64 + (cols - 1) * (64 - overlap))
     with torch.inference_mode():
         out = model(**inputs, output_auxiliary_logits=True)
-        assert model(**inputs).auxiliary_logits == []  # inference skips the intermediate full-resolution masks
+        assert model(**inputs).auxiliary_logits is None  # inference skips the intermediate full-resolution masks
     assert isinstance(out, MROVSegOutput)
     stages = len(model.config.feature_layers)
     assert out.class_queries_logits.shape == (2, 8, len(LABELS) + 1)
@@ -61,7 +62,8 @@ def test_one_slice_equals_the_global_view():
     model = build()
     inputs = tiny_processor(model.config, size={"height": 64, "width": 64})(random_image(64, 64), return_tensors="pt")
     with torch.inference_mode():
-        features = model.forward_features(inputs["pixel_values"], inputs["pixel_values_slices"], inputs["slice_grid"])
+        features = model.mrovseg.encode_multi_resolution(inputs["pixel_values"], inputs["pixel_values_slices"],
+                                                         inputs["slice_grid"])
     for layer, tokens in features.global_tokens.items():
         global_map = tokens.transpose(1, 2).reshape(1, -1, 8, 8)
         torch.testing.assert_close(features.high_res_maps[layer], global_map, rtol=1e-5, atol=1e-5)
@@ -72,11 +74,11 @@ def test_stitched_tokens_sit_where_their_slice_is():
     inputs = inputs_for(model.config, (96, 200))
     slices, grid = inputs["pixel_values_slices"], inputs["slice_grid"]
     with torch.inference_mode():
-        features = model.forward_features(inputs["pixel_values"], slices, grid)
+        features = model.mrovseg.encode_multi_resolution(inputs["pixel_values"], slices, grid)
         k = 4  # second row, second column of a 2 x 4 grid? check against a direct pass of slice k
         cols = int(grid[0, 1])
         row, col = divmod(k, cols)
-        direct = model._run_clip(slices[:, k], [model.config.feature_layers[0]])[model.config.feature_layers[0]]
+        direct = model.mrovseg._run_clip(slices[:, k], [model.config.feature_layers[0]])[model.config.feature_layers[0]]
     stitched = features.high_res_maps[model.config.feature_layers[0]][:, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8]
     torch.testing.assert_close(stitched, direct[:, 1:].transpose(1, 2).reshape(2, -1, 8, 8), rtol=1e-5, atol=1e-5)
 
@@ -98,12 +100,12 @@ def test_loss_backward_reaches_every_trainable_parameter():
     assert set(out.loss_dict) == {"loss_class", "loss_mask", "loss_dice"}
     out.loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "vision_model.embeddings.position_embedding.weight" in trainable
+    assert "mrovseg.vision_model.embeddings.position_embedding.weight" in trainable
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not no_grad, no_grad
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert any(n.startswith("vision_model.encoder.layers") for n in frozen)
-    assert all(n.startswith(("vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"))
+    assert any(n.startswith("mrovseg.vision_model.encoder.layers") for n in frozen)
+    assert all(n.startswith(("mrovseg.vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"))
                for n in frozen)
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
 
@@ -115,10 +117,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = build(seed=1).train()
         if checkpointing:
             model.activation_checkpointing_enable()
-            assert model.vision_model.encoder.layers[0].gradient_checkpointing
+            assert model.mrovseg.vision_model.encoder.layers[0].gradient_checkpointing
         torch.manual_seed(0)  # same sampled points
         model(**inputs).loss.backward()
-        grads.append(model.vision_model.embeddings.position_embedding.weight.grad.clone())
+        grads.append(model.mrovseg.vision_model.embeddings.position_embedding.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -137,9 +139,26 @@ def test_bad_pixel_values_and_grid():
         model(pixel_values=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="does not match"):
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"],
-              slice_grid=torch.tensor([[1, 1], [1, 1]]))
+              slice_grid=torch.tensor([[1, 1, 64, 64], [1, 1, 64, 64]]))
+    with pytest.raises(ValueError, match="rows, cols, slice size, stride"):
+        model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"],
+              slice_grid=inputs["slice_grid"][:, :2])
     with pytest.raises(ValueError, match="slice_grid"):
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"])
+
+
+def test_processor_with_another_slice_overlap_is_an_error_not_a_stretched_mask():
+    model = build()  # slice_overlap 0
+    inputs = tiny_processor(model.config, slice_overlap=16, size={"height": 96, "width": 224})(
+        random_image(96, 224), return_tensors="pt")
+    with pytest.raises(ValueError, match=r"stride 48 \(overlap 16\).*stride 64 \(slice_overlap=0\)"):
+        model(**inputs)
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    matching = MROVSegImageProcessor.from_model_config(model.config, size={"height": 96, "width": 224})
+    with torch.inference_mode():
+        out = model(**matching(random_image(96, 224), return_tensors="pt"))
+    assert out.masks_queries_logits.shape[-2:] == (128, 256)  # the 128 x 256 canvas's token grid x 8
 
 
 def test_tuple_output():
@@ -160,7 +179,11 @@ def test_save_and_load_gives_identical_outputs(tmp_path):
     inputs = inputs_for(model.config, (96, 200))
     with torch.inference_mode():
         expected = model(**inputs)
-        for cls in (MROVSegForOpenVocabSegmentation, AutoModel, AutoModelForSemanticSegmentation):
+        base = AutoModel.from_pretrained(tmp_path).eval()  # the base model, like Mask2FormerModel
+        assert isinstance(base, MROVSegModel)
+        torch.testing.assert_close(base(**inputs).pixel_decoder_last_hidden_state,
+                                   model.mrovseg(**inputs).pixel_decoder_last_hidden_state, rtol=0, atol=0)
+        for cls in (MROVSegForOpenVocabSegmentation, AutoModelForSemanticSegmentation):
             loaded = cls.from_pretrained(tmp_path).eval()
             assert isinstance(loaded, MROVSegForOpenVocabSegmentation)
             got = loaded(**inputs)
@@ -177,7 +200,8 @@ def test_from_clip_copies_weights_exactly(tiny_clip_dir):
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=LABELS, num_queries=8,
                                                       hidden_dim=32, num_decoder_heads=4)
     for name in ("vision_model", "visual_projection", "text_model", "text_projection"):
-        ours, theirs = getattr(model, name).state_dict(), getattr(clip, name).state_dict()
+        ours = (model.mrovseg.vision_model if name == "vision_model" else getattr(model, name)).state_dict()
+        theirs = getattr(clip, name).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert torch.equal(model.logit_scale, clip.logit_scale)
@@ -231,8 +255,11 @@ def test_vit_b16_shapes_and_parameter_counts():
     assert summary["clip_vision"]["trainable"] == 197 * C  # only the position embeddings
     D, k = 256, 3  # noqa: N806
     adapter = (C * k * k + C) + (C * C + C) + (2 * C * 2 + 2) + (C * D + D) + 2 * D
-    assert sum(p.numel() for p in model.adapters.parameters()) == 3 * adapter
-    assert sum(p.numel() for p in model.masked_attention.parameters()) == C * C + C + 100 * C
+    assert sum(p.numel() for p in model.mrovseg.adapters.parameters()) == 3 * adapter
+    heads, bias_dim, remaining = 12, 32, 3  # SAN-style bias decoder: one (query, pixel) embedding per layer and head
+    bias_decoder = (D * D + D) + (D * remaining * heads * bias_dim + remaining * heads * bias_dim) \
+        + (D * remaining * heads * bias_dim + remaining * heads * bias_dim) + 2 * remaining * heads
+    assert sum(p.numel() for p in model.masked_attention.parameters()) == C * C + C + 100 * C + bias_decoder
     assert summary["mrovseg_modules"]["total"] == summary["mrovseg_modules"]["trainable"] > 3 * adapter
 
     from modeling_mrovseg import MROVSegImageProcessor

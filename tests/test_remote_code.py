@@ -21,10 +21,12 @@ SCRIPT = textwrap.dedent(
     except ImportError:
         pass
     import numpy as np, torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
     folder, out = sys.argv[1], sys.argv[2]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "MROVSegModel", type(base).__name__
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     image = np.load(folder + "/image.npy")
@@ -46,7 +48,8 @@ def test_remote_code_loads_without_the_package(tmp_path):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["auto_map"]["AutoModel"].endswith("MROVSegForOpenVocabSegmentation")
+    assert saved["auto_map"]["AutoModel"].endswith("MROVSegModel")
+    assert saved["auto_map"]["AutoModelForSemanticSegmentation"].endswith("MROVSegForOpenVocabSegmentation")
     assert "AutoImageProcessor" in json.loads((folder / "preprocessor_config.json").read_text())["auto_map"]
     import numpy as np
 

@@ -39,8 +39,8 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
-    from modeling_mrovseg.data import load_segmentation_dataset, shard_indices
-    from modeling_mrovseg.evaluation import evaluate_segmentation
+    from training.data import load_segmentation_dataset, shard_indices
+    from training.evaluation import evaluate_segmentation
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     model = accelerator.prepare_model(model, evaluation_mode=True)
     config = accelerator.unwrap_model(model).config
     processor = MROVSegImageProcessor.from_model_config(
-        config, size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+        config, size=MROVSegImageProcessor.size_for_resolution(args.eval_size))
     count = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
     with accelerator.autocast():
         results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,

@@ -19,22 +19,15 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", required=True)
     parser.add_argument("--base", default=None)
     args = parser.parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from modeling_mrovseg import MROVSegImageProcessor, MROVSegProcessor
-    from modeling_mrovseg.lora import load_lora, merge_lora
+    from training.lora import load_lora, merge_lora
     from training.train import build_model
 
     adapter = Path(args.adapter)
     recipe = json.loads((adapter / "mrovseg_base.json").read_text())
-    base_args = argparse.Namespace(model=args.base or recipe["model"], config=json.dumps(recipe["config"]))
-    base, tokenizer = build_model(base_args, recipe["class_names"])
+    base, tokenizer = build_model(args.base or recipe["model"], recipe["config"], recipe["class_names"])
     merged = merge_lora(load_lora(base, str(adapter)))
     out = Path(args.out)
-    merged.save_pretrained(out)
-    image_processor = MROVSegImageProcessor.from_model_config(merged.config)
-    MROVSegProcessor(image_processor, tokenizer or AutoTokenizer.from_pretrained(base_args.model),
-                     prompt_templates=merged.config.prompt_templates).save_pretrained(out)
+    merged.save_pretrained(out, tokenizer=tokenizer)
     print(f"merged {adapter} into {out}")
     return out
 

@@ -60,22 +60,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(args, class_names):
+def build_model(model: str, config_overrides: dict, class_names: list[str]):
+    """(MROVSeg, tokenizer) from a CLIP (a new MROVSeg around it) or an MROVSeg checkpoint, with `class_names`."""
     from transformers import AutoConfig, AutoTokenizer
 
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation
 
-    overrides = json.loads(args.config)
-    config = AutoConfig.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config = AutoConfig.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     if config.model_type == "mrovseg":
-        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model, **overrides)
-        if model.vocabulary != list(class_names):
-            model.set_vocabulary(class_names, tokenizer)
+        mrovseg = MROVSegForOpenVocabSegmentation.from_pretrained(model, **config_overrides)
+        mrovseg.clip_tokenizer = tokenizer
+        if mrovseg.vocabulary != list(class_names):
+            mrovseg.set_vocabulary(class_names)
     else:
-        model = MROVSegForOpenVocabSegmentation.from_clip(args.model, vocabulary=class_names, tokenizer=tokenizer,
-                                                          **overrides)
-    return model, tokenizer
+        mrovseg = MROVSegForOpenVocabSegmentation.from_clip(model, vocabulary=class_names, tokenizer=tokenizer,
+                                                            **config_overrides)
+    return mrovseg, tokenizer
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -92,9 +93,9 @@ def main(argv=None) -> dict:
 
     import evaluate
 
-    from modeling_mrovseg import MROVSegImageProcessor, MROVSegProcessor
-    from modeling_mrovseg.data import SegmentationAugment, StepBatches, load_segmentation_dataset, shard_indices
-    from modeling_mrovseg.evaluation import evaluate_segmentation
+    from modeling_mrovseg import MROVSegImageProcessor
+    from training.data import SegmentationAugment, StepBatches, load_segmentation_dataset, shard_indices
+    from training.evaluation import evaluate_segmentation
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision)
@@ -103,19 +104,19 @@ def main(argv=None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
-    model, tokenizer = build_model(args, class_names)
+    model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     config = model.config
     if args.lora_rank:
-        from modeling_mrovseg.lora import apply_lora
+        from training.lora import apply_lora
 
         model = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     train_processor = MROVSegImageProcessor.from_model_config(config)
     eval_processor = MROVSegImageProcessor.from_model_config(
-        config, size={"shortest_edge": args.eval_size, "longest_edge": 4 * args.eval_size})
+        config, size=MROVSegImageProcessor.size_for_resolution(args.eval_size))
 
     world = accelerator.num_processes
     per_step = args.batch_size // args.gradient_accumulation_steps
@@ -220,14 +221,13 @@ def main(argv=None) -> dict:
             model_dir = output_dir / "model"
             unwrapped = accelerator.unwrap_model(model)
             if args.lora_rank:  # the adapter (LoRA + trained decoder), then the merged plain checkpoint
-                from modeling_mrovseg.lora import merge_lora
+                from training.lora import merge_lora
 
                 unwrapped.save_pretrained(output_dir / "adapter")
                 (output_dir / "adapter" / "mrovseg_base.json").write_text(json.dumps(
                     {"model": args.model, "config": json.loads(args.config), "class_names": class_names}, indent=2))
                 unwrapped = merge_lora(unwrapped)
-            unwrapped.save_pretrained(model_dir, safe_serialization=True)
-            MROVSegProcessor(eval_processor, tokenizer, prompt_templates=config.prompt_templates).save_pretrained(model_dir)
+            unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
             (model_dir / "results.json").write_text(json.dumps(results, indent=2))
             accelerator.print(f"saved {model_dir}")
     accelerator.wait_for_everyone()

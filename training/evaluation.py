@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, as_arrays
+from .data import as_arrays
 
 
 @torch.inference_mode()
@@ -30,7 +30,7 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
         outputs = model(**inputs, text_embeds=text_embeds)
         prediction = image_processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0]
         metric.add(prediction=prediction.cpu().numpy(), reference=label)
-    results = metric.compute(num_labels=len(class_names), ignore_index=IGNORE_INDEX)
+    results = metric.compute(num_labels=len(class_names), ignore_index=model.config.ignore_index)
     model.train(was_training)
     per_class = np.asarray(results["per_category_iou"], dtype=np.float64)
     return {

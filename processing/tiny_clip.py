@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_mrovseg import CLIP_PRESETS
+from modeling_mrovseg.configuration_mrovseg import CLIP_PRESETS
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-IGNORE_INDEX = 255
+from modeling_mrovseg.configuration_mrovseg import IGNORE_INDEX
+from modeling_mrovseg.text_classifier import parse_class_names
 
 
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
@@ -27,7 +28,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     """
     import datasets
 
-    names = _read_names(class_names)
+    names = parse_class_names(class_names)
     path = Path(name_or_path).expanduser()
     if path.exists():
         candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
@@ -47,12 +48,6 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     if missing:
         raise ValueError(f"{name_or_path} lacks the column(s) {sorted(missing)}; convert it with processing/.")
     return dataset, list(names)
-
-
-def _read_names(class_names):
-    if class_names is None or isinstance(class_names, list):
-        return class_names
-    return json.loads(Path(class_names).read_text())
 
 
 def _hub_class_names(repo_id: str, dataset):

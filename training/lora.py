@@ -1,6 +1,6 @@
 """LoRA on CLIP's attention with peft, the MROVSeg decoder trained fully.
 
-    from modeling_mrovseg.lora import apply_lora, merge_lora
+    from training.lora import apply_lora, merge_lora
     peft_model = apply_lora(model, rank=8, alpha=16, targets="vision")   # a peft.PeftModel
     ...train...
     peft_model.save_pretrained("adapter")       # adapter_model.safetensors: LoRA + the trained decoder modules
@@ -8,7 +8,7 @@
     merged.save_pretrained("merged")
 
 Targets are picked by an anchored regular expression over full module names, so only CLIP's q/k/v/out
-projections are adapted: the query decoder's own attention (`query_decoder.layers.N.self_attn.out_proj`) and
+projections are adapted: the query decoder's own attention (`mrovseg.query_decoder.layers.N.self_attn.out_proj`) and
 every other module can never match. The decoder, adapters and query modules are `modules_to_save` under names
 that occur once in the model.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-TOWERS = {"vision": ("vision_model",), "text": ("text_model",), "both": ("vision_model", "text_model")}
-DECODER_MODULES = ["adapters", "pixel_decoder", "query_decoder", "mask_head", "attention_mask_decoder",
+TOWERS = {"vision": (r"mrovseg\.vision_model",), "text": ("text_model",),
+          "both": (r"mrovseg\.vision_model", "text_model")}
+DECODER_MODULES = ["mrovseg.adapters", "mrovseg.pixel_decoder", "mrovseg.query_decoder", "mask_head",
                    "masked_attention", "classifier"]
 
 
@@ -39,10 +40,10 @@ def lora_config(model, rank: int = 8, alpha: float | None = None, targets: str =
 
     modules_to_save = []
     for name in DECODER_MODULES:  # peft cannot wrap a ModuleList: list its members ("adapters.0", ...)
-        module = getattr(model, name)
+        module = model.get_submodule(name)
         modules_to_save += [f"{name}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [name]
     if model.config.train_position_embeddings:
-        modules_to_save.append("vision_model.embeddings.position_embedding")
+        modules_to_save.append("mrovseg.vision_model.embeddings.position_embedding")
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
                       target_modules=target_pattern(targets), modules_to_save=modules_to_save, bias="none")
 

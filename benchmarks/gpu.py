@@ -1,0 +1,314 @@
+"""GPU benchmark: latency, memory, throughput, bf16 agreement and an accelerate training smoke run, in one run.
+
+    python -m benchmarks.gpu            # on a CUDA device (about 5 minutes on an H100); writes the "gpu" section
+    python -m benchmarks.gpu --smoke    # the same code on the CPU with the tiny config (CI runs this)
+
+Every figure is measured in this run on this card, side by side:
+1. latency (ms, median of CUDA-event-timed runs, post-processing of 150 classes included) and peak memory of MROVSeg,
+   the CLIP passes alone (the floor), full-resolution CLIP feeding the same decoder (`high_res_encoding="full_image"`)
+   and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`);
+2. post-processing alone at 2048^2 and batch-8 throughput at 640^2;
+3. training-step throughput (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8) and ViT-L/14 (batch 4);
+4. bf16 autocast against fp32 on the same input (relative error of the logits, argmax agreement);
+5. a 60-step `accelerate launch --mixed_precision bf16` training run and `training.evaluate` on synthetic data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(640, 640), (1024, 2048), (2048, 2048), (4096, 4096)]
+VARIANTS = ["mrovseg", "clip_floor", "full_resolution_clip", "single_resolution"]
+
+
+def build(preset: str, num_labels: int, device, dtype=None, **overrides):
+    from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation
+
+    names = [f"class {i}" for i in range(num_labels)]
+    config = MROVSegConfig.from_preset(preset, id2label=dict(enumerate(names)),
+                                       label2id={n: i for i, n in enumerate(names)}, **overrides)
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation(config).to(device).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def timed(fn, device, runs: int, warmup: int = 2) -> float:
+    """Median milliseconds of `fn()` (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def inputs_for(model, size, device, batch: int = 1):
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    processor = MROVSegImageProcessor.from_model_config(model.config, size={"height": size[0], "width": size[1]})
+    image = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+    return processor, processor([image] * batch, return_tensors="pt").to(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None
+
+
+def latency_table(args, device) -> list[dict]:
+    rows = []
+    base = build(args.preset, args.num_labels, device)
+    models = {"mrovseg": base, "clip_floor": base,
+              "full_resolution_clip": build(args.preset, args.num_labels, device, high_res_encoding="full_image"),
+              "single_resolution": build(args.preset, args.num_labels, device, use_high_res=False)}
+    compiled = torch.compile(base) if args.compile else None
+    for size in args.sizes:
+        processor, inputs = inputs_for(base, size, device)
+        compile_here = compiled is not None and tuple(size) in args.compiled_sizes
+        for variant in VARIANTS + (["mrovseg_compiled"] if compile_here else []):
+            if variant == "full_resolution_clip" and size[0] * size[1] > args.full_res_max_pixels:
+                continue
+            model = models.get(variant, base)
+
+            def step(model=model, variant=variant):
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+                    if variant == "clip_floor":
+                        images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
+                        return model.mrovseg._run_clip(images, [model.config.vision_config.num_hidden_layers - 1])
+                    forward = compiled if variant == "mrovseg_compiled" else model
+                    outputs = forward(**inputs)
+                    return processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0]
+
+            reset_peak(device)
+            ms = timed(step, device, args.runs, warmup=3 if variant == "mrovseg_compiled" else 1)
+            rows.append({"variant": variant, "size": list(size), "ms": ms, "peak_gb": peak_gb(device)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def postprocess_and_batch(args, device) -> dict:
+    model = build(args.preset, args.num_labels, device)
+    size = args.sizes[min(2, len(args.sizes) - 1)]
+    processor, inputs = inputs_for(model, size, device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+        outputs = model(**inputs)
+        post_ms = timed(lambda: processor.post_process_semantic_segmentation(outputs, target_sizes=[size]), device,
+                        args.runs)
+    processor, batch = inputs_for(model, args.sizes[0], device, batch=8)
+
+    def batch_step():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            outputs = model(**batch)
+            return processor.post_process_semantic_segmentation(outputs, target_sizes=[args.sizes[0]] * 8)
+
+    batch_ms = timed(batch_step, device, args.runs)
+    return {"postprocess_size": list(size), "postprocess_ms": post_ms, "batch8_size": list(args.sizes[0]),
+            "batch8_ms": batch_ms, "batch8_images_per_s": 8000 / batch_ms}
+
+
+def training_throughput(args, device) -> list[dict]:
+    from training.data import SegmentationAugment
+
+    rows = []
+    for preset, batch_size in args.train_presets:
+        model = build(preset, args.num_labels, device).train()
+        crop = args.crop
+        from modeling_mrovseg import MROVSegImageProcessor
+
+        processor = MROVSegImageProcessor.from_model_config(model.config)
+        rng = np.random.default_rng(0)
+        augment = SegmentationAugment(crop_size=crop)
+        images, labels = [], []
+        for i in range(batch_size):
+            image, label = augment(rng.integers(0, 256, (crop, crop, 3), dtype=np.uint8),
+                                   rng.integers(0, args.num_labels, (crop, crop)), np.random.default_rng(i))
+            images.append(image)
+            labels.append(label)
+        batch = processor(images, segmentation_maps=labels, do_resize=False, return_tensors="pt").to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(**batch, loss_seeds=torch.arange(batch_size)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.01)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        reset_peak(device)
+        ms = timed(step, device, max(2, args.runs // 2), warmup=2)
+        rows.append({"preset": preset, "batch": batch_size, "crop": crop, "step_s": ms / 1000,
+                     "images_per_s": batch_size * 1000 / ms, "peak_gb": peak_gb(device)})
+        print(json.dumps(rows[-1]), flush=True)
+        del model, optimizer
+    return rows
+
+
+def bf16_agreement(args, device) -> dict:
+    model = build(args.preset, args.num_labels, device)
+    processor, inputs = inputs_for(model, args.sizes[0], device)
+    with torch.inference_mode():
+        reference = model(**inputs)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            autocast = model(**inputs)
+        pure = build(args.preset, args.num_labels, device, dtype=torch.bfloat16)(
+            **{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()})
+
+    def compare(other):
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        size = [args.sizes[0]]
+        same = (processor.post_process_semantic_segmentation(other, target_sizes=size)[0]
+                == processor.post_process_semantic_segmentation(reference, target_sizes=size)[0]).float().mean()
+        return {"class_rel_err": rel(other.class_queries_logits, reference.class_queries_logits),
+                "mask_rel_err": rel(other.masks_queries_logits, reference.masks_queries_logits),
+                "argmax_agreement": float(same)}
+
+    return {"autocast_bf16": compare(autocast), "pure_bf16": compare(pure)}
+
+
+def training_smoke(args) -> dict:
+    """60 steps of `accelerate launch --mixed_precision bf16 -m training.train`, then `training.evaluate`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        commands = [
+            [sys.executable, "-m", "processing.synthetic", "--out", str(tmp / "data"), "--num-train", "16",
+             "--num-val", "4", "--height", "256", "--width", "256"],
+            [sys.executable, "-c", f"from processing.tiny_clip import build_tiny_clip; build_tiny_clip({str(tmp / 'clip')!r})"],
+            [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+             "--mixed_precision", args.smoke_precision, "--dynamo_backend", "no", "-m", "training.train",
+             "--model", str(tmp / "clip"), "--dataset", str(tmp / "data"), "--output_dir", str(tmp / "run"),
+             "--max_steps", str(args.smoke_steps), "--batch_size", "4", "--crop_size", "128", "--eval_size", "256",
+             "--lr", "1e-3", "--max_grad_norm", "1.0", "--checkpointing_steps", str(args.smoke_steps), "--no_progress",
+             "--mixed_precision", args.smoke_precision,
+             "--config", json.dumps({"num_queries": 8, "hidden_dim": 32, "num_decoder_heads": 4,
+                                     "decoder_ffn_dim": 64, "train_num_points": 512})],
+            [sys.executable, "-m", "training.evaluate", "--model", str(tmp / "run" / "model"), "--dataset",
+             str(tmp / "data"), "--eval_size", "256", "--no_progress", "--output", str(tmp / "eval.json"),
+             "--mixed_precision", args.smoke_precision],
+        ]
+        started = time.perf_counter()
+        for command in commands:
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                return {"ok": False, "failed": " ".join(command[:4]), "stderr": result.stderr[-1500:]}
+        evaluation = json.loads((tmp / "eval.json").read_text())
+        log = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
+        return {"ok": True, "steps": args.smoke_steps, "seconds": round(time.perf_counter() - started, 1),
+                "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "mean_iou": evaluation["mean_iou"]}
+
+
+def report(results: dict) -> str:
+    lat = {(r["variant"], tuple(r["size"])): r for r in results["latency"]}
+    lines = [f"GPU: **{results['device']}**, torch {results['torch']}, bf16 autocast, {results['preset']}, "
+             f"{results['num_labels']} classes, batch 1, post-processing included (`python -m benchmarks.gpu"
+             f"{' --smoke' if results['smoke'] else ''}`, {results['date']}).", "",
+             "| image | MROVSeg ms | compiled ms | CLIP floor ms | after-CLIP overhead (compiled) | full-res CLIP ms "
+             "| speed-up vs full-res | single-res ms | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+    for size in results["sizes"]:
+        size = tuple(size)
+        ours, floor = lat.get(("mrovseg", size)), lat.get(("clip_floor", size))
+        comp, full = lat.get(("mrovseg_compiled", size)), lat.get(("full_resolution_clip", size))
+        single = lat.get(("single_resolution", size))
+        best = comp["ms"] if comp else ours["ms"]
+        fmt = lambda r: f"{r['ms']:.1f}" if r else "n/a"  # noqa: E731
+        lines.append(
+            f"| {size[0]} x {size[1]} | {ours['ms']:.1f} | {fmt(comp)} | {floor['ms']:.1f} | "
+            f"+{100 * (best / floor['ms'] - 1):.0f}% | {fmt(full)} | "
+            f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | "
+            f"{ours['peak_gb'] if ours['peak_gb'] is None else round(ours['peak_gb'], 2)} |")
+    extra = results["postprocess_and_batch"]
+    lines += ["", f"Post-processing alone at {extra['postprocess_size'][0]}^2: {extra['postprocess_ms']:.1f} ms. "
+              f"Batch of 8 at {extra['batch8_size'][0]}^2: {extra['batch8_images_per_s']:.0f} images/s.", "",
+              "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |", "|---|---|---|---|---|"]
+    for row in results["training"]:
+        lines.append(f"| {row['preset']}, {row['crop']} crops | {row['batch']} | {row['step_s']:.3f} | "
+                     f"{row['images_per_s']:.1f} | {row['peak_gb'] if row['peak_gb'] is None else round(row['peak_gb'], 1)} |")
+    agree = results["bf16_agreement"]
+    lines += ["", "bf16 against fp32 (same input): " + "; ".join(
+        f"{name}: class logits {100 * v['class_rel_err']:.2f}%, masks {100 * v['mask_rel_err']:.2f}%, argmax "
+        f"agreement {100 * v['argmax_agreement']:.2f}%" for name, v in agree.items()) + "."]
+    smoke = results["training_smoke"]
+    lines += ["", ("accelerate training smoke run: " + (
+        f"{smoke['steps']} steps + evaluation in {smoke['seconds']} s, loss {smoke['first_loss']:.2f} -> "
+        f"{smoke['last_loss']:.2f}, mIoU {smoke['mean_iou']:.3f}." if smoke["ok"] else
+        f"FAILED at `{smoke['failed']}`: {smoke['stderr'][-300:]}"))]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny config on the CPU: exercise every path quickly")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
+    parser.add_argument("--out", default=None, help="also write the raw results JSON here")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU check of the same code paths")
+    if args.smoke:
+        args.preset, args.num_labels, args.sizes, args.runs, args.crop = "tiny", 5, [(64, 64), (96, 160)], 2, 64
+        args.train_presets, args.full_res_max_pixels, args.compile = [("tiny", 2)], 10**9, False
+        args.compiled_sizes = []
+        args.smoke_steps, args.smoke_precision = 4, "no"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        args.preset, args.num_labels, args.sizes, args.runs, args.crop = "vit-b-16", 150, SIZES, 10, 640
+        args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
+        args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
+        args.compiled_sizes = [(640, 640), (2048, 2048)]  # each size compiles anew: two keep the run near 5 min
+    from datetime import datetime, timezone
+
+    results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)",
+               "torch": torch.__version__, "preset": args.preset, "num_labels": args.num_labels,
+               "sizes": [list(s) for s in args.sizes], "smoke": args.smoke,
+               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}"}
+    started = time.perf_counter()
+    results["bf16_agreement"] = bf16_agreement(args, device)
+    results["latency"] = latency_table(args, device)
+    results["postprocess_and_batch"] = postprocess_and_batch(args, device)
+    results["training"] = training_throughput(args, device)
+    results["training_smoke"] = training_smoke(args)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    text = report(results)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    if not args.no_write and not args.smoke:
+        from benchmarks.results_file import write_section
+
+        write_section("gpu", "## GPU\n\n" + text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
