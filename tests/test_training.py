@@ -138,3 +138,32 @@ def test_every_batch_tensor_reaches_the_accelerator_device(tiny_clip_dir, synthe
         train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, lora_rank=lora_rank))
     assert {"pixel_values", "pixel_values_slices", "labels", "loss_seeds", "model"} <= set(seen)
     assert set(seen.values()) == {torch.device("meta")}, seen
+
+
+def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(tiny_clip_dir, synthetic, tmp_path,
+                                                                               capsys):
+    train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2))
+    assert not list(tmp_path.rglob("custom_checkpoint_*"))  # nothing that resume would unpickle with weights_only=False
+    state = json.loads((tmp_path / "checkpoints" / "step_4" / "training_state.json").read_text())
+    assert state["step"] == 4 and state["lr_schedule"]["last_epoch"] == 4  # the schedule lives in JSON
+    with pytest.raises(SystemExit, match="holds an earlier run"):  # a finished run is not overwritten silently
+        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4))
+
+    # a damaged newest checkpoint is named and skipped; an explicit damaged one is an error naming it
+    (tmp_path / "checkpoints" / "step_4" / "model.safetensors").write_bytes(b"\x00" * 5)
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    assert "step_4 cannot be resumed from: model.safetensors" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "step_2" / "training_state.json").write_text("")
+    assert train.latest_checkpoint(tmp_path) is None
+    with pytest.raises(SystemExit, match="cannot resume from .*step_2: training_state.json"):
+        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4,
+                        resume_from_checkpoint=tmp_path / "checkpoints" / "step_2"))
+
+    with pytest.raises(SystemExit) as error:
+        train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", max_steps=0))
+    assert error.value.code == 2 and "--max_steps must be >= 1" in capsys.readouterr().err
+
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
+                              overwrite_output_dir=None))
+    assert results["stopped_at"] == 2 and not (tmp_path / "checkpoints" / "step_4").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]

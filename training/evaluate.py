@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
         width = max(len(name) for name in class_names)
         for name, iou in results["per_class_iou"].items():
             print(f"{name:<{width}}  {'  n/a' if iou is None else f'{100 * iou:5.1f}'}")
-        print(f"mIoU {100 * results['mean_iou']:.2f} over {count} images of {results['benchmark']} ({args.split})")
+        print(f"mIoU {100 * results['mean_iou']:.2f}% over {count} images of {results['benchmark']} ({args.split})")
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2))

@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--checkpointing_steps", type=int, default=1000)
     parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="start over in an OUTPUT_DIR that holds an earlier run (its checkpoints, model and log "
+                             "are deleted); without it such a folder is refused unless resuming")
     parser.add_argument("--stop_after_steps", type=int, default=None,
                         help="stop (resumably) after this many steps, e.g. to fit a time slot")
     parser.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -57,7 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA scaling numerator (default 2 x rank)")
     parser.add_argument("--lora_targets", default="vision", choices=["vision", "text", "both"])
     parser.add_argument("--no_progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "crop_size", "eval_size",
+                 "checkpointing_steps", "log_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("stop_after_steps", "eval_max_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0 or args.weight_decay < 0 or args.max_grad_norm < 0 or args.eval_steps < 0 or args.lora_rank < 0:
+        parser.error("--lr must be > 0; --weight_decay, --max_grad_norm, --eval_steps and --lora_rank >= 0")
+    return args
 
 
 def build_model(model: str, config_overrides: dict, class_names: list[str]):
@@ -79,10 +92,55 @@ def build_model(model: str, config_overrides: dict, class_names: list[str]):
     return mrovseg, tokenizer
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = sorted((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
-                   if (p / "training_state.json").exists())
-    return steps[-1][1] if steps else None
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (None when it is complete): a checkpoint is written before its
+    training_state.json, and every file must be readable."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / "training_state.json").read_text())
+        if not isinstance(state.get("step"), int):
+            return "training_state.json holds no step"
+    except (OSError, ValueError, AttributeError) as error:
+        return f"training_state.json is missing or unreadable ({error})"
+    for weights in sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]:
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+            if weights.stat().st_size < 8:
+                return f"{weights.name} is truncated"
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{weights.name} is unreadable ({error})"
+    return None
+
+
+def latest_checkpoint(output_dir: Path, log=print) -> Path | None:
+    """The newest complete checkpoint; incomplete or damaged newer ones are reported and skipped."""
+    steps = sorted(((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
+                    if p.name.split("_")[1].isdigit()), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"checkpoint {path} cannot be resumed from: {problem}; trying the one before it")
+    return None
+
+
+def prepare_output_dir(output_dir: Path, args) -> None:
+    """Refuse to mix a new run into an earlier one's folder (like transformers' Trainer) unless asked."""
+    import shutil
+
+    earlier = [name for name in ("checkpoints", "model", "adapter", "log.jsonl") if (output_dir / name).exists()]
+    if earlier and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            raise SystemExit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}). Continue it with "
+                             "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose "
+                             "another --output_dir.")
+        for name in earlier:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv=None) -> dict:
@@ -101,7 +159,9 @@ def main(argv=None) -> dict:
                               mixed_precision=args.mixed_precision)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, args)
+    accelerator.wait_for_everyone()
 
     train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
     model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
@@ -131,18 +191,28 @@ def main(argv=None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1 - step / args.max_steps) ** args.poly_power)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # stepped here once per optimizer step: accelerate's wrapper would step it once per process
-    accelerator.register_for_checkpointing(schedule)
+    # Stepped here once per optimizer step (accelerate's wrapper would step it once per process). Its state goes into
+    # training_state.json, not register_for_checkpointing: accelerate unpickles those with weights_only=False, so a
+    # replaced checkpoint file could run code on resume.
 
     start_step = 0
     resume = args.resume_from_checkpoint
     if resume:
-        path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+        path = latest_checkpoint(output_dir, accelerator.print) if resume == "latest" else Path(resume)
         if path is None:
             accelerator.print("no checkpoint to resume from: starting from scratch")
         else:
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise SystemExit(f"error: cannot resume from {path}: {problem}")
             accelerator.load_state(str(path))
-            start_step = json.loads((path / "training_state.json").read_text())["step"]
+            state = json.loads((path / "training_state.json").read_text())
+            start_step = state["step"]
+            if "lr_schedule" in state:
+                schedule.load_state_dict(state["lr_schedule"])
+            else:  # checkpoints of earlier versions: the schedule is a function of the step
+                schedule.last_epoch = start_step
+                schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
             accelerator.print(f"resumed from {path} at step {start_step}")
 
     stop_step = min(args.max_steps, args.stop_after_steps or args.max_steps)
@@ -165,7 +235,7 @@ def main(argv=None) -> dict:
                                        shard_indices(count, accelerator.process_index, world),
                                        show_progress=accelerator.is_main_process and not args.no_progress)
         result.update(step=step, num_images=count)
-        accelerator.print(f"step {step}: mIoU {result['mean_iou']:.4f}")
+        accelerator.print(f"step {step}: mIoU {100 * result['mean_iou']:.2f}%")
         return result
 
     progress = tqdm(total=stop_step, initial=start_step, desc="training",
@@ -205,7 +275,10 @@ def main(argv=None) -> dict:
             path = output_dir / "checkpoints" / f"step_{step}"
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
-                (path / "training_state.json").write_text(json.dumps({"step": step}))
+                state = {"step": step, "lr_schedule": schedule.state_dict()}  # plain values (the lambda is None)
+                partial = path / "training_state.json.partial"  # written last and renamed: a complete checkpoint
+                partial.write_text(json.dumps(state))
+                partial.replace(path / "training_state.json")
             accelerator.wait_for_everyone()
         if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
             evaluations.append(run_evaluation(step))
@@ -230,6 +303,9 @@ def main(argv=None) -> dict:
             unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
             (model_dir / "results.json").write_text(json.dumps(results, indent=2))
             accelerator.print(f"saved {model_dir}")
+    else:
+        accelerator.print(f"stopped at step {step} of {args.max_steps}; continue with the same command and "
+                          f"--resume_from_checkpoint latest")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
