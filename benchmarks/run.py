@@ -45,48 +45,11 @@ def vit_b16_model(num_labels: int = 20, **overrides):
     return MROVSegForOpenVocabSegmentation(config).eval()
 
 
-class FullResolutionBaseline:
-    """The same MROVSeg decoder fed by one CLIP pass over the whole canvas (position embeddings interpolated)."""
-
-    @staticmethod
-    def patch(model):
-        from modeling_mrovseg.modeling_mrovseg import MROVSegFeatures
-        from modeling_mrovseg.slicing import SliceGrid, stitch_windows
-
-        config = model.config
-
-        def forward_features(pixel_values, pixel_values_slices=None, slice_grid=None, output_hidden_states=False):
-            rows, cols = model._grid_from(slice_grid, pixel_values_slices)
-            grid = SliceGrid(rows, cols, config.slice_size, config.slice_stride)
-            canvas = stitch_windows(pixel_values_slices, grid)
-            vision, patch = model.vision_model, config.patch_size
-            hidden = vision.pre_layrnorm(vision.embeddings(canvas, interpolate_pos_encoding=True))
-            needed = model._needed_layers()
-            states = {0: hidden} if 0 in needed else {}
-            for index, layer in enumerate(vision.encoder.layers[: max(needed)]):
-                hidden = layer(hidden, None)
-                if index + 1 in needed:
-                    states[index + 1] = hidden
-            height, width = canvas.shape[-2] // patch, canvas.shape[-1] // patch
-            side = config.slice_size // patch
-            maps, global_tokens = {}, {}
-            for layer, tokens in states.items():
-                grid_map = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
-                maps[layer] = grid_map
-                global_tokens[layer] = torch.nn.functional.adaptive_avg_pool2d(grid_map, side).flatten(2).transpose(1, 2)
-            return MROVSegFeatures(global_tokens=global_tokens, high_res_maps=maps,
-                                   cls_token=states[config.query_layer][:, 0], global_grid=(side, side),
-                                   high_res_grid=(height, width))
-
-        model.forward_features = forward_features
-        return model
-
-
 def clip_floor(model, inputs) -> torch.Tensor:
     """Plain CLIPVisionModel over the global view and every slice, chunked like the model: the floor."""
     images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
     chunk = model.config.slice_batch_size or images.shape[0]
-    outputs = [model.vision_model(pixel_values=images[i : i + chunk]).last_hidden_state for i in range(0, len(images), chunk)]
+    outputs = [model.mrovseg.vision_model(pixel_values=images[i : i + chunk]).last_hidden_state for i in range(0, len(images), chunk)]
     return outputs[-1]
 
 
@@ -102,9 +65,8 @@ def prepare(size, slice_batch_size=16):
 def run_variant(variant: str, size, runs: int) -> dict:
     """One (variant, size) in this process: warm-up on a small input, then `runs` timed runs."""
     torch.set_num_threads(torch.get_num_threads())
-    model = vit_b16_model(slice_batch_size=16, use_high_res=variant != "single_resolution")
-    if variant == "full_resolution_clip":
-        FullResolutionBaseline.patch(model)
+    model = vit_b16_model(slice_batch_size=16, use_high_res=variant != "single_resolution",
+                          high_res_encoding="full_image" if variant == "full_resolution_clip" else "slices")
 
     def once(sz):
         processor, image = prepare(sz)
@@ -134,19 +96,18 @@ def count_flops(variant: str, size) -> float:
     from modeling_mrovseg.slicing import SliceGrid
 
     with torch.device("meta"):
-        model = vit_b16_model(slice_batch_size=None, use_high_res=variant != "single_resolution")
+        model = vit_b16_model(slice_batch_size=None, use_high_res=variant != "single_resolution",
+                              high_res_encoding="full_image" if variant == "full_resolution_clip" else "slices")
     model.requires_grad_(False)  # the counter's module tracker hooks tensors that require grad
-    if variant == "full_resolution_clip":
-        FullResolutionBaseline.patch(model)
     grid = SliceGrid.covering(size[0], size[1], 224, 0)
     with torch.device("meta"):
         inputs = {"pixel_values": torch.zeros(1, 3, 224, 224),
                   "pixel_values_slices": torch.zeros(1, grid.num_slices, 3, 224, 224),
-                  "slice_grid": (grid.rows, grid.cols)}
+                  "slice_grid": torch.tensor([[grid.rows, grid.cols, grid.window, grid.stride]], device="cpu")}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         if variant == "clip_floor":
             images = torch.zeros(1 + grid.num_slices, 3, 224, 224, device="meta")
-            model.vision_model(pixel_values=images)
+            model.mrovseg.vision_model(pixel_values=images)
         elif variant == "single_resolution":
             model(pixel_values=inputs["pixel_values"])
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from modeling_mrovseg.cli import is_hub_id
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 
@@ -31,11 +32,6 @@ def load_results(paths: list[str | Path]) -> list[dict]:
         else:
             raise ValueError(f"{path} holds no mean_iou results")
     return records
-
-
-def is_hub_id(name: str) -> bool:
-    """"org/name" that is not a local path."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
 def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "mit"):
