@@ -194,10 +194,7 @@ class MROVSegImageProcessor(PilBackend):
 
     def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
         super().__init__(**kwargs)
-        if not 0 <= self.slice_overlap < self.slice_size:
-            raise ValueError(
-                f"slice_overlap={self.slice_overlap} must lie in [0, {self.slice_size - 1}] (below slice_size)."
-            )
+        _check_overlap(self.slice_size, self.slice_overlap)
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "MROVSegImageProcessor":
@@ -273,8 +270,7 @@ class MROVSegImageProcessor(PilBackend):
         if mean.size != 3 or std.size != 3:
             raise ValueError(f"image_mean and image_std need 3 values (images are RGB), got {mean.size} and {std.size}.")
 
-        if not 0 <= slice_overlap < slice_size:
-            raise ValueError(f"slice_overlap={slice_overlap} must lie in [0, {slice_size - 1}] (below slice_size).")
+        _check_overlap(slice_size, slice_overlap)  # also for per-call overrides
 
         # transformers' PIL backend resizes (to MROVSeg's aspect-kept size), rescales and normalises each image
         resized, resized_maps = [], []
@@ -417,6 +413,11 @@ def _resize_scores(score: torch.Tensor, geometry: list[int] | None, size: tuple[
     if size is not None and tuple(score.shape[-2:]) != tuple(size):  # resizing to the same size is the identity
         score = F.interpolate(score, size=size, mode="bilinear", align_corners=False)
     return score
+
+
+def _check_overlap(slice_size: int, slice_overlap: int) -> None:
+    if not 0 <= slice_overlap < slice_size:
+        raise ValueError(f"slice_overlap={slice_overlap} must lie in [0, {slice_size - 1}] (below slice_size).")
 
 
 def global_view(canvas: np.ndarray, size: int) -> np.ndarray:

@@ -95,27 +95,32 @@ def pool_prompt_embeddings(embeds: torch.Tensor, owners: list[tuple[int, int]], 
     return F.normalize(per_class, dim=-1)
 
 
+def prompt_length_limit(tokenizer, max_length: int | None = None) -> int:
+    """Tokens a prompt may keep: CLIP's context, the tokenizer's and the text tower's (`max_length`), the least."""
+    model_max = getattr(tokenizer, "model_max_length", None) or CLIP_CONTEXT_LENGTH
+    return min(CLIP_CONTEXT_LENGTH, model_max, max_length or CLIP_CONTEXT_LENGTH)
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """The one tokenization of prompts: padded, truncated to CLIP's context (and `max_length`, the text tower's)."""
-    limit = min(CLIP_CONTEXT_LENGTH, getattr(tokenizer, "model_max_length", CLIP_CONTEXT_LENGTH) or CLIP_CONTEXT_LENGTH,
-                max_length or CLIP_CONTEXT_LENGTH)
-    tokens = tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    """The one tokenization of prompts: padded, truncated to `prompt_length_limit`."""
+    tokens = tokenizer(list(prompts), padding=True, truncation=True,
+                       max_length=prompt_length_limit(tokenizer, max_length), return_tensors="pt")
     return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
-def check_distinct_after_truncation(tokens: dict[str, torch.Tensor], labels: Sequence[str],
+def check_distinct_after_truncation(rows: Sequence[tuple[int, ...]], labels: Sequence[str],
                                     owners: Sequence[tuple[int, int]], limit: int) -> None:
-    """Two classes whose prompts tokenize identically (they differ only past the context) cannot be told apart."""
-    ids = tokens["input_ids"]
-    if ids.shape[-1] < limit:
+    """Two classes whose prompts tokenize identically (they differ only past the context) cannot be told apart.
+    `rows` are the prompts' token ids without padding."""
+    if all(len(row) < limit for row in rows):
         return  # nothing was truncated
     warnings.warn(f"Some class-name prompts are longer than {limit} tokens and were truncated.", stacklevel=3)
     per_class: dict[int, list[tuple]] = {}
-    for row, (class_index, _) in zip(ids.tolist(), owners):
-        per_class.setdefault(class_index, []).append(tuple(row))
+    for row, (class_index, _) in zip(rows, owners):
+        per_class.setdefault(class_index, []).append(row)
     seen: dict[tuple, int] = {}
-    for class_index, rows in per_class.items():
-        key = tuple(sorted(rows))
+    for class_index, class_rows in per_class.items():
+        key = tuple(sorted(class_rows))
         if key in seen:
             raise ValueError(f"Class names {labels[seen[key]]!r} and {labels[class_index]!r} are identical within "
                              f"CLIP's {limit}-token context: shorten them so they differ early.")
@@ -127,13 +132,14 @@ def embed_class_names(encode_text: Callable, labels: Sequence[str], tokenizer, t
     """(C, E) embeddings: every name (and synonym) in every prompt template, encoded, averaged and normalised."""
     labels = validate_labels(labels)
     prompts, owners = build_prompts(labels, templates)
-    tokens = tokenize_prompts(tokenizer, prompts, max_length)
-    check_distinct_after_truncation(tokens, labels, owners, min(CLIP_CONTEXT_LENGTH, max_length or CLIP_CONTEXT_LENGTH))
-    chunks = []
+    chunks, rows = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = tokenize_prompts(tokenizer, prompts[start : start + batch_size], max_length)
-        chunks.append(encode_text(chunk["input_ids"].to(device), chunk["attention_mask"].to(device)))
-    return pool_prompt_embeddings(torch.cat(chunks), owners, len(labels))
+        rows += [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(chunk["input_ids"], chunk["attention_mask"])]
+        chunks.append(chunk)
+    check_distinct_after_truncation(rows, labels, owners, prompt_length_limit(tokenizer, max_length))
+    embeds = [encode_text(c["input_ids"].to(device), c["attention_mask"].to(device)) for c in chunks]
+    return pool_prompt_embeddings(torch.cat(embeds), owners, len(labels))
 
 
 class MROVSegOpenVocabClassifier(nn.Module):

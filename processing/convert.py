@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modeling_mrovseg.text_classifier import parse_class_names
+
 from .class_names import (
     ADE20K_150,
     COCO_STUFF_171,
@@ -283,8 +285,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.dataset == "folder":
-        names = (json.loads(Path(args.class_names).read_text()) if Path(args.class_names).is_file()
-                 else [n.strip() for n in args.class_names.split(",") if n.strip()])
+        names = parse_class_names(args.class_names)
         for path in convert_folder(args.source, out, names, args.val_fraction):
             print(f"wrote {path}")
         return

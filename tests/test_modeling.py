@@ -270,3 +270,17 @@ def test_vit_b16_shapes_and_parameter_counts():
         out = model(**inputs)
     assert out.masks_queries_logits.shape == (1, 100, 42 * 8, 42 * 8)
     assert out.class_queries_logits.shape == (1, 100, 3)
+
+
+def test_class_names_one_spelling_and_distinct_within_clip_context(tiny_clip_dir, tiny_tokenizer):
+    from modeling_mrovseg.text_classifier import validate_labels
+
+    assert validate_labels(["traffic  cone", "cafe\u0301"]) == ["traffic cone", "caf\u00e9"]
+    with pytest.raises(ValueError, match="Duplicate class name"):
+        validate_labels(["traffic cone", "traffic  cone"])
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
+                                                      num_decoder_heads=4, prompt_templates=["{}"])
+    long = "x" * 90  # the tiny tokenizer has no merges: one token per character
+    with pytest.raises(ValueError, match="identical within CLIP's 77-token context"), pytest.warns(UserWarning):
+        model.set_vocabulary([long + " red", long + " blue"], tiny_tokenizer)
+    model.set_vocabulary(["red " + long, "blue " + long], tiny_tokenizer)  # they differ early: fine

@@ -37,7 +37,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
             raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
         dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
         if names is None and (path / "class_names.json").is_file():
-            names = json.loads((path / "class_names.json").read_text())
+            names = parse_class_names(str(path / "class_names.json"))
     else:
         dataset = datasets.load_dataset(name_or_path, split=split)
         if names is None:

@@ -104,12 +104,9 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError) as error:
         return f"training_state.json is missing or unreadable ({error})"
     for weights in sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]:
-        try:
-            with safe_open(str(weights), "pt") as handle:
-                for key in handle.keys():
-                    handle.get_slice(key)
-            if weights.stat().st_size < 8:
-                return f"{weights.name} is truncated"
+        try:  # opening checks the header and that the file covers every tensor it declares (truncation)
+            with safe_open(str(weights), "pt"):
+                pass
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
             return f"{weights.name} is unreadable ({error})"
     return None
