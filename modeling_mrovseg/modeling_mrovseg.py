@@ -265,6 +265,7 @@ class MROVSegModel(MROVSegPreTrainedModel):
         pixel_values_slices: torch.Tensor | None = None,
         slice_grid: torch.Tensor | Sequence[int] | None = None,
         output_hidden_states: bool = False,
+        canvas_size: tuple[int, int] | None = None,
     ) -> MROVSegFeatures:
         """
         The global view and all slices through CLIP in one batched pass (chunked by `slice_batch_size`), keeping the
@@ -277,7 +278,7 @@ class MROVSegModel(MROVSegPreTrainedModel):
         patch = config.patch_size
         grid = None
         if pixel_values_slices is not None and config.use_high_res:
-            grid = self.check_slice_geometry(slice_grid, pixel_values_slices)
+            grid = self.check_slice_geometry(slice_grid, pixel_values_slices, canvas_size)
             if config.high_res_encoding == "full_image":
                 return self._encode_full_image(pixel_values_slices, grid)
         images = pixel_values if grid is None else torch.cat([pixel_values, pixel_values_slices.flatten(0, 1)], dim=0)
@@ -387,7 +388,9 @@ class MROVSegModel(MROVSegPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         # 1. One CLIP, two resolutions: global view and stitched slices.
-        features = self.encode_multi_resolution(pixel_values, pixel_values_slices, slice_grid, output_hidden_states)
+        canvas_size = None if pixel_mask is None else tuple(pixel_mask.shape[-2:])
+        features = self.encode_multi_resolution(pixel_values, pixel_values_slices, slice_grid, output_hidden_states,
+                                                canvas_size)
         # 2. Multi-Res Adapters fuse both resolutions at every tapped layer.
         fused = self.fuse(features)
         # 3. Hierarchical mask decoding and the light query decoder.
@@ -417,8 +420,14 @@ class MROVSegModel(MROVSegPreTrainedModel):
                 "MROVSegImageProcessor.from_model_config(model.config)."
             )
 
-    def check_slice_geometry(self, slice_grid, slices: torch.Tensor) -> SliceGrid:
-        """The processor's slice geometry must be the model's: a mismatch would stitch tokens to the wrong places."""
+    def check_slice_geometry(self, slice_grid, slices: torch.Tensor,
+                             canvas_size: tuple[int, int] | None = None) -> SliceGrid:
+        """
+        The processor's slice geometry must be the model's: a mismatch would stitch tokens to the wrong places.
+
+        With `canvas_size` (the padded canvas, e.g. `pixel_mask.shape[-2:]`) the grid follows from shapes alone and
+        `slice_grid` is checked on the device: no host sync, so a compiled forward has no graph break here.
+        """
         config = self.config
         if slices.dim() != 5 or slices.shape[-1] != config.slice_size or slices.shape[-2] != config.slice_size:
             raise ValueError(
@@ -429,10 +438,18 @@ class MROVSegModel(MROVSegPreTrainedModel):
         if slice_grid is None:
             raise ValueError("pixel_values_slices need `slice_grid` (rows, cols, slice size, stride), as returned by "
                              "the image processor.")
-        grid = torch.as_tensor(slice_grid)
+        grid = torch.as_tensor(slice_grid, device=slices.device)
+        if grid.dim() == 1:
+            grid = grid[None]
         if grid.dim() != 2 or grid.shape[-1] != 4:
             raise ValueError(f"slice_grid must be (B, 4): rows, cols, slice size, stride per image; got shape "
                              f"{tuple(grid.shape)}. Prepare inputs with MROVSegImageProcessor.")
+        if canvas_size is not None and torch.compiler.is_compiling():
+            expected = self._grid_of_canvas(*canvas_size, slices.shape[1])
+            wanted = torch.tensor([expected.rows, expected.cols, expected.window, expected.stride], device=grid.device)
+            torch._assert_async(torch.all(grid == wanted), "slice_grid does not match the model's slice geometry; "
+                                "prepare inputs with MROVSegImageProcessor.from_model_config(model.config)")
+            return expected
         if (grid != grid[0]).any():
             raise ValueError("All images of a batch must share one slice grid (the processor pads them together).")
         rows, cols, window, stride = (int(v) for v in grid[0].tolist())
@@ -444,7 +461,24 @@ class MROVSegModel(MROVSegPreTrainedModel):
             )
         if rows * cols != slices.shape[1]:
             raise ValueError(f"slice_grid {rows} x {cols} does not match the {slices.shape[1]} slices given.")
-        return SliceGrid(rows, cols, window, stride)
+        found = SliceGrid(rows, cols, window, stride)
+        expected = None if canvas_size is None else self._grid_of_canvas(*canvas_size, slices.shape[1])
+        if expected is not None and found != expected:
+            raise ValueError(f"slice_grid {rows} x {cols} does not tile the {canvas_size[0]} x {canvas_size[1]} canvas "
+                             f"of pixel_mask ({expected.rows} x {expected.cols} windows would).")
+        return found
+
+    def _grid_of_canvas(self, height: int, width: int, num_slices: int) -> SliceGrid:
+        """The model's windows tiling a padded canvas exactly (as the image processor pads it)."""
+        size, stride = self.config.slice_size, self.config.slice_stride
+        if height < size or width < size or (height - size) % stride or (width - size) % stride:
+            raise ValueError(f"A {height} x {width} canvas is not tiled by {size} px windows at stride {stride}: "
+                             "pixel_mask must come from MROVSegImageProcessor.from_model_config(model.config).")
+        grid = SliceGrid((height - size) // stride + 1, (width - size) // stride + 1, size, stride)
+        if grid.num_slices != num_slices:
+            raise ValueError(f"The {height} x {width} canvas holds {grid.rows} x {grid.cols} windows, but "
+                             f"{num_slices} slices were given.")
+        return grid
 
 
 class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):

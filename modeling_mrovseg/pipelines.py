@@ -70,8 +70,10 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = True
 
-    def __init__(self, *args, text_cache_size: int = 32, **kwargs):
+    def __init__(self, *args, text_cache_size: int = 32, compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if compile:  # nn.Module.compile: every call of the model goes through torch.compile (one graph per size)
+            self.model.compile()
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self.text_cache_hits = 0

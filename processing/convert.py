@@ -17,8 +17,11 @@ index, 255 = unlabelled); a seeded `--val-fraction` of the images becomes the va
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,18 +62,38 @@ def reduce_labels_table(num_classes: int) -> np.ndarray:
     return lookup_table({k: k - 1 for k in range(1, num_classes + 1)})
 
 
-def _png(array_or_image) -> dict:
+def encode_png(array_or_image) -> dict:
+    """An image or uint8 array as the `datasets.Image` cell of lossless PNG bytes."""
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """
+    A scratch folder beside `out` that replaces `out`'s files only if the whole conversion succeeds.
+
+    A conversion that fails half-way leaves `out` as it was (never an old train split next to a new validation split);
+    files of `out` that this run does not write are kept.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "class_names.json"):  # class names last
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _encoded(image: Image.Image) -> dict:
     """Keep JPEG sources as JPEG bytes (no re-encoding loss, smaller files); anything else as PNG."""
     if image.format == "JPEG" and getattr(image, "filename", None):
         return {"bytes": Path(image.filename).read_bytes(), "path": None}
-    return _png(image.convert("RGB"))
+    return encode_png(image.convert("RGB"))
 
 
 def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.Image, np.ndarray]]],
@@ -82,7 +105,7 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
         for image, label in rows():
             if (image.height, image.width) != label.shape:
                 raise ValueError(f"image {image.size[::-1]} and label {label.shape} differ in size")
-            yield {"image": _encoded(image), "label": _png(label.astype(np.uint8))}
+            yield {"image": _encoded(image), "label": encode_png(label.astype(np.uint8))}
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     out.mkdir(parents=True, exist_ok=True)
@@ -284,11 +307,18 @@ def main(argv=None) -> None:
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a folder")
+    with staged_output(out) as staging:
+        written = _convert(args, staging)
+    for path in written:
+        print(f"wrote {out / path.name}")
+
+
+def _convert(args: argparse.Namespace, out: Path) -> list[Path]:
     if args.dataset == "folder":
-        names = parse_class_names(args.class_names)
-        for path in convert_folder(args.source, out, names, args.val_fraction):
-            print(f"wrote {path}")
-        return
+        return convert_folder(args.source, out, parse_class_names(args.class_names), args.val_fraction)
+    written = []
     for split in args.splits:
         if args.dataset == "coco-stuff":
             path = convert_coco_stuff(args.source, out, split)
@@ -300,7 +330,8 @@ def main(argv=None) -> None:
             path = convert_pascal_context(args.source, out, split, args.variant)
         else:
             path = convert_pascal_voc(args.source, out, split, args.variant)
-        print(f"wrote {path}")
+        written.append(path)
+    return written
 
 
 if __name__ == "__main__":

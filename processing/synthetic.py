@@ -9,7 +9,6 @@ objects a single-resolution model loses. Run `python -m processing.synthetic --o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
@@ -50,23 +49,19 @@ def make_scene(height: int = 1024, width: int = 1024, seed: int = 0, small_size:
 def write_parquet(out: str | Path, num_train: int, num_val: int, height: int, width: int, seed: int = 0) -> Path:
     """Write train/validation parquet files (`image` as PNG bytes, `label` as PNG bytes) and class_names.json."""
     import datasets
-    from PIL import Image
+
+    from .convert import encode_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
 
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return {"bytes": buffer.getvalue(), "path": None}
-
     for split, count, offset in (("train", num_train, 0), ("validation", num_val, 10_000)):
         rows = {"image": [], "label": []}
         for i in range(count):
             image, label = make_scene(height, width, seed=seed + offset + i)
-            rows["image"].append(png(image))
-            rows["label"].append(png(label))
+            rows["image"].append(encode_png(image))
+            rows["label"].append(encode_png(label))
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / f"{split}.parquet"))
     (out / "class_names.json").write_text(json.dumps(CLASS_NAMES))
     return out

@@ -126,3 +126,35 @@ def test_own_folder_of_images_and_label_pngs(tmp_path):
     with pytest.raises(ValueError, match="outside 0..2"):
         convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                       str(tmp_path / "bad")])
+
+
+def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path):
+    """Validation is written first; a bad train label then fails the run: the old folder must be exactly as it was."""
+    for sub in ("images", "labels"):
+        (tmp_path / "mine" / sub).mkdir(parents=True)
+    for i in range(5):
+        image(8, 10, seed=i).save(tmp_path / "mine" / "images" / f"img{i}.png")
+        Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    out = tmp_path / "out"
+    args = ["folder", "--source", str(tmp_path / "mine"), "--val-fraction", "0.2", "--out", str(out)]
+    convert.main([*args, "--class-names", "background, crack, rust"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"train.parquet", "validation.parquet", "class_names.json"}
+
+    validation_index = int(np.random.default_rng(0).permutation(5)[0])  # convert_folder's seeded split
+    for i in range(5):  # new pixels everywhere; every train label also gets a value outside the 4 classes
+        value = 1 if i == validation_index else 9
+        Image.fromarray(np.full((8, 10), value, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    with pytest.raises(ValueError, match="outside 0..3"):
+        convert.main([*args, "--class-names", "a, b, c, d"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []  # no scratch folder left behind
+
+    (out / "validation.parquet").write_bytes(b"")  # a used folder is replaced file by file on success
+    for i in range(5):
+        Image.fromarray(np.full((8, 10), 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    convert.main([*args, "--class-names", "a, b, c, d"])
+    validation, names = read_back(out)
+    assert names == ["a", "b", "c", "d"] and validation[0].min() == validation[0].max() == 3
+    with pytest.raises(SystemExit):
+        convert.main([*args[:-1], str(out / "class_names.json"), "--class-names", "a"])

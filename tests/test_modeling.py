@@ -284,3 +284,26 @@ def test_class_names_one_spelling_and_distinct_within_clip_context(tiny_clip_dir
     with pytest.raises(ValueError, match="identical within CLIP's 77-token context"), pytest.warns(UserWarning):
         model.set_vocabulary([long + " red", long + " blue"], tiny_tokenizer)
     model.set_vocabulary(["red " + long, "blue " + long], tiny_tokenizer)  # they differ early: fine
+
+
+def test_compiled_forward_has_no_graph_break_and_matches_eager():
+    """torch.compile over the whole inference forward: one graph (no host sync), same outputs, geometry still checked.
+    aot_eager traces exactly what inductor would be given, without its minutes of C++ compilation on this CPU."""
+    model = build()
+    inputs = inputs_for(model.config, (96, 200))
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        eager, fast = model(**inputs), compiled(**inputs)
+        torch.testing.assert_close(fast.class_queries_logits, eager.class_queries_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.masks_queries_logits, eager.masks_queries_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast.image_sizes, eager.image_sizes)
+        wrong = {**inputs, "slice_grid": inputs["slice_grid"] * torch.tensor([1, 1, 1, 0])}  # stride 0
+        with pytest.raises(RuntimeError, match="slice geometry"):
+            compiled(**wrong)
+    with pytest.raises(ValueError, match="2 slices were given"):  # eager: the canvas of pixel_mask fixes the grid
+        model(**{**inputs, "pixel_values_slices": inputs["pixel_values_slices"][:, :2],
+                 "slice_grid": torch.tensor([[1, 2, 64, 64]] * 2)})
+    torch._dynamo.reset()

@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--metric", default=str(Path(__file__).resolve().parent / "metrics" / "mean_iou"))
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor); pays off for many images of one size")
     parser.add_argument("--no_progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -42,7 +44,8 @@ def main(argv=None) -> dict:
     from training.data import load_segmentation_dataset, shard_indices
     from training.evaluation import evaluate_segmentation
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              dynamo_backend="inductor" if args.compile else "no")
     dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
     model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
     if args.slice_batch_size:

@@ -15,6 +15,9 @@ that occur once in the model.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from typing import Literal
 
 TOWERS = {"vision": (r"mrovseg\.vision_model",), "text": ("text_model",),
@@ -52,7 +55,8 @@ def apply_lora(model, rank: int = 8, alpha: float | None = None, targets: str = 
     """Wrap `model` in a peft `PeftModel`: LoRA on CLIP attention, the MROVSeg modules trained in full."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, rank, alpha, targets, dropout))
+    with _quiet_peft():
+        return get_peft_model(model, lora_config(model, rank, alpha, targets, dropout))
 
 
 def merge_lora(peft_model):
@@ -64,7 +68,16 @@ def load_lora(base_model, adapter_dir: str, is_trainable: bool = False):
     """A base MROVSeg plus a saved adapter (LoRA and decoder weights) -> `PeftModel`."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 __all__ = ["apply_lora", "merge_lora", "load_lora", "lora_config", "target_pattern", "DECODER_MODULES"]

@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_size", type=int, default=640, help="shortest edge at evaluation")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (accelerate's inductor backend): pays off on a GPU over many "
+                             "steps of one crop size; the first steps are slow while it compiles")
     parser.add_argument("--checkpointing_steps", type=int, default=1000)
     parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
     parser.add_argument("--overwrite_output_dir", action="store_true",
@@ -153,7 +156,7 @@ def main(argv=None) -> dict:
     from training.evaluation import evaluate_segmentation
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
+                              mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else "no")
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -228,7 +231,8 @@ def main(argv=None) -> dict:
         if eval_set is None:  # loaded on first use, then kept for every later evaluation
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
-        result = evaluate_segmentation(accelerator.unwrap_model(model), eval_processor, eval_set, class_names, metric,
+        # eager: evaluation images differ in size, each new size would recompile
+        result = evaluate_segmentation(accelerator.unwrap_model(model, keep_torch_compile=False), eval_processor, eval_set, class_names, metric,
                                        shard_indices(count, accelerator.process_index, world),
                                        show_progress=accelerator.is_main_process and not args.no_progress)
         result.update(step=step, num_images=count)
@@ -289,7 +293,7 @@ def main(argv=None) -> dict:
                        class_names=class_names, args=vars(args))
         if accelerator.is_main_process:
             model_dir = output_dir / "model"
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             if args.lora_rank:  # the adapter (LoRA + trained decoder), then the merged plain checkpoint
                 from training.lora import merge_lora
 
