@@ -14,6 +14,7 @@ Input conventions (documented fallbacks rather than errors):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -337,8 +338,9 @@ class MROVSegImageProcessor(PilBackend):
         """
         Turn model outputs into one class-id map per image.
 
-        Per-class scores are `sum_q softmax(class_logits)[q, :C] * sigmoid(mask_logits)[q]`. They are resized bilinearly to the padded canvas, the padding is cropped
-        (from `outputs.image_sizes`) and the result is resized to `target_sizes[i]` (default: the resized image).
+        Per-class scores are `sum_q softmax(class_logits)[q, :C] * sigmoid(mask_logits)[q]`, sampled bilinearly once
+        at every pixel of `target_sizes[i]` (default: the resized image) from the image's part of the padded canvas
+        (`outputs.image_sizes`); see `label_scores`.
         With `score_threshold`, pixels whose best score is below it get the label `-1` (unlabelled); without it
         every pixel gets a class of the vocabulary.
 
@@ -348,71 +350,116 @@ class MROVSegImageProcessor(PilBackend):
         from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
         scores = semantic_scores(outputs)
-        batch = scores.shape[0]
-        if target_sizes is not None:
-            if isinstance(target_sizes, torch.Tensor):
-                target_sizes = target_sizes.tolist()
-            if len(target_sizes) != batch:
-                raise ValueError(
-                    f"Make sure that you pass in as many target sizes as the batch dimension of the logits: got "
-                    f"{len(target_sizes)} target sizes for a batch of {batch}."
-                )
+        target_sizes = _check_target_sizes(target_sizes, scores.shape[0])
         image_sizes = getattr(outputs, "image_sizes", None)
+        image_sizes = None if image_sizes is None else image_sizes.tolist()  # one host read for the whole batch
         results = []
-        for i in range(batch):
-            size = None if target_sizes is None else tuple(int(s) for s in target_sizes[i])
-            geometry = None if image_sizes is None else [int(v) for v in image_sizes[i]]
-            if return_segmentation_scores:
-                score = _resize_scores(scores[i : i + 1], geometry, size)[0]
-                best, segmentation = score.max(dim=0)
-            else:  # a few classes at a time: full-resolution score maps of a large vocabulary never coexist
-                best = segmentation = None
-                for start in range(0, scores.shape[1], 8):
-                    chunk = _resize_scores(scores[i : i + 1, start : start + 8], geometry, size)[0]
-                    chunk_best, chunk_arg = chunk.max(dim=0)
-                    if best is None:
-                        best, segmentation = chunk_best, chunk_arg
-                    else:
-                        better = chunk_best > best
-                        best = torch.where(better, chunk_best, best)
-                        segmentation = torch.where(better, chunk_arg + start, segmentation)
-                score = None
-            if score_threshold is not None:
-                segmentation = torch.where(best < score_threshold, torch.full_like(segmentation, -1), segmentation)
-            results.append(
-                SemanticSegmentationPostProcessorOutput(
-                    data={"segmentation": segmentation, "segmentation_scores": score}
-                )
-            )
+        for i in range(scores.shape[0]):
+            geometry = None if image_sizes is None else image_sizes[i]
+            size = None if target_sizes is None else target_sizes[i]
+            labelled = label_scores(scores[i], geometry, size, score_threshold, keep_scores=return_segmentation_scores)
+            results.append(SemanticSegmentationPostProcessorOutput(
+                data={"segmentation": labelled.segmentation, "segmentation_scores": labelled.scores}))
         if not return_segmentation_scores:
             return [r.segmentation for r in results]
         return results
 
 
+@dataclass
+class LabelledScores:
+    """One image's labels: `segmentation` (H, W) class ids (-1 below the threshold), `best` (H, W) the winning score,
+    `class_shares` (C,) each class's mean share of the evidence over its own pixels (0 if absent; on request), `scores` the
+    (C, H, W) score maps when asked for."""
+
+    segmentation: torch.Tensor
+    best: torch.Tensor
+    class_shares: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+# Score-map elements resampled at once: 2^28 floats = 1 GB. Up to that, all classes are resampled and labelled in one
+# step (150 classes up to 1300 x 1300 px); beyond it, in as few groups of classes as fit, merged by a running maximum.
+POSTPROCESS_BUDGET_ELEMENTS = 1 << 28
+
+
+def label_scores(score: torch.Tensor, geometry: Sequence[int] | None, size: Sequence[int] | None,
+                 score_threshold: float | None = None, keep_scores: bool = False,
+                 with_shares: bool = False) -> LabelledScores:
+    """
+    (C, h, w) per-class scores at mask resolution -> labels at `size` in one bilinear resampling (`with_shares`: also
+    each class's mean share of the evidence over its pixels, as the zero-shot pipeline reports).
+
+    The padding crop (`geometry`: valid h, valid w, padded h, padded w of the canvas) and the resize to `size` are
+    one resampling: the whole canvas is resampled at the scale that maps the image's part of it onto `size`, and the
+    padding's rows and columns are dropped (never a resize of a resize).
+    """
+    num_classes, low_h, low_w = score.shape
+    if geometry is None:
+        valid_h, valid_w, padded_h, padded_w = low_h, low_w, low_h, low_w
+    else:
+        valid_h, valid_w, padded_h, padded_w = (int(v) for v in geometry)
+    out_h, out_w = (valid_h, valid_w) if size is None else (int(size[0]), int(size[1]))
+    # output pixel y samples the mask-resolution row (y + 0.5) / scale - 0.5, as F.interpolate maps pixel centres
+    scale = (out_h * padded_h / (valid_h * low_h), out_w * padded_w / (valid_w * low_w))
+    # channels-last: the per-pixel maximum over classes then reads contiguous memory
+    score = score.float()[None].contiguous(memory_format=torch.channels_last)
+    group = num_classes if keep_scores else max(1, min(num_classes, POSTPROCESS_BUDGET_ELEMENTS // (out_h * out_w)))
+    best = segmentation = maps = None
+    for start in range(0, num_classes, group):
+        part = score[:, start : start + group]
+        if (low_h, low_w) != (out_h, out_w) or scale != (1.0, 1.0):
+            part = F.interpolate(part, scale_factor=scale, mode="bilinear", align_corners=False,
+                                 recompute_scale_factor=False)
+        part = part[0, :, :out_h, :out_w]
+        part_best, part_label = part.max(dim=0)
+        part_total = part.sum(dim=0) if with_shares else None
+        if best is None:
+            best, segmentation, total = part_best, part_label, part_total
+        else:
+            better = part_best > best
+            best = torch.where(better, part_best, best)
+            segmentation = torch.where(better, part_label + start, segmentation)
+            total = total + part_total if with_shares else None
+        if keep_scores:
+            maps = part
+    kept = None if score_threshold is None else best >= score_threshold
+    class_shares = None
+    if with_shares:
+        weight = torch.ones_like(best) if kept is None else kept.float()
+        share = best / total.clamp(min=1e-6) * weight  # the winner's share of all classes' evidence
+        flat = segmentation.flatten()
+        sums = torch.zeros(num_classes, device=score.device).index_add_(0, flat, share.flatten())
+        counts = torch.zeros(num_classes, device=score.device).index_add_(0, flat, weight.flatten())
+        class_shares = sums / counts.clamp(min=1)
+    if kept is not None:
+        segmentation = torch.where(kept, segmentation, torch.full_like(segmentation, -1))
+    return LabelledScores(segmentation=segmentation, best=best, class_shares=class_shares, scores=maps)
+
+
+def _check_target_sizes(target_sizes, batch: int) -> list[tuple[int, int]] | None:
+    if target_sizes is None:
+        return None
+    if isinstance(target_sizes, torch.Tensor):
+        target_sizes = target_sizes.tolist()
+    if len(target_sizes) != batch:
+        raise ValueError(
+            f"Make sure that you pass in as many target sizes as the batch dimension of the logits: got "
+            f"{len(target_sizes)} target sizes for a batch of {batch}."
+        )
+    sizes = [tuple(int(s) for s in size) for size in target_sizes]
+    if any(len(size) != 2 or min(size) < 1 for size in sizes):
+        raise ValueError(f"target_sizes must be (height, width) pairs of positive sizes, got {target_sizes}.")
+    return sizes
+
+
 def semantic_scores(outputs) -> torch.Tensor:
-    """(B, C, h, w) per-class scores from mask-classification outputs."""
+    """(B, C, h, w) per-class scores from mask-classification outputs: one contraction over the queries."""
     class_logits = getattr(outputs, "class_queries_logits", None)
     if class_logits is None or getattr(outputs, "masks_queries_logits", None) is None:
         raise ValueError("outputs need `class_queries_logits` and `masks_queries_logits` (an MROVSegOutput).")
     probs = class_logits.float().softmax(dim=-1)[..., :-1]
-    masks = outputs.masks_queries_logits
-    scores = None
-    for start in range(0, masks.shape[1], 16):  # queries in chunks: no second full copy of the mask logits
-        part = torch.einsum("bqc,bqhw->bchw", probs[:, start : start + 16], masks[:, start : start + 16].float().sigmoid())
-        scores = part if scores is None else scores + part
-    return scores
-
-
-def _resize_scores(score: torch.Tensor, geometry: list[int] | None, size: tuple[int, int] | None) -> torch.Tensor:
-    """(1, C, h, w) scores -> bilinear to the padded canvas, padding cropped, then to `size` (if given)."""
-    if geometry is not None:
-        valid_h, valid_w, padded_h, padded_w = geometry
-        if tuple(score.shape[-2:]) != (padded_h, padded_w):
-            score = F.interpolate(score, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
-        score = score[..., :valid_h, :valid_w]
-    if size is not None and tuple(score.shape[-2:]) != tuple(size):  # resizing to the same size is the identity
-        score = F.interpolate(score, size=size, mode="bilinear", align_corners=False)
-    return score
+    masks = outputs.masks_queries_logits.float().sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", probs, masks)
 
 
 def _check_overlap(slice_size: int, slice_overlap: int) -> None:
@@ -437,4 +484,4 @@ def _resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-__all__ = ["MROVSegImageProcessor", "semantic_scores", "resized_size"]
+__all__ = ["MROVSegImageProcessor", "semantic_scores", "label_scores", "LabelledScores", "resized_size"]

@@ -438,7 +438,7 @@ class MROVSegModel(MROVSegPreTrainedModel):
         if slice_grid is None:
             raise ValueError("pixel_values_slices need `slice_grid` (rows, cols, slice size, stride), as returned by "
                              "the image processor.")
-        grid = torch.as_tensor(slice_grid, device=slices.device)
+        grid = torch.as_tensor(slice_grid)
         if grid.dim() == 1:
             grid = grid[None]
         if grid.dim() != 2 or grid.shape[-1] != 4:

@@ -153,6 +153,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         return {"results": results} if "items" in model_inputs else results[0]
 
     def postprocess(self, model_outputs, score_threshold=None):
+        from .image_processing_mrovseg import label_scores, semantic_scores
         from .modeling_mrovseg import MROVSegOutput
 
         model_outputs = model_outputs.get("results", model_outputs)
@@ -162,20 +163,16 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         outputs = MROVSegOutput(class_queries_logits=model_outputs["class_queries_logits"],
                                 masks_queries_logits=model_outputs["masks_queries_logits"],
                                 image_sizes=model_outputs["image_sizes"])
-        result = self.image_processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[model_outputs["target_size"]], return_segmentation_scores=True,
-            score_threshold=score_threshold,
-        )[0]
-        label_map = result.segmentation.cpu().numpy().astype(np.int64)
-        scores = result.segmentation_scores.float().cpu().clamp(min=0)
-        probs = scores / scores.sum(dim=0, keepdim=True).clamp(min=1e-6)  # each class's share of the evidence
+        labelled = label_scores(semantic_scores(outputs)[0], model_outputs["image_sizes"][0].tolist(),
+                                model_outputs["target_size"], score_threshold, with_shares=True)
+        label_map = labelled.segmentation.cpu().numpy().astype(np.int64)
+        shares = labelled.class_shares.cpu().tolist()  # each class's mean share of the evidence over its mask
         segments = []
         for index in np.unique(label_map):
             if index < 0:
                 continue
             mask = label_map == index
-            score = float(probs[int(index)][torch.from_numpy(mask)].mean())
-            segments.append({"label": labels[int(index)], "score": score,
+            segments.append({"label": labels[int(index)], "score": shares[int(index)],
                              "mask": Image.fromarray(mask.astype(np.uint8) * 255, mode="L"),
                              "pixels": int(mask.sum())})
         segments.sort(key=lambda s: -s["pixels"])

@@ -1,0 +1,23 @@
+"""The GPU benchmark's code paths, run on the CPU with the tiny config (`--smoke`), so a GPU run never meets a
+broken script: every table row, the bf16 comparison and the accelerate training + evaluation smoke run."""
+
+import json
+
+from benchmarks import gpu
+
+
+def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
+    results = gpu.main(["--smoke", "--no-write", "--out", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text())["smoke"] is True
+    measured = {(row["variant"], tuple(row["size"])) for row in results["latency"]}
+    assert measured == {(variant, tuple(size)) for variant in gpu.VARIANTS for size in results["sizes"]}
+    assert all(row["ms"] > 0 for row in results["latency"])
+    extra = results["postprocess_and_batch"]
+    assert extra["postprocess_ms"] > 0 and extra["batch8_eager_images_per_s"] > 0
+    for name in ("autocast_bf16", "pure_bf16"):
+        agreement = results["bf16_agreement"][name]
+        assert agreement["argmax_agreement"] >= 0.99 and agreement["class_rel_err"] < 0.05, agreement
+    smoke = results["training_smoke"]
+    assert smoke["ok"], smoke.get("stderr")
+    assert smoke["steps"] == 4 and 0 <= smoke["mean_iou"] <= 1
+    assert "| 96 x 160 |" in gpu.report(results)
