@@ -72,6 +72,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def __init__(self, *args, text_cache_size: int = 32, compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.compiled = compile
         if compile:  # nn.Module.compile: every call of the model goes through torch.compile (one graph per size)
             self.model.compile()
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -164,7 +165,8 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
                                 masks_queries_logits=model_outputs["masks_queries_logits"],
                                 image_sizes=model_outputs["image_sizes"])
         labelled = label_scores(semantic_scores(outputs)[0], model_outputs["image_sizes"][0].tolist(),
-                                model_outputs["target_size"], score_threshold, with_shares=True)
+                                model_outputs["target_size"], score_threshold, with_shares=True,
+                                compiled=self.compiled)
         label_map = labelled.segmentation.cpu().numpy().astype(np.int64)
         shares = labelled.class_shares.cpu().tolist()  # each class's mean share of the evidence over its mask
         segments = []
