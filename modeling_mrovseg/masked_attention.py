@@ -89,8 +89,9 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
         side = int(round(global_tokens[0].shape[1] ** 0.5))
         global_grid = (side, side)
         high_res_grid = None if high_res_maps is None else tuple(high_res_maps[0].shape[-2:])
-        self_bias = torch.full((num_queries, num_queries), float("-inf"), device=queries.device, dtype=queries.dtype)
-        self_bias.fill_diagonal_(0.0)
+        eye = torch.eye(num_queries, device=queries.device, dtype=torch.bool)  # each query sees itself, no other
+        self_bias = torch.zeros(num_queries, num_queries, device=queries.device, dtype=queries.dtype).masked_fill(
+            ~eye, float("-inf"))
         for index, layer in enumerate(clip_layers):
             bias = self.bias_decoder(decoder_queries, memory_map, index).to(queries.dtype)  # (B, H, N, h', w')
             heads = bias.shape[1]

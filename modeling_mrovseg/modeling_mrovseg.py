@@ -438,6 +438,13 @@ class MROVSegModel(MROVSegPreTrainedModel):
         if slice_grid is None:
             raise ValueError("pixel_values_slices need `slice_grid` (rows, cols, slice size, stride), as returned by "
                              "the image processor.")
+        if isinstance(slice_grid, SliceGrid):  # a fixed geometry (exported programs): checked here, in Python
+            if (slice_grid.window, slice_grid.stride) != (config.slice_size, config.slice_stride):
+                raise ValueError(f"{slice_grid} does not use the model's {config.slice_size} px windows at stride "
+                                 f"{config.slice_stride}.")
+            if slice_grid.num_slices != slices.shape[1]:
+                raise ValueError(f"{slice_grid} has {slice_grid.num_slices} windows, {slices.shape[1]} slices were given.")
+            return slice_grid
         grid = torch.as_tensor(slice_grid)
         if grid.dim() == 1:
             grid = grid[None]
@@ -688,7 +695,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             class_queries_logits=class_logits,
             masks_queries_logits=mask_logits[-1],
             auxiliary_logits=auxiliary or None,  # None, not [], so pipelines can unbatch the outputs
-            image_sizes=self._image_sizes(pixel_mask),
+            image_sizes=self.image_sizes_from_pixel_mask(pixel_mask),
             loss_dict=loss_dict,
             hidden_states=base.hidden_states,
             fused_features=base.fused_features if output_hidden_states else None,
@@ -704,7 +711,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             raise ValueError(f"labels {tuple(labels.shape)} and pixel_mask {tuple(pixel_mask.shape)} differ in size.")
 
     @staticmethod
-    def _image_sizes(pixel_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 4) valid height, valid width, padded height, padded width of each canvas (post-processing crops with it)."""
         if pixel_mask is None:
             return None
         valid = pixel_mask.bool()

@@ -27,17 +27,18 @@ def split_synonyms(label: str) -> list[str]:
     return synonyms
 
 
-def parse_class_names(value: str | Sequence[str] | None) -> list[str] | None:
+def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = True) -> list[str] | None:
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
-    couch"); a string is a JSON file holding such a list, or names separated by ";" (each may carry synonyms) or,
-    without any ";", by "," (single names). None stays None.
+    couch"); a string is a JSON file holding such a list (unless `allow_files=False`, as for text typed into a web
+    page), or names separated by ";" (each may carry synonyms) or, without any ";", by "," (single names). None stays
+    None.
     """
     if value is None:
         return None
     if isinstance(value, str):
         path = Path(value).expanduser()
-        if value.strip().endswith(".json") or (len(value) < 4096 and path.is_file()):
+        if allow_files and (value.strip().endswith(".json") or (len(value) < 4096 and path.is_file())):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             try:

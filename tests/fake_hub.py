@@ -51,7 +51,7 @@ class FakeHub:
                 if path == "/api/validate-yaml":
                     return self._send(200, {"errors": [], "warnings": []})
                 parts = path.split("/")
-                if len(parts) >= 7 and parts[1] == "api" and parts[2] == "models":
+                if len(parts) >= 7 and parts[1] == "api" and parts[2] in ("models", "spaces"):
                     repo_id, action = f"{parts[3]}/{parts[4]}", parts[5]
                     repo = hub.repos.get(repo_id)
                     if repo is None:
@@ -82,7 +82,7 @@ class FakeHub:
 
             def do_GET(self):  # noqa: N802
                 parts = self.path.split("?")[0].split("/")
-                if len(parts) >= 5 and parts[1] == "api" and parts[2] == "models":
+                if len(parts) >= 5 and parts[1] == "api" and parts[2] in ("models", "spaces"):
                     repo_id = f"{parts[3]}/{parts[4]}"
                     repo = hub.repos.get(repo_id)
                     if repo is None:

@@ -7,6 +7,7 @@ import numpy as np
 from modeling_mrovseg import MROVSegConfig, MROVSegImageProcessor
 
 LABELS = ["sky", "road", "car"]
+TEMPLATES = ["a photo of a {}.", "There is a {} in the scene."]
 
 
 def tiny_config(labels=LABELS, **overrides) -> MROVSegConfig:
@@ -19,7 +20,7 @@ def tiny_config(labels=LABELS, **overrides) -> MROVSegConfig:
         decoder_ffn_dim=64,
         train_num_points=256,
         slice_batch_size=4,
-        prompt_templates=["a photo of a {}.", "There is a {} in the scene."],
+        prompt_templates=TEMPLATES,
     )
     kwargs.update(overrides)
     return MROVSegConfig.from_preset("tiny", **kwargs)

@@ -144,3 +144,26 @@ def test_push_refuses_a_folder_without_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="no safetensors weights"):
         check_checkpoint(tmp_path)
+
+
+def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
+    from huggingface_hub import SpaceCard
+
+    from hub_cards.space import build_space
+
+    folder = build_space("acme/mrovseg-test", tmp_path / "space")
+    card = SpaceCard.load(folder / "README.md")
+    assert (card.data.sdk, card.data.app_file) == ("gradio", "app.py") and card.data.sdk_version
+    assert (folder / "app.py").is_file() and (folder / "modeling_mrovseg" / "modeling_mrovseg.py").is_file()
+    assert "gradio" in (folder / "requirements.txt").read_text()
+    assert json.loads((folder / "mrovseg_space.json").read_text()) == {"model": "acme/mrovseg-test"}
+    with FakeHub() as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+        result = subprocess.run([sys.executable, "-m", "hub_cards.space", "--model", "acme/mrovseg-test", "--repo-id",
+                                 "acme/mrovseg-demo", "--out", str(tmp_path / "built")], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = set(hub.repos["acme/mrovseg-demo"]["files"])
+        assert {"README.md", "app.py", "requirements.txt", "mrovseg_space.json", "modeling_mrovseg/cli.py"} <= files
+        assert not hub.unknown

@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -278,7 +279,12 @@ def test_post_process_scores_and_padding_crop():
     assert thresholded.shape == (32, 24) and (thresholded == -1).all()
 
 
-def test_chunked_argmax_equals_full_scores_for_large_vocabularies():
+@pytest.mark.parametrize("budget", [None, 33 * 51 * 4])  # all classes at once; groups of 4 classes merged
+def test_one_resampling_grouped_or_not_equals_full_scores(monkeypatch, budget):
+    from modeling_mrovseg import image_processing_mrovseg as module
+
+    if budget is not None:
+        monkeypatch.setattr(module, "POSTPROCESS_BUDGET_ELEMENTS", budget)
     processor = MROVSegImageProcessor()
     outputs = _outputs(batch=2, queries=12, classes=21, size=(12, 20),
                        image_sizes=torch.tensor([[40, 70, 48, 80], [48, 80, 48, 80]]))
@@ -287,4 +293,16 @@ def test_chunked_argmax_equals_full_scores_for_large_vocabularies():
                                                           return_segmentation_scores=True)
     for a, b in zip(plain, scored):
         assert torch.equal(a, b.segmentation) and torch.equal(a, b.segmentation_scores.argmax(0))
-    assert plain[0].min() < 8 <= plain[0].max()  # winners come from different chunks of 8 classes
+    assert plain[0].min() < 4 <= plain[0].max()  # winners from different groups of classes
+    # at the image's own size the one resampling samples where "upsample to the canvas, crop the padding" does
+    canvas = F.interpolate(module.semantic_scores(outputs)[:1], size=(48, 80), mode="bilinear", align_corners=False)
+    own = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)[0]
+    torch.testing.assert_close(own.segmentation_scores, canvas[0, :, :40, :70], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_post_processing_equals_eager():
+    processor = MROVSegImageProcessor()
+    outputs = _outputs(batch=1, queries=8, classes=3, size=(24, 32), image_sizes=torch.tensor([[90, 120, 96, 128]]))
+    eager = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)])[0]
+    compiled = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)], compiled=True)[0]
+    assert (compiled == eager).float().mean() >= 0.999

@@ -10,22 +10,7 @@ from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
 from modeling_mrovseg.cli import main as cli_main
 from modeling_mrovseg.text_classifier import parse_class_names as parse_labels
 from modeling_mrovseg.visualization import draw_segmentation, palette
-from tests.helpers import LABELS, random_image, tiny_processor
-
-TEMPLATES = ["a photo of a {}.", "There is a {} in the scene."]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_clip_dir, tiny_tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    model = MROVSegForOpenVocabSegmentation.from_clip(
-        str(tiny_clip_dir), vocabulary=LABELS, tokenizer=tiny_tokenizer, num_queries=8, hidden_dim=32,
-        num_decoder_heads=4, prompt_templates=TEMPLATES).eval()
-    processor = MROVSegProcessor(tiny_processor(model.config), tiny_tokenizer, prompt_templates=TEMPLATES)
-    folder = tmp_path_factory.mktemp("checkpoint")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+from tests.helpers import LABELS, TEMPLATES, random_image, tiny_processor
 
 
 def images():

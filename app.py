@@ -1,0 +1,147 @@
+"""MROVSeg demo page (Gradio; also the Hugging Face Space entry point).
+
+    pip install -e ".[demo]"
+    python app.py --model DIR_OR_HUB_ID [--port 7860] [--device cuda] [--host 127.0.0.1]
+
+Upload or pick an image, type class names (comma separated; synonyms of one class with ";" between classes, as in the
+CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
+legend, a per-class table (pixel share, score) and a downloadable label PNG (palette indices = class order). Without
+--model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's (outputs/run/model). It binds 127.0.0.1 unless --host
+says otherwise, and Gradio's analytics stay off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the page's server
+
+ROOT = Path(__file__).resolve().parent
+MAIN_JOB_MODEL = ROOT / "outputs" / "run" / "model"
+EXAMPLE_LABELS = "grass, road, building, car, sign"
+TABLE_HEADERS = ["class", "pixel share (%)", "score"]
+
+
+class Segmenter:
+    """One loaded zero-shot pipeline shared by all requests (one image at a time: requests queue, the page stays live)."""
+
+    def __init__(self, model: str, device: str | None = None):
+        from modeling_mrovseg.cli import check_device, load_pipeline
+
+        check_device(device)
+        self.pipeline = load_pipeline(model, device, resolution=None, slice_batch_size=None)
+        self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
+        self.lock = threading.Lock()
+        self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
+
+    def __call__(self, image_path: str | None, labels_text: str, resolution: float, threshold: float | None):
+        """-> overlay image, per-class table rows, label PNG path, a one-line summary. Bad input: `ValueError`."""
+        import numpy as np
+
+        from modeling_mrovseg import MROVSegImageProcessor
+        from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
+        from modeling_mrovseg.pipelines import open_image
+        from modeling_mrovseg.text_classifier import parse_class_names
+        from modeling_mrovseg.visualization import colorize, draw_segmentation
+
+        if not image_path:
+            raise ValueError("Upload an image or pick an example first.")
+        labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
+        size = MROVSegImageProcessor.size_for_resolution(int(resolution))
+        threshold = None if threshold is None or threshold <= 0 else float(threshold)
+        try:
+            image = to_rgb_uint8(open_image(str(image_path)))  # as the CLI reads it: EXIF, 16-bit, alpha
+        except OSError as error:
+            raise ValueError(f"Cannot read this file as an image ({error}).") from None
+        with self.lock:  # the resolution lives on the shared processor
+            self.pipeline.image_processor.size = size
+            result = self.pipeline(image, candidate_labels=labels, score_threshold=threshold)
+        label_map = result["label_map"]
+        overlay = draw_segmentation(image, label_map, labels)
+        path = self.outputs / f"{Path(str(image_path)).stem}_labels.png"
+        colorize(label_map, len(labels)).save(path)
+        total = label_map.size
+        rows = [[s["label"], round(100 * s["pixels"] / total, 2), round(s["score"], 3)] for s in result["segments"]]
+        unlabelled = int((label_map < 0).sum())
+        if unlabelled:
+            rows.append(["unlabelled", round(100 * unlabelled / total, 2), None])
+        summary = (f"{image.shape[1]} x {image.shape[0]} px, {len(labels)} classes, resolution {int(resolution)}: "
+                   f"{len(result['segments'])} {'class' if len(result['segments']) == 1 else 'classes'} found" + (f", {100 * unlabelled / total:.1f}% below the "
+                                                                 f"threshold" if unlabelled else "") + ".")
+        return np.asarray(overlay), rows, str(path), summary
+
+
+def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
+    import gradio as gr
+
+    def run(image_path, labels_text, resolution, threshold):
+        try:
+            return segmenter(image_path, labels_text, resolution, threshold)
+        except (ValueError, OSError) as error:  # shown in the page, never a stack trace
+            raise gr.Error(str(error), print_exception=False) from None
+
+    with gr.Blocks(title="MROVSeg: open-vocabulary segmentation at full resolution", analytics_enabled=False) as demo:
+        gr.Markdown("# MROVSeg\nOpen-vocabulary semantic segmentation at full resolution: type any class names.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
+                labels = gr.Textbox(value=EXAMPLE_LABELS, label="Class names",
+                                    info='comma separated; synonyms of one class: "sofa, couch; lamp"')
+                resolution = gr.Slider(64, 2048, value=segmenter.default_resolution, step=32,
+                                       label="Resolution (shortest edge, px)")
+                threshold = gr.Number(value=0, minimum=0, label="Score threshold (0: label every pixel)")
+                button = gr.Button("Segment", variant="primary")
+            with gr.Column():
+                overlay = gr.Image(label="Overlay", type="numpy", format="png", interactive=False)
+                summary = gr.Markdown()
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Classes found", interactive=False)
+                download = gr.File(label="Label PNG (palette index = class number)")
+        if examples:
+            gr.Examples(examples=[[path] for path in examples], inputs=[image])
+        button.click(run, [image, labels, resolution, threshold], [overlay, table, download, summary],
+                     api_name="segment", concurrency_limit=1)
+    return demo.queue(default_concurrency_limit=1, max_size=16)
+
+
+def default_model() -> str | None:
+    """$MROVSEG_MODEL, else the checkpoint a Space folder names (hub_cards.space), else the main job's."""
+    space = ROOT / "mrovseg_space.json"
+    if os.environ.get("MROVSEG_MODEL"):
+        return os.environ["MROVSEG_MODEL"]
+    if space.is_file():
+        return json.loads(space.read_text())["model"]
+    return str(MAIN_JOB_MODEL) if (MAIN_JOB_MODEL / "config.json").is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the main job's)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME=0.0.0.0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    args = parser.parse_args(argv)
+    model = args.model or default_model()
+    if model is None:
+        print(f"error: no --model given and no main-job checkpoint at {MAIN_JOB_MODEL}. Train one with "
+              "`bash scripts/main_job.sh` (a few minutes on a CPU) or pass --model DIR_OR_HUB_ID.", file=sys.stderr)
+        return 2
+    try:
+        segmenter = Segmenter(model, args.device)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    examples = sorted(str(p) for p in (ROOT / "docs" / "examples").glob("*.png"))
+    build_demo(segmenter, examples).launch(server_name=args.host, server_port=args.port, show_error=True,
+                                           share=False, allowed_paths=[str(segmenter.outputs)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

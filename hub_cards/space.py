@@ -1,0 +1,70 @@
+"""Build (and push) a Hugging Face Space serving the demo page for a published MROVSeg checkpoint.
+
+    python -m hub_cards.space --model ORG/mrovseg-vit-b16 --repo-id ORG/mrovseg-demo [--out space/] [--no-push]
+
+The Space folder holds `app.py`, the `modeling_mrovseg` library it imports, `requirements.txt`, a `mrovseg_space.json`
+naming the checkpoint, and a README whose YAML header (`sdk: gradio`, `app_file: app.py`) makes the Hub run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIREMENTS = ["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0", "pillow>=10",
+                "numpy>=1.24", "scipy>=1.10", "tqdm", "gradio>=5"]
+
+
+def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Path:
+    """Write the Space folder for `model` (a Hub id or a folder that the Space can reach) into `out`."""
+    import gradio
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(ROOT / "modeling_mrovseg", out / "modeling_mrovseg", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "app.py", out / "app.py")
+    (out / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+    (out / "mrovseg_space.json").write_text(json.dumps({"model": model}, indent=1))
+    data = SpaceCardData(title=title, sdk="gradio", sdk_version=gradio.__version__, app_file="app.py",
+                         license="apache-2.0", tags=["image-segmentation", "open-vocabulary", "mrovseg"],
+                         models=[model] if "/" in model and not Path(model).exists() else None)
+    body = (f"# {title}\n\nOpen-vocabulary semantic segmentation at full resolution with [MROVSeg]"
+            f"(https://arxiv.org/abs/2408.14776), serving `{model}`. Type any class names; synonyms of one class are "
+            "separated by commas, classes by semicolons when a name needs a comma.\n")
+    SpaceCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body).save(out / "README.md")
+    return out
+
+
+def push_space(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str | None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
+                             ignore_patterns=["__pycache__/*", "*.pyc"], commit_message="Upload MROVSeg demo")
+    return getattr(info, "commit_url", None)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the checkpoint the Space serves (a Hub id)")
+    parser.add_argument("--repo-id", required=True, help="the Space, ORG/NAME")
+    parser.add_argument("--out", default="space", help="where to build the Space folder")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--no-push", action="store_true", help="only build the folder")
+    parser.add_argument("--token", default=None)
+    args = parser.parse_args(argv)
+    folder = build_space(args.model, args.out)
+    print(f"built {folder}")
+    if not args.no_push:
+        url = push_space(folder, args.repo_id, args.private, args.token)
+        print(f"pushed to {args.repo_id}" + (f": {url}" if url else " (no change)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Export the image path of a trained MROVSeg for runtimes without Python model code: ONNX or `torch.export`.
+
+    python -m modeling_mrovseg.export --model DIR --height 640 --width 960 --out mrovseg.onnx
+    python -m modeling_mrovseg.export --model DIR --height 640 --width 960 --out mrovseg.pt2 --format torch-export
+
+The exported program takes the processor's `pixel_values` (1, 3, S, S) and `pixel_values_slices` (1, K, 3, S, S) for
+images resized to exactly HEIGHT x WIDTH (the slice grid is fixed by that size) and returns `class_queries_logits`
+(1, N, C + 1) and `masks_queries_logits` (1, N, h, w). The stored vocabulary's text embeddings are constants: no
+text encoder is exported, so the classes are the checkpoint's (`set_vocabulary` and save before exporting to change
+them). `ExportedSegmenter` runs a file with the matching processor and post-processing, and refuses inputs of any
+other size with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .image_processing_mrovseg import MROVSegImageProcessor
+from .slicing import SliceGrid
+
+INPUT_NAMES = ["pixel_values", "pixel_values_slices"]
+OUTPUT_NAMES = ["class_queries_logits", "masks_queries_logits"]
+METADATA_KEY = "mrovseg"
+
+
+class MROVSegImagePath(nn.Module):
+    """The model with the slice grid and vocabulary fixed: (pixel_values, pixel_values_slices) -> both logits."""
+
+    def __init__(self, model, grid: SliceGrid):
+        super().__init__()
+        self.model = model.eval()
+        self.grid = grid
+
+    def forward(self, pixel_values: torch.Tensor, pixel_values_slices: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, pixel_values_slices=pixel_values_slices, slice_grid=self.grid,
+                             output_auxiliary_logits=False, return_dict=True)
+        return outputs.class_queries_logits, outputs.masks_queries_logits
+
+
+def export_processor(model, height: int, width: int) -> MROVSegImageProcessor:
+    """The processor an exported file serves: every image resized to exactly `height` x `width`."""
+    return MROVSegImageProcessor.from_model_config(model.config, size={"height": height, "width": width})
+
+
+def example_inputs(processor: MROVSegImageProcessor, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return dict(processor(image, return_tensors="pt"))
+
+
+def export(model, height: int, width: int, out: str | Path, format: str = "onnx") -> Path:
+    """Export `model`'s image path for `height` x `width` inputs to `out` (ONNX or a `torch.export` .pt2)."""
+    if format not in ("onnx", "torch-export"):
+        raise ValueError(f"format={format!r}: use 'onnx' or 'torch-export'.")
+    processor = export_processor(model, height, width)
+    inputs = example_inputs(processor, height, width)
+    rows, cols, window, stride = (int(v) for v in inputs["slice_grid"][0].tolist())
+    grid = SliceGrid(rows, cols, window, stride)
+    module = MROVSegImagePath(model, grid)
+    args = (inputs["pixel_values"], inputs["pixel_values_slices"])
+    metadata = {
+        "height": height, "width": width, "slice_grid": [rows, cols, window, stride],
+        "canvas": list(inputs["pixel_mask"].shape[-2:]), "labels": model.vocabulary,
+        "processor": processor.to_dict(), "inputs": {name: list(a.shape) for name, a in zip(INPUT_NAMES, args)},
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in ("onnxscript", "onnx_ir"):  # their optimiser logs a line per unfoldable op
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with torch.no_grad():
+        program = torch.export.export(module, args, strict=False)
+        if format == "torch-export":
+            torch.export.save(program, str(out), extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+            return out
+        onnx_program = torch.onnx.export(program, args, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                                         dynamo=True, optimize=True, verbose=False)
+    onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)  # onnx_ir model
+    onnx_program.save(str(out))
+    return out
+
+
+class ExportedSegmenter:
+    """
+    Run an exported file: image -> (H, W) class ids, with the processor and post-processing the file was made for.
+
+    >>> segmenter = ExportedSegmenter("mrovseg.onnx")        # or a .pt2 from --format torch-export
+    >>> label_map = segmenter(image)                           # image: path, PIL image or (H, W, 3) array
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no exported model at {path}")
+        self.path = path
+        if path.suffix == ".onnx":
+            import onnx
+            import onnxruntime
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+            self.program = None
+        else:
+            extra = {f"{METADATA_KEY}.json": ""}
+            self.program = torch.export.load(str(path), extra_files=extra).module()
+            props = {METADATA_KEY: extra[f"{METADATA_KEY}.json"]}
+            self.session = None
+        if METADATA_KEY not in props or not props[METADATA_KEY]:
+            raise ValueError(f"{path} was not written by modeling_mrovseg.export (no '{METADATA_KEY}' metadata).")
+        self.metadata = json.loads(props[METADATA_KEY])
+        self.labels: list[str] = self.metadata["labels"]
+        self.processor = MROVSegImageProcessor.from_dict(self.metadata["processor"])
+
+    def describe(self) -> str:
+        m = self.metadata
+        return (f"{self.path.name} serves images resized to {m['height']} x {m['width']} "
+                f"({m['slice_grid'][0]} x {m['slice_grid'][1]} slices) and the classes {', '.join(self.labels)}")
+
+    def check_inputs(self, inputs: dict[str, Any]) -> None:
+        for name in INPUT_NAMES:
+            got, wanted = list(inputs[name].shape), self.metadata["inputs"][name]
+            if got != wanted:
+                raise ValueError(f"{name} has shape {got}, but {self.describe()}: this file takes {wanted}. Prepare "
+                                 "inputs with `segmenter.processor`, or export again with the --height/--width you need.")
+
+    def logits(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both logits for processor outputs (checked against the exported shapes)."""
+        self.check_inputs(inputs)
+        if self.session is not None:
+            feeds = {name: np.asarray(inputs[name], dtype=np.float32) for name in INPUT_NAMES}
+            class_logits, mask_logits = self.session.run(OUTPUT_NAMES, feeds)
+            return torch.from_numpy(class_logits), torch.from_numpy(mask_logits)
+        with torch.no_grad():
+            return self.program(*(torch.as_tensor(inputs[name]) for name in INPUT_NAMES))
+
+    def __call__(self, image) -> np.ndarray:
+        from .image_processing_mrovseg import to_rgb_uint8
+        from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput
+        from .pipelines import open_image
+
+        array = to_rgb_uint8(open_image(image)) if not isinstance(image, np.ndarray) else to_rgb_uint8(image)
+        inputs = self.processor(array, return_tensors="pt")
+        class_logits, mask_logits = self.logits(inputs)
+        outputs = MROVSegOutput(class_queries_logits=class_logits, masks_queries_logits=mask_logits,
+                                image_sizes=MROVSegForOpenVocabSegmentation.image_sizes_from_pixel_mask(inputs["pixel_mask"]))
+        return self.processor.post_process_semantic_segmentation(outputs, target_sizes=[array.shape[:2]])[0].numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", required=True, help="MROVSeg checkpoint folder or Hub id")
+    parser.add_argument("--height", type=int, required=True, help="images are resized to exactly this height")
+    parser.add_argument("--width", type=int, required=True, help="... and this width")
+    parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    parser.add_argument("--format", choices=["onnx", "torch-export"], default=None,
+                        help="default: from the --out suffix (.pt2 -> torch-export, else onnx)")
+    args = parser.parse_args(argv)
+    for name in ("height", "width"):
+        if not 1 <= getattr(args, name) <= 8192:
+            parser.error(f"--{name} {getattr(args, name)} must lie in [1, 8192]")
+    format = args.format or ("torch-export" if args.out.endswith(".pt2") else "onnx")
+    from .modeling_mrovseg import MROVSegForOpenVocabSegmentation
+
+    try:
+        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load {args.model}: {error}", file=sys.stderr)
+        return 2
+    path = export(model, args.height, args.width, args.out, format)
+    print(ExportedSegmenter(path).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The demo page: one segmentation through gradio_client equals the CLI's, bad input is a message, and the page
+renders a run in a real headless Chromium (screenshot kept in tests/artifacts/ for a person to look at)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_mrovseg.cli import main as cli_main
+from tests.helpers import random_image
+
+gradio_client = pytest.importorskip("gradio_client")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+LABELS = "cat; dog; sofa, couch"  # three classes, the last with a synonym
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited: {process.stdout.read()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app.py did not start listening within 180 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "street.png"
+    Image.fromarray(random_image(90, 140, seed=5)).save(path)
+    return path
+
+
+def test_page_result_equals_the_cli(server, photo, checkpoint, tmp_path):
+    client = gradio_client.Client(server, verbose=False)
+    overlay, table, label_png, summary = client.predict(gradio_client.handle_file(str(photo)), LABELS, 96, 0,
+                                                       api_name="/segment")
+    assert cli_main(["segment", str(photo), "--model", str(checkpoint), "--labels", LABELS, "--out",
+                     str(tmp_path / "cli"), "--resolution", "96", "--quiet"]) == 0
+    page = np.asarray(Image.open(label_png))
+    cli = np.asarray(Image.open(tmp_path / "cli" / "street_labels.png"))
+    assert page.shape == (90, 140) and np.array_equal(page, cli)
+    rows = table["data"]
+    assert table["headers"] == ["class", "pixel share (%)", "score"]
+    assert rows and {row[0] for row in rows} <= {"cat", "dog", "sofa, couch"}
+    assert abs(sum(row[1] for row in rows) - 100) < 0.1
+    assert Image.open(overlay).size[0] > 140  # the image plus its legend panel
+    assert summary.startswith("140 x 90 px, 3 classes, resolution 96:")
+
+
+def test_bad_input_is_a_message_not_a_trace(server, photo, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client = gradio_client.Client(server, verbose=False)
+    with pytest.raises(AppError, match="at least one class name"):
+        client.predict(gradio_client.handle_file(str(photo)), " , ", 96, 0, api_name="/segment")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(AppError, match="(?i)image"):
+        client.predict(gradio_client.handle_file(str(broken)), LABELS, 96, 0, api_name="/segment")
+
+
+def test_page_in_a_real_browser(server, photo):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no system Chromium (scripts/setup.sh installs Debian's chromium where it can)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server, wait_until="networkidle")
+        page.locator("input[type=file]").first.set_input_files(str(photo))
+        page.get_by_label("Class names").fill(LABELS)
+        page.get_by_role("button", name="Segment").click()
+        page.get_by_text(re.compile(r"(class|classes) found")).wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)  # let the overlay image finish loading
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    assert "Classes found" in text and any(f"\n{name}" in text for name in ("cat", "dog", "sofa, couch"))
+    assert Image.open(ARTIFACTS / "demo.png").size[0] == 1280

@@ -1,0 +1,76 @@
+"""Export of the image path to ONNX and torch.export: parity with PyTorch on fresh images, sizes refused clearly."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+from modeling_mrovseg.export import ExportedSegmenter, example_inputs, export, main
+from tests.helpers import tiny_config
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MROVSegForOpenVocabSegmentation(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    return {fmt: export(model, 100, 150, folder / name, fmt)
+            for fmt, name in (("onnx", "m.onnx"), ("torch-export", "m.pt2"))}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_logits_and_labels_match_pytorch_on_fresh_images(model, exported, fmt):
+    segmenter = ExportedSegmenter(exported[fmt])
+    assert segmenter.labels == model.vocabulary
+    agree = total = 0
+    for seed in range(1, 4):
+        inputs = example_inputs(segmenter.processor, 100, 150, seed=seed)
+        class_logits, mask_logits = segmenter.logits(inputs)
+        with torch.no_grad():
+            reference = model(**inputs)
+        assert (class_logits - reference.class_queries_logits).abs().max() <= 1e-4
+        assert (mask_logits - reference.masks_queries_logits).abs().max() <= 1e-4
+        image = np.random.default_rng(seed).integers(0, 256, (77, 131, 3), dtype=np.uint8)  # any size: resized
+        labels = segmenter(image)
+        with torch.no_grad():
+            expected = segmenter.processor.post_process_semantic_segmentation(
+                model(**segmenter.processor(image, return_tensors="pt")), target_sizes=[(77, 131)])[0].numpy()
+        assert labels.shape == (77, 131)
+        agree, total = agree + (labels == expected).sum(), total + labels.size
+    assert agree / total >= 0.999
+
+
+def test_other_sizes_and_foreign_files_are_refused(model, exported, tmp_path):
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    segmenter = ExportedSegmenter(exported["onnx"])
+    other = MROVSegImageProcessor.from_model_config(model.config, size={"height": 200, "width": 150})
+    inputs = other(np.zeros((200, 150, 3), np.uint8), return_tensors="pt")
+    with pytest.raises(ValueError, match=r"serves images resized to 100 x 150 \(2 x 3 slices\)"):
+        segmenter.logits(inputs)
+    import onnx
+
+    plain = onnx.load(str(exported["onnx"]))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ValueError, match="not written by modeling_mrovseg.export"):
+        ExportedSegmenter(tmp_path / "plain.onnx")
+    with pytest.raises(FileNotFoundError):
+        ExportedSegmenter(tmp_path / "missing.onnx")
+
+
+def test_command_line(model, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--height", "64", "--width", "64",
+                 "--out", str(tmp_path / "small.pt2")]) == 0
+    assert "serves images resized to 64 x 64 (1 x 1 slices)" in capsys.readouterr().out
+    assert main(["--model", str(tmp_path / "nowhere"), "--height", "64", "--width", "64",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "ckpt"), "--height", "0", "--width", "64", "--out", str(tmp_path / "x.onnx")])
