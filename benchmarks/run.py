@@ -131,8 +131,9 @@ def metric_benchmark(num_maps: int = 500, size: int = 512, num_labels: int = 150
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "mean_iou", Path(__file__).resolve().parents[1] / "training" / "metrics" / "mean_iou" / "mean_iou.py")
+    from modeling_mrovseg import MEAN_IOU
+
+    spec = importlib.util.spec_from_file_location("mean_iou", Path(MEAN_IOU) / "mean_iou.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rng = np.random.default_rng(0)

@@ -25,7 +25,8 @@ def load_results(paths: list[str | Path]) -> list[dict]:
             final.setdefault("split", data.get("eval_split", "validation"))
             final.setdefault("eval_size", data.get("args", {}).get("eval_size"))
             final["training"] = {k: data["args"][k] for k in ("model", "dataset", "max_steps", "batch_size", "lr",
-                                                              "crop_size") if k in data.get("args", {})}
+                                                              "crop_size", "lora_rank", "lora_targets")
+                                 if k in data.get("args", {})}
             records.append(final)
         elif "mean_iou" in data:
             records.append(data)
@@ -34,7 +35,7 @@ def load_results(paths: list[str | Path]) -> list[dict]:
     return records
 
 
-def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "mit"):
+def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "apache-2.0"):
     """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -54,17 +55,16 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
         pipeline_tag="image-segmentation", tags=["mrovseg", "open-vocabulary", "semantic-segmentation", "clip"],
         datasets=datasets or None, eval_results=eval_results or None,
     )
-    training = next((r["training"] for r in results if "training" in r), None)
-    if training:
-        training_description = (
-            f"Trained from `{training.get('model')}` on `{training.get('dataset')}` for {training.get('max_steps')} "
-            f"steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')} with a poly schedule, "
-            f"{training.get('crop_size')} px crops after random scaling (0.5-1.5x), flips and colour jitter; CLIP "
-            "frozen except its position embeddings; Hungarian-matched class / BCE / dice losses on sampled points.")
-    else:
-        training_description = ("The SAN recipe on COCO-Stuff-164k (171 classes): 640 px crops, AdamW lr 1e-4, poly "
-                                "schedule, CLIP frozen except its position embeddings. See the repository's README.")
     vision = config.get("vision_config", {})
+    training = next((r["training"] for r in results if "training" in r), None)
+    own = Path(checkpoint) / "results.json"  # what training.train wrote next to the weights, if anything
+    if training is None and own.is_file():
+        training = next((r["training"] for r in load_results([own]) if "training" in r), None)
+    training_description = describe_training(training, config)
+    tiny = int(vision.get("hidden_size", 768)) < 256
+    extra = ("The CLIP inside is a tiny randomly initialised one (width "
+             f"{vision.get('hidden_size')}, {vision.get('num_hidden_layers')} layers), not a pretrained CLIP: this "
+             "checkpoint demonstrates the code path, not open-vocabulary segmentation quality.") if tiny else None
     rows = [{"name": r.get("benchmark", "?"), "split": r.get("split", "?"), "num_images": r.get("num_images", "?"),
              "miou": f"{100 * float(r['mean_iou']):.2f}"} for r in results]
     return ModelCard.from_template(
@@ -73,8 +73,30 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
                          f"{vision.get('num_hidden_layers', '?')} layers",
         num_labels=len(labels), vocabulary_preview=", ".join(labels[:20]) + (", ..." if len(labels) > 20 else ""),
         training_description=training_description, eval_rows=rows,
-        eval_size=next((r.get("eval_size") for r in results if r.get("eval_size")), 640), extra_limitations=None,
+        eval_size=next((r.get("eval_size") for r in results if r.get("eval_size")), 640), extra_limitations=extra,
     )
+
+
+def _source(name) -> str:
+    """A Hub id as is; a local path by its folder name only (a card never shows a machine's paths)."""
+    text = str(name)
+    return f"`{text}`" if is_hub_id(text) else f"a local `{Path(text).name}`"
+
+
+def describe_training(training: dict | None, config: dict) -> str:
+    """The card's training section, from the run's own arguments; nothing is claimed that the run did not do."""
+    if not training:
+        return ("No training record came with this checkpoint (no `results.json` from `training.train`), so its "
+                "data and recipe are not stated here.")
+    clip_part = ("CLIP frozen except its position embeddings" if config.get("train_position_embeddings", True)
+                 else "CLIP frozen")
+    if int(training.get("lora_rank") or 0) > 0:
+        clip_part = (f"LoRA rank {training['lora_rank']} on CLIP's {training.get('lora_targets', 'vision')} attention, "
+                     "the rest of CLIP frozen")
+    return (f"Trained from {_source(training.get('model'))} CLIP on {_source(training.get('dataset'))} data for "
+            f"{training.get('max_steps')} steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')} "
+            f"with a poly schedule, {training.get('crop_size')} px crops after random scaling (0.5-1.5x), flips and "
+            f"colour jitter; {clip_part}; Hungarian-matched class / BCE / dice losses on sampled points.")
 
 
 def main(argv=None) -> Path:

@@ -1,5 +1,7 @@
 """MROVSeg for Hugging Face Transformers: open-vocabulary segmentation at full resolution with one CLIP."""
 
+from pathlib import Path
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -9,6 +11,9 @@ from transformers import (
 )
 
 from .configuration_mrovseg import CLIP_PRESETS, IGNORE_INDEX, VILD_TEMPLATES, MROVSegConfig
+
+# The streaming mean-IoU `evaluate` module installed with the package: `evaluate.load(MEAN_IOU)` from any folder.
+MEAN_IOU = str(Path(__file__).resolve().parent / "metrics" / "mean_iou")
 from .image_processing_mrovseg import MROVSegImageProcessor
 from .modeling_mrovseg import (
     MROVSegForOpenVocabSegmentation,
@@ -37,6 +42,7 @@ MROVSegProcessor.register_for_auto_class("AutoProcessor")
 register_pipelines()
 
 __all__ = [
+    "MEAN_IOU",
     "CLIP_PRESETS",
     "IGNORE_INDEX",
     "VILD_TEMPLATES",

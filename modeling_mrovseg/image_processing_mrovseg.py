@@ -5,7 +5,8 @@ Pure PIL/numpy (plus torch for the antialiased global-view downsampling), no tor
 Input conventions (documented fallbacks rather than errors):
 * any PIL mode becomes RGB: EXIF orientation is applied first; transparency (RGBA, LA, P with a transparent
   index) is composited onto white; 16/32-bit integer images (I;16, I) are scaled from their 16-bit range;
-  float images (F) and float arrays are read as [0, 1] when all values lie there, otherwise as [0, 255];
+  float images (F) and float arrays are read as [0, 1] when all values lie there, else as [0, 255]; integer arrays
+  are 8-bit (0..255) unless their dtype is uint16; values outside those ranges are a `ValueError`, never clipped;
 * numpy arrays may be HWC or CHW (torch tensors CHW first), with 1 (grey), 2 (grey + alpha), 3 (RGB) or
   4 (RGBA) channels; anything else, NaN/inf values or an empty image is a `ValueError` naming the problem;
 * extreme aspect ratios are resized so the longest edge fits `longest_edge`, keeping at least one pixel.
@@ -96,12 +97,21 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError(f"{where} contains NaN or infinite values.")
-        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        low, high = float(array.min()), float(array.max())
+        # [0, 1] or [0, 255], each with half a grey level of slack for resampling round-off; nothing else is guessed
+        scale = 255.0 if low >= -0.5 / 255 and high <= 1.0 + 0.5 / 255 else 1.0
+        if low * scale < -0.5 or high * scale > 255.5:
+            raise ValueError(f"{where} has float values in [{low:g}, {high:g}]: float images must lie in [0, 1] or "
+                             "[0, 255]. Undo any normalisation first (the processor normalises itself).")
         array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer):
-        if array.max(initial=0) > 255:
-            array = np.clip(array.astype(np.float64) / 257.0, 0, 255).round()
-        array = np.clip(array, 0, 255).astype(np.uint8)
+        low, high = int(array.min()), int(array.max())
+        if array.dtype == np.uint16:  # a 16-bit image: its dtype says so
+            array = np.rint(array.astype(np.float64) / 257.0)
+        elif low < 0 or high > 255:
+            raise ValueError(f"{where} has integer values in [{low}, {high}] ({array.dtype}): integer images hold 0..255; "
+                             "pass a uint16 array for a 16-bit image, or floats in [0, 1].")
+        array = array.astype(np.uint8)
     else:
         raise ValueError(f"{where} has unsupported dtype {array.dtype}.")
 

@@ -167,3 +167,29 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
         files = set(hub.repos["acme/mrovseg-demo"]["files"])
         assert {"README.md", "app.py", "requirements.txt", "mrovseg_space.json", "modeling_mrovseg/cli.py"} <= files
         assert not hub.unknown
+
+
+
+def test_card_states_what_the_run_did_and_no_machine_paths(checkpoint, tmp_path):
+    import shutil
+
+    from hub_cards.card import build_card, load_results
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("README.md", "results.json"))
+    bare = str(build_card(folder, [], "acme/x"))
+    assert "No training record came with this checkpoint" in bare and "SAN recipe" not in bare
+    assert "license: apache-2.0" in bare and "tiny randomly initialised one" in bare
+    assert "pip install mrovseg" not in bare
+
+    run = {"final_evaluation": {"mean_iou": 0.5, "num_images": 7}, "dataset": "/home/me/data/cracks",
+           "eval_split": "validation", "args": {"model": "/home/me/clips/tiny-clip", "dataset": "/home/me/data/cracks",
+                                                 "max_steps": 60, "batch_size": 2, "lr": 1e-3, "crop_size": 256,
+                                                 "lora_rank": 4, "lora_targets": "vision", "eval_size": 512}}
+    (folder / "results.json").write_text(json.dumps(run))
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"mean_iou": 0.25, "benchmark": "cracks", "split": "test", "num_images": 3}))
+    card = str(build_card(folder, load_results([evaluation]), "acme/x"))  # --results given: training still read
+    assert "for 60 steps, batch 2" in card and "LoRA rank 4 on CLIP's vision attention" in card
+    assert "a local `tiny-clip` CLIP on a local `cracks` data" in card
+    assert "/home/me" not in card and "SAN recipe" not in card

@@ -198,6 +198,14 @@ def test_float_in_unit_range_equals_uint8():
     torch.testing.assert_close(_process(image)["pixel_values"], _process(image / 255.0)["pixel_values"])
 
 
+def test_integer_dtypes_read_by_range_rule():
+    image = random_image(16, 16)
+    reference = _process(image)["pixel_values"]
+    for dtype in (np.int64, np.int32, np.uint32, np.int16):  # wide dtypes holding 8-bit values stay 8-bit
+        torch.testing.assert_close(_process(image.astype(dtype))["pixel_values"], reference)
+    torch.testing.assert_close(_process(image.astype(np.uint16) * 257)["pixel_values"], reference)  # 16-bit
+
+
 def test_batch_of_mixed_kinds_and_sizes():
     images = [Image.fromarray(random_image(30, 50)), random_image(60, 20), torch.zeros(3, 40, 40)]
     out = _process(images)
@@ -212,6 +220,10 @@ def test_batch_of_mixed_kinds_and_sizes():
     (np.zeros((10, 10, 5), np.uint8), "channels"),
     (np.zeros((5, 10, 10, 3, 1), np.uint8), "dimensions"),
     ("not an image", "unsupported type"),
+    (np.array([[[0, 128, 256]]] * 4, np.int64), r"integer values in \[0, 256\].*uint16"),
+    (np.full((4, 4, 3), -7, np.int32), r"integer values in \[-7, -7\]"),
+    (np.random.default_rng(0).normal(0, 1, (4, 4, 3)), r"float values in .*\[0, 1\] or \[0, 255\]"),
+    (np.full((4, 4, 3), 300.0), r"float values in \[300, 300\]"),
 ])
 def test_bad_input_is_a_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):

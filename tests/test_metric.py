@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-METRIC_PATH = str(Path(__file__).resolve().parents[1] / "training" / "metrics" / "mean_iou")
+from modeling_mrovseg import MEAN_IOU as METRIC_PATH
 
 
 def reference_mean_iou(predictions, references, num_labels, ignore_index, nan_to_num=None, label_map=None,
@@ -81,5 +81,14 @@ def test_compute_consumes_and_mismatch_errors():
     metric.add(prediction=np.zeros((4, 4), int), reference=np.zeros((4, 4), int))
     assert metric.compute(num_labels=2, ignore_index=255)["mean_iou"] == 1.0
     assert np.isnan(metric.compute(num_labels=2, ignore_index=255)["mean_iou"])
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match=r"shape \(4, 4\) but reference has shape \(4, 5\)"):
         metric.add(prediction=np.zeros((4, 4), int), reference=np.zeros((4, 5), int))
+    with pytest.raises(ValueError, match="shape"):  # same pixel count, transposed: an error, not a score
+        metric.add(prediction=np.zeros((6, 4), int), reference=np.zeros((4, 6), int))
+
+
+def test_metric_loads_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    metric = evaluate.load(METRIC_PATH)
+    assert metric.compute(predictions=[np.eye(3, dtype=int)], references=[np.eye(3, dtype=int)], num_labels=2,
+                          ignore_index=255)["mean_iou"] == 1.0

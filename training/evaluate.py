@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from modeling_mrovseg import MEAN_IOU
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_size", type=int, default=640, help="shortest edge the images are resized to")
     parser.add_argument("--slice_batch_size", type=int, default=None)
     parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--metric", default=str(Path(__file__).resolve().parent / "metrics" / "mean_iou"))
+    parser.add_argument("--metric", default=MEAN_IOU)
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (inductor); pays off for many images of one size")

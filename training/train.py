@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from modeling_mrovseg import MEAN_IOU
+
 import torch
 
 DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, max_grad_norm=0.01, crop_size=640, max_steps=60000, batch_size=32)
@@ -53,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop (resumably) after this many steps, e.g. to fit a time slot")
     parser.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval_max_samples", type=int, default=None)
-    parser.add_argument("--metric", default=str(Path(__file__).resolve().parent / "metrics" / "mean_iou"),
+    parser.add_argument("--metric", default=MEAN_IOU,
                         help="evaluate metric: this package's streaming mean_iou (default) or the Hub id mean_iou")
     parser.add_argument("--log_steps", type=int, default=10)
     parser.add_argument("--num_workers", type=int, default=0)

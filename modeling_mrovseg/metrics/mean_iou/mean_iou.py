@@ -7,7 +7,8 @@ to the histogram's *values*, which is exact because they act on each pixel's val
 histograms (torch.distributed when initialised) before computing, so several evaluation processes give the
 numbers of one.
 
-    metric = evaluate.load("training/metrics/mean_iou")       # a local path: works offline
+    from modeling_mrovseg import MEAN_IOU
+    metric = evaluate.load(MEAN_IOU)       # the installed module's path: works offline, from any folder
     metric.add_batch(predictions=[pred_map, ...], references=[label_map, ...])
     metric.compute(num_labels=150, ignore_index=255, reduce_labels=False)
 """
@@ -53,11 +54,12 @@ class JointHistogram:
         self.col_offset = 0
 
     def update(self, prediction, reference) -> None:
-        """Add one prediction / reference pair (any shape, the same number of values)."""
-        pred = torch.as_tensor(np.asarray(prediction)).flatten()
-        ref = torch.as_tensor(np.asarray(reference)).flatten()
+        """Add one prediction / reference pair of the same shape (a transposed map is an error, not a score)."""
+        pred, ref = np.asarray(prediction), np.asarray(reference)
         if pred.shape != ref.shape:
-            raise ValueError(f"prediction has {pred.numel()} values but reference has {ref.numel()}.")
+            raise ValueError(f"prediction has shape {pred.shape} but reference has shape {ref.shape}; resize the "
+                             "prediction to the reference's size (post_process_semantic_segmentation's target_sizes).")
+        pred, ref = torch.as_tensor(pred).flatten(), torch.as_tensor(ref).flatten()
         if ref.numel() == 0:
             return
         rmin, rmax = _value_range(ref)
