@@ -36,6 +36,8 @@ from .multi_res_adapter import MROVSegMultiResAdapter
 from .slicing import SliceGrid, stitch_windows
 from .text_classifier import MROVSegOpenVocabClassifier, embed_class_names, pool_prompt_embeddings, validate_labels
 
+REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
+
 # Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
 LEGACY_KEY_MAPPING = {
     r"^vision_model\.": "mrovseg.vision_model.",
@@ -162,7 +164,19 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         auto_map.update(AutoModel=f"{module}.MROVSegModel",
                         AutoModelForSemanticSegmentation=f"{module}.MROVSegForOpenVocabSegmentation")
         self.config.auto_map = auto_map
+        # The zero-shot pipeline travels with the checkpoint under its own task name: without this package,
+        # pipeline(REMOTE_PIPELINE_TASK, model=..., trust_remote_code=True) loads it. (Not under
+        # "zero-shot-image-segmentation": transformers would then demand trust_remote_code from installed users too.)
+        self.config.custom_pipelines = {REMOTE_PIPELINE_TASK: {
+            "impl": "pipelines.MROVSegZeroShotSegmentationPipeline", "pt": ["AutoModelForSemanticSegmentation"],
+            "tf": [], "type": "multimodal"}}
         result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from transformers.dynamic_module_utils import custom_object_save
+
+            from .pipelines import MROVSegZeroShotSegmentationPipeline
+
+            custom_object_save(MROVSegZeroShotSegmentationPipeline, save_directory)  # pipelines.py + its imports
         if kwargs.get("is_main_process", True):
             folder = Path(save_directory)
             tokenizer = tokenizer if tokenizer is not None else getattr(self, "clip_tokenizer", None)

@@ -176,3 +176,81 @@ def test_palette_is_distinct_and_legend_is_drawn():
     assert not (legend == palette(3)[1]).all(-1).any()  # absent classes are left out of the legend
     with pytest.raises(ValueError, match="segmentation has shape"):
         draw_segmentation(Image.fromarray(random_image(10, 10)), segmentation, ["a"])
+
+
+def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, capsys):
+    """An EXIF-rotated JPEG, a PNG declaring 50000 x 50000 and photo.jpg beside photo.png: all handled, none lost."""
+    import struct
+    import zlib
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    rotated = Image.fromarray(random_image(60, 100))  # stored landscape, displayed portrait (EXIF orientation 6)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(source / "phone.jpg", exif=exif)
+    Image.fromarray(random_image(40, 50, seed=1)).save(source / "photo.jpg")
+    Image.fromarray(random_image(40, 50, seed=2)).save(source / "photo.png")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)  # a 7.5 GB RGB image in a few bytes
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    (source / "bomb.png").write_bytes(bomb)
+    out = tmp_path / "out"
+    code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out),
+                     "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1 and "3 of 4" in captured.out  # the bomb is skipped with its name, the rest segmented
+    assert "bomb.png" in captured.err and "pixels" in captured.err
+    assert Image.open(out / "phone_labels.png").size == (60, 100)  # portrait, as displayed
+    assert (out / "photo_jpg_labels.png").exists() and (out / "photo_png_labels.png").exists()
+    assert json.loads((out / "photo_png.json").read_text())["image"].endswith("photo.png")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resolution", "-5"], "--resolution"),
+    (["--resolution", "100000"], "--resolution"),
+    (["--slice-batch-size", "-1"], "--slice-batch-size"),
+    (["--score-threshold", "nan"], "--score-threshold"),
+])
+def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys, argv, message):
+    image = tmp_path / "x.png"
+    Image.fromarray(random_image(30, 30)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["segment", str(image), "--model", str(checkpoint), "--labels", "cat", "--out", str(tmp_path / "o"),
+                  *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "x.png"
+    Image.fromarray(random_image(30, 30)).save(image)
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("not a folder")
+    base = ["segment", str(image), "--model", str(checkpoint), "--labels", "cat"]
+    assert cli_main([*base, "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main([*base, "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert cli_main([*base, "--out", str(tmp_path / "o"), "--device", "toaster"]) == 2
+    assert "not a device name" in capsys.readouterr().err
+
+
+def test_both_pipelines_batched_equal_one_at_a_time(checkpoint, zero_shot):
+    """batch_size=2: same-size images in the stock pipeline, mixed sizes in the zero-shot one; results identical."""
+    same = [Image.fromarray(random_image(90, 120, seed=s)) for s in range(3)]
+    stock = pipeline("image-segmentation", model=str(checkpoint))
+    for one, batched in zip([stock(image) for image in same], stock(same, batch_size=2)):
+        assert [s["label"] for s in one] == [s["label"] for s in batched]
+        for a, b in zip(one, batched):
+            assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    mixed = [Image.fromarray(random_image(h, w, seed=h)) for h, w in ((90, 120), (60, 200), (90, 120), (150, 80))]
+    singles = [zero_shot(image, candidate_labels="cat; dog; sofa") for image in mixed]
+    batched = zero_shot(mixed, candidate_labels="cat; dog; sofa", batch_size=2)
+    for one, many in zip(singles, batched):
+        assert np.array_equal(one["label_map"], many["label_map"])
+        assert [(s["label"], round(s["score"], 5)) for s in one["segments"]] == \
+            [(s["label"], round(s["score"], 5)) for s in many["segments"]]

@@ -67,3 +67,39 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert got["type"] == "MROVSegForOpenVocabSegmentation" and got["config"] == "MROVSegConfig"
     torch.testing.assert_close(got["class"], expected.class_queries_logits, rtol=1e-5, atol=1e-5)  # other process, other thread count
     torch.testing.assert_close(got["masks"], expected.masks_queries_logits, rtol=1e-5, atol=1e-5)  # other process, other thread count
+
+
+PIPELINE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_mrovseg"] = None  # as on a machine without this package
+    import numpy as np
+    from transformers import pipeline
+    folder = sys.argv[1]
+    segmenter = pipeline("mrovseg-zero-shot-image-segmentation", model=folder, trust_remote_code=True)
+    assert type(segmenter).__module__.startswith("transformers_modules"), type(segmenter).__module__
+    result = segmenter(np.load(folder + "/image.npy"), candidate_labels="cat; dog, puppy")
+    np.save(folder + "/remote_labels.npy", result["label_map"])
+    """
+)
+
+
+def test_checkpoint_carries_its_zero_shot_pipeline(checkpoint, tmp_path):
+    import shutil
+
+    import numpy as np
+    from transformers import pipeline
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, folder)
+    assert (folder / "pipelines.py").is_file()
+    image = random_image(70, 110)
+    np.save(folder / "image.npy", image)
+    local = pipeline("zero-shot-image-segmentation", model=str(folder))  # installed: no trust_remote_code needed
+    expected = local(image, candidate_labels="cat; dog, puppy")["label_map"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(folder / "remote_labels.npy"), expected)
