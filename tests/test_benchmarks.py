@@ -21,3 +21,11 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert smoke["ok"], smoke.get("stderr")
     assert smoke["steps"] == 4 and 0 <= smoke["mean_iou"] <= 1
     assert "| 96 x 160 |" in gpu.report(results)
+
+
+def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():
+    from benchmarks.run import count_aten_ops
+
+    default = count_aten_ops((256, 256))
+    bf16 = count_aten_ops((256, 256), bf16_weights=True)
+    assert 300 < bf16 < default  # autocast's per-op casts of fp32 weights are part of the default's count
