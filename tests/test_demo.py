@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from modeling_mrovseg.cli import main as cli_main
-from tests.helpers import random_image
+from tests.helpers import png_bomb, random_image
 
 gradio_client = pytest.importorskip("gradio_client")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,10 @@ def test_bad_input_is_a_message_not_a_trace(server, photo, tmp_path):
     broken.write_bytes(b"not an image at all")
     with pytest.raises(AppError, match="(?i)image"):
         client.predict(gradio_client.handle_file(str(broken)), LABELS, 96, 0, api_name="/segment")
+    bomb = tmp_path / "huge.png"
+    bomb.write_bytes(png_bomb())
+    with pytest.raises(AppError, match="pixels"):
+        client.predict(gradio_client.handle_file(str(bomb)), LABELS, 96, 0, api_name="/segment")
 
 
 def test_page_in_a_real_browser(server, photo):

@@ -10,7 +10,7 @@ from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
 from modeling_mrovseg.cli import main as cli_main
 from modeling_mrovseg.text_classifier import parse_class_names as parse_labels
 from modeling_mrovseg.visualization import draw_segmentation, palette
-from tests.helpers import LABELS, TEMPLATES, random_image, tiny_processor
+from tests.helpers import LABELS, TEMPLATES, png_bomb, random_image, tiny_processor
 
 
 def images():
@@ -180,9 +180,6 @@ def test_palette_is_distinct_and_legend_is_drawn():
 
 def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, capsys):
     """An EXIF-rotated JPEG, a PNG declaring 50000 x 50000 and photo.jpg beside photo.png: all handled, none lost."""
-    import struct
-    import zlib
-
     source = tmp_path / "photos"
     source.mkdir()
     rotated = Image.fromarray(random_image(60, 100))  # stored landscape, displayed portrait (EXIF orientation 6)
@@ -192,12 +189,7 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     Image.fromarray(random_image(40, 50, seed=1)).save(source / "photo.jpg")
     Image.fromarray(random_image(40, 50, seed=2)).save(source / "photo.png")
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)  # a 7.5 GB RGB image in a few bytes
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    (source / "bomb.png").write_bytes(bomb)
+    (source / "bomb.png").write_bytes(png_bomb())
     out = tmp_path / "out"
     code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out),
                      "--quiet"])
