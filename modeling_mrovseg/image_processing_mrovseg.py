@@ -333,7 +333,7 @@ class MROVSegImageProcessor(PilBackend):
         return {"shortest_edge": resolution, "longest_edge": 4 * resolution}
 
     def stitch(self, slices: torch.Tensor, slice_grid: Sequence[int]) -> torch.Tensor:
-        """Inverse of slicing: (B, K, C, S, S) windows back to the (B, C, H, W) canvas, overlaps averaged."""
+        """Inverse of slicing: (B, K, ch, S, S) windows of ch channels back to the (B, ch, H, W) canvas, overlaps averaged."""
         rows, cols, window, stride = (int(v) for v in slice_grid)
         return stitch_windows(torch.as_tensor(slices), SliceGrid(rows, cols, window, stride))
 

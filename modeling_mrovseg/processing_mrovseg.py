@@ -16,7 +16,7 @@ class MROVSegProcessor(ProcessorMixin):
     r"""
     Wraps [`MROVSegImageProcessor`] and a CLIP tokenizer. `text=` is a list of class names (a name may carry
     synonyms, `"sofa, couch"`); every name is put into every prompt template and tokenized, and
-    `text_prompt_owners` (P x 2: class index, synonym index) tells the model how to pool the prompts back into
+    `text_prompt_owners` (T x 2: class index, synonym index) tells the model how to pool the prompts back into
     one embedding per class.
 
     Example:
@@ -53,7 +53,7 @@ class MROVSegProcessor(ProcessorMixin):
         return BatchFeature(data=data)
 
     def tokenize_class_names(self, labels: Sequence[str]) -> dict[str, torch.Tensor]:
-        """input_ids / attention_mask (P x L) for all template x synonym prompts, and their (class, synonym) owners."""
+        """input_ids / attention_mask (T x L) for all template x synonym prompts, and their (class, synonym) owners."""
         labels = validate_labels(labels)
         prompts, owners = build_prompts(labels, self.prompt_templates)
         return {**tokenize_prompts(self.tokenizer, prompts), "text_prompt_owners": torch.tensor(owners, dtype=torch.long)}

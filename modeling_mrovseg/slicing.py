@@ -62,7 +62,7 @@ class SliceGrid:
 
 
 def slice_windows(canvas, grid: SliceGrid):
-    """Cut `canvas` (..., C, H, W), numpy or torch, with H x W == the grid's canvas, into (..., K, C, S, S)."""
+    """Cut `canvas` (..., ch, H, W) of ch channels, numpy or torch, with H x W == the grid's canvas, into (..., K, ch, S, S)."""
     if tuple(canvas.shape[-2:]) != (grid.height, grid.width):
         raise ValueError(
             f"Canvas of size {tuple(canvas.shape[-2:])} does not match the slice grid ({grid.height}, {grid.width})."
@@ -81,7 +81,7 @@ def slice_windows(canvas, grid: SliceGrid):
 
 
 def stitch_windows(windows: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
-    """Exact inverse of `slice_windows` for torch (B, K, C, S, S) -> (B, C, H, W), overlapping values averaged."""
+    """Exact inverse of `slice_windows` for torch (B, K, ch, S, S) -> (B, ch, H, W), overlapping values averaged."""
     batch, num, channels, window, _ = windows.shape
     if num != grid.num_slices or window != grid.window:
         raise ValueError(
