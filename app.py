@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    examples = sorted(str(p) for p in (ROOT / "docs" / "examples").glob("*.png"))
+    folder = ROOT / "docs" / "examples"
+    examples = sorted(str(p) for p in folder.iterdir() if p.suffix in (".png", ".jpg")) if folder.is_dir() else []
     build_demo(segmenter, examples).launch(server_name=args.host, server_port=args.port, show_error=True,
                                            share=False, allowed_paths=[str(segmenter.outputs)])
     return 0

@@ -28,6 +28,7 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
         shutil.rmtree(out)
     shutil.copytree(ROOT / "modeling_mrovseg", out / "modeling_mrovseg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "app.py", out / "app.py")
+    shutil.copytree(ROOT / "docs" / "examples", out / "docs" / "examples")  # the page's example images
     (out / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
     (out / "mrovseg_space.json").write_text(json.dumps({"model": model}, indent=1))
     data = SpaceCardData(title=title, sdk="gradio", sdk_version=gradio.__version__, app_file="app.py",

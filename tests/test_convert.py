@@ -110,12 +110,17 @@ def test_cli_and_missing_source(tmp_path):
         convert.main(["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")])
 
 
-def test_own_folder_of_images_and_label_pngs(tmp_path):
+def own_folder(root, suffix: str):
+    """my_data/images/img{i}.<suffix> (8 x 10) with label PNGs of class i % 3, as a user's folder dataset."""
     for sub in ("images", "labels"):
-        (tmp_path / "mine" / sub).mkdir(parents=True)
+        (root / "mine" / sub).mkdir(parents=True)
     for i in range(5):
-        image(8, 10, seed=i).save(tmp_path / "mine" / "images" / f"img{i}.jpg")
-        Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+        image(8, 10, seed=i).save(root / "mine" / "images" / f"img{i}.{suffix}")
+        Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(root / "mine" / "labels" / f"img{i}.png")
+
+
+def test_own_folder_of_images_and_label_pngs(tmp_path):
+    own_folder(tmp_path, "jpg")
     convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "background, crack, rust",
                   "--val-fraction", "0.2", "--out", str(tmp_path / "out")])
     train, names = read_back(tmp_path / "out", "train")
@@ -130,11 +135,7 @@ def test_own_folder_of_images_and_label_pngs(tmp_path):
 
 def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path):
     """Validation is written first; a bad train label then fails the run: the old folder must be exactly as it was."""
-    for sub in ("images", "labels"):
-        (tmp_path / "mine" / sub).mkdir(parents=True)
-    for i in range(5):
-        image(8, 10, seed=i).save(tmp_path / "mine" / "images" / f"img{i}.png")
-        Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    own_folder(tmp_path, "png")
     out = tmp_path / "out"
     args = ["folder", "--source", str(tmp_path / "mine"), "--val-fraction", "0.2", "--out", str(out)]
     convert.main([*args, "--class-names", "background, crack, rust"])

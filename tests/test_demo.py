@@ -113,4 +113,5 @@ def test_page_in_a_real_browser(server, photo):
         text = page.inner_text("body")
         browser.close()
     assert "Classes found" in text and any(f"\n{name}" in text for name in ("cat", "dog", "sofa, couch"))
+    assert "Examples" in text  # docs/examples/ offered to pick from
     assert Image.open(ARTIFACTS / "demo.png").size[0] == 1280

@@ -155,6 +155,7 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
     card = SpaceCard.load(folder / "README.md")
     assert (card.data.sdk, card.data.app_file) == ("gradio", "app.py") and card.data.sdk_version
     assert (folder / "app.py").is_file() and (folder / "modeling_mrovseg" / "modeling_mrovseg.py").is_file()
+    assert any((folder / "docs" / "examples").iterdir())
     assert "gradio" in (folder / "requirements.txt").read_text()
     assert json.loads((folder / "mrovseg_space.json").read_text()) == {"model": "acme/mrovseg-test"}
     with FakeHub() as hub:

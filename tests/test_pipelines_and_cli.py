@@ -246,3 +246,12 @@ def test_both_pipelines_batched_equal_one_at_a_time(checkpoint, zero_shot):
         assert np.array_equal(one["label_map"], many["label_map"])
         assert [(s["label"], round(s["score"], 5)) for s in one["segments"]] == \
             [(s["label"], round(s["score"], 5)) for s in many["segments"]]
+
+
+def test_zero_shot_pipeline_compile_flag(checkpoint):
+    """compile=True wraps the model's calls in torch.compile (nn.Module.compile) and the post-processing too; the
+    compiled forward itself is tested in test_modeling (one graph, equal to eager)."""
+    compiled = pipeline("zero-shot-image-segmentation", model=str(checkpoint), compile=True)
+    assert compiled.compiled is True and compiled.model._compiled_call_impl is not None
+    plain = pipeline("zero-shot-image-segmentation", model=str(checkpoint))
+    assert plain.compiled is False and plain.model._compiled_call_impl is None
