@@ -98,7 +98,8 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
                 threshold = gr.Number(value=0, minimum=0, label="Score threshold (0: label every pixel)")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
-                overlay = gr.Image(label="Overlay", type="numpy", format="png", interactive=False)
+                # no toolbar: its icons would cover the legend's first row (the label PNG has its own download)
+                overlay = gr.Image(label="Overlay", type="numpy", format="png", interactive=False, buttons=[])
                 summary = gr.Markdown()
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="Classes found", interactive=False)
                 download = gr.File(label="Label PNG (palette index = class number)")

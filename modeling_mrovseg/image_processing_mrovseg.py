@@ -415,7 +415,8 @@ def label_scores(score: torch.Tensor, geometry: Sequence[int] | None, size: Sequ
         valid_h, valid_w, padded_h, padded_w = (int(v) for v in geometry)
     out_h, out_w = (valid_h, valid_w) if size is None else (int(size[0]), int(size[1]))
     # output pixel y samples the mask-resolution row (y + 0.5) / scale - 0.5, as F.interpolate maps pixel centres
-    scale = (out_h * padded_h / (valid_h * low_h), out_w * padded_w / (valid_w * low_w))
+    scale = (_covering_scale(low_h, out_h * padded_h / (valid_h * low_h), out_h),
+             _covering_scale(low_w, out_w * padded_w / (valid_w * low_w), out_w))
     score = score.float()[None]
     if score.device.type == "cpu":  # channels-last: the CPU's class maximum then reads contiguous memory
         score = score.contiguous(memory_format=torch.channels_last)
@@ -459,6 +460,16 @@ def _resample_max(part: torch.Tensor, scale: tuple[float, float], out_h: int, ou
     part = part[0, :, :out_h, :out_w]
     best, label = part.max(dim=0)
     return best, label, (part.sum(dim=0) if with_sum else None), (part if keep else None)
+
+
+def _covering_scale(size: int, scale: float, needed: int) -> float:
+    """`scale`, raised by the fewest float steps for which F.interpolate's output (floor(size * scale)) holds `needed`
+    pixels: out / low in floating point can land a hair under the integer (61 / 7 * 7 = 60.99...)."""
+    import math
+
+    while math.floor(float(size) * scale) < needed:
+        scale = math.nextafter(scale, math.inf)
+    return scale
 
 
 _COMPILED_RESAMPLE_MAX = None

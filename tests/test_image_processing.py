@@ -312,6 +312,14 @@ def test_one_resampling_grouped_or_not_equals_full_scores(monkeypatch, budget):
     torch.testing.assert_close(own.segmentation_scores, canvas[0, :, :40, :70], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("low,out", [((7, 11), (61, 15)), ((7, 11), (115, 30)), ((12, 20), (67, 111)), ((5, 3), (1, 2))])
+def test_any_target_size_is_met_exactly(low, out):
+    """out / low in floats can fall a hair short of the integer (61 / 7 * 7 = 60.999...): sizes must still match."""
+    processor = MROVSegImageProcessor()
+    outputs = _outputs(batch=1, queries=4, classes=3, size=low)
+    assert processor.post_process_semantic_segmentation(outputs, target_sizes=[out])[0].shape == out
+
+
 def test_compiled_post_processing_equals_eager():
     processor = MROVSegImageProcessor()
     outputs = _outputs(batch=1, queries=8, classes=3, size=(24, 32), image_sizes=torch.tensor([[90, 120, 96, 128]]))
