@@ -45,8 +45,7 @@ class Segmenter:
         import numpy as np
 
         from modeling_mrovseg import MROVSegImageProcessor
-        from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
-        from modeling_mrovseg.pipelines import open_image
+        from modeling_mrovseg.pipelines import read_rgb
         from modeling_mrovseg.text_classifier import parse_class_names
         from modeling_mrovseg.visualization import colorize, draw_segmentation
 
@@ -55,10 +54,7 @@ class Segmenter:
         labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
         size = MROVSegImageProcessor.size_for_resolution(int(resolution))
         threshold = None if threshold is None or threshold <= 0 else float(threshold)
-        try:
-            image = to_rgb_uint8(open_image(str(image_path)))  # as the CLI reads it: EXIF, 16-bit, alpha
-        except OSError as error:
-            raise ValueError(f"Cannot read this file as an image ({error}).") from None
+        image = read_rgb(str(image_path))  # as the CLI reads it; an unreadable file or a bomb is a ValueError
         with self.lock:  # the resolution lives on the shared processor
             self.pipeline.image_processor.size = size
             result = self.pipeline(image, candidate_labels=labels, score_threshold=threshold)

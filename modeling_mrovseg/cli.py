@@ -86,8 +86,7 @@ def prepare_output(out: Path) -> None:
 def segment_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .image_processing_mrovseg import to_rgb_uint8
-    from .pipelines import open_image
+    from .pipelines import read_rgb
     from .text_classifier import parse_class_names
     from .visualization import colorize, draw_segmentation
 
@@ -114,7 +113,7 @@ def segment_command(args: argparse.Namespace) -> int:
     bar = tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet)
     for path, stem in zip(bar, stems):
         try:
-            image = to_rgb_uint8(open_image(str(path)))  # EXIF orientation, 16-bit and alpha as the model sees them
+            image = read_rgb(str(path))  # EXIF orientation, 16-bit and alpha as the model sees them
             if not args.quiet and len(images) == 1:
                 print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
             result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)

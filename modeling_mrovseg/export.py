@@ -141,11 +141,10 @@ class ExportedSegmenter:
             return self.program(*(torch.as_tensor(inputs[name]) for name in INPUT_NAMES))
 
     def __call__(self, image) -> np.ndarray:
-        from .image_processing_mrovseg import to_rgb_uint8
         from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput
-        from .pipelines import open_image
+        from .pipelines import read_rgb
 
-        array = to_rgb_uint8(open_image(image)) if not isinstance(image, np.ndarray) else to_rgb_uint8(image)
+        array = read_rgb(image)
         inputs = self.processor(array, return_tensors="pt")
         class_logits, mask_logits = self.logits(inputs)
         outputs = MROVSegOutput(class_queries_logits=class_logits, masks_queries_logits=mask_logits,

@@ -48,6 +48,14 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
     return load_image(image, timeout=timeout)
 
 
+def read_rgb(image, timeout: float | None = None) -> np.ndarray:
+    """Any image input (path, URL, PIL image, array, tensor) as the H x W x 3 uint8 array the model sees: EXIF
+    orientation applied, 16-bit scaled, transparency on white. The one reading of the pipeline, CLI, demo and export."""
+    from .image_processing_mrovseg import to_rgb_uint8
+
+    return to_rgb_uint8(open_image(image, timeout=timeout))
+
+
 class MROVSegZeroShotSegmentationPipeline(Pipeline):
     """
     Example:
@@ -114,9 +122,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def preprocess(self, image, candidate_labels=None, timeout=None):
         labels = parse_candidate_labels(candidate_labels, self.model.vocabulary)
-        from .image_processing_mrovseg import to_rgb_uint8
-
-        image = to_rgb_uint8(open_image(image, timeout=timeout))  # the processor's reading, EXIF applied
+        image = read_rgb(image, timeout=timeout)
         inputs = self.image_processor(images=[image], return_tensors="pt")
         return {**inputs, "target_size": image.shape[:2], "candidate_labels": labels}
 
@@ -204,4 +210,4 @@ def register_pipelines() -> None:
 
 
 __all__ = ["MROVSegZeroShotSegmentationPipeline", "parse_candidate_labels", "register_pipelines", "open_image",
-           "check_score_threshold"]
+           "check_score_threshold", "read_rgb"]

@@ -1,6 +1,5 @@
 """The streaming metric against a plain per-image implementation of the Hub's `mean_iou` formulas."""
 
-from pathlib import Path
 
 import evaluate
 import numpy as np

@@ -10,7 +10,7 @@ from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
 from modeling_mrovseg.cli import main as cli_main
 from modeling_mrovseg.text_classifier import parse_class_names as parse_labels
 from modeling_mrovseg.visualization import draw_segmentation, palette
-from tests.helpers import LABELS, TEMPLATES, png_bomb, random_image, tiny_processor
+from tests.helpers import LABELS, TEMPLATES, png_bomb, random_image
 
 
 def images():
