@@ -69,7 +69,7 @@ def inputs_for(model, size, device, batch: int = 1):
 
     processor = MROVSegImageProcessor.from_model_config(model.config, size={"height": size[0], "width": size[1]})
     image = np.random.default_rng(0).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
-    return processor, processor([image] * batch, return_tensors="pt").to(device)
+    return processor, processor([image] * batch, return_pixel_mask=True, return_tensors="pt").to(device)
 
 
 def reset_peak(device):
@@ -178,7 +178,8 @@ def training_throughput(args, device) -> list[dict]:
                                    rng.integers(0, args.num_labels, (crop, crop)), np.random.default_rng(i))
             images.append(image)
             labels.append(label)
-        batch = processor(images, segmentation_maps=labels, do_resize=False, return_tensors="pt").to(device)
+        batch = processor(images, segmentation_maps=labels, do_resize=False, return_pixel_mask=True,
+                          return_tensors="pt").to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
 

@@ -75,7 +75,7 @@ def run_variant(variant: str, size, runs: int) -> dict:
         if variant == "clip_floor":
             return clip_floor(model, inputs)
         if variant == "single_resolution":
-            inputs = {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"]}
+            inputs = {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
         outputs = model(**inputs)
         return processor.post_process_semantic_segmentation(outputs, target_sizes=[sz])[0]
 

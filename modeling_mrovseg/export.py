@@ -68,7 +68,7 @@ def export(model, height: int, width: int, out: str | Path, format: str = "onnx"
     args = (inputs["pixel_values"], inputs["pixel_values_slices"])
     metadata = {
         "height": height, "width": width, "slice_grid": [rows, cols, window, stride],
-        "canvas": list(inputs["pixel_mask"].shape[-2:]), "labels": model.vocabulary,
+        "canvas": inputs["image_sizes"][0, 2:].tolist(), "labels": model.vocabulary,
         "processor": processor.to_dict(), "inputs": {name: list(a.shape) for name, a in zip(INPUT_NAMES, args)},
     }
     out = Path(out)
@@ -141,14 +141,14 @@ class ExportedSegmenter:
             return self.program(*(torch.as_tensor(inputs[name]) for name in INPUT_NAMES))
 
     def __call__(self, image) -> np.ndarray:
-        from .modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegOutput
+        from .modeling_mrovseg import MROVSegOutput
         from .pipelines import read_rgb
 
         array = read_rgb(image)
         inputs = self.processor(array, return_tensors="pt")
         class_logits, mask_logits = self.logits(inputs)
         outputs = MROVSegOutput(class_queries_logits=class_logits, masks_queries_logits=mask_logits,
-                                image_sizes=MROVSegForOpenVocabSegmentation.image_sizes_from_pixel_mask(inputs["pixel_mask"]))
+                                image_sizes=inputs["image_sizes"])
         return self.processor.post_process_semantic_segmentation(outputs, target_sizes=[array.shape[:2]])[0].numpy()
 
 

@@ -38,12 +38,15 @@ class MROVSegImageProcessorKwargs(ImagesKwargs, total=False):
     slice_overlap (`int`): overlap of neighbouring windows in pixels.
     do_reduce_labels (`bool`): map label 0 to the ignore index and shift the others down by one.
     ignore_index (`int`): label value of padding and unlabelled pixels.
+    return_pixel_mask (`bool`): also return `pixel_mask` (B x H x W), whose shape fixes the canvas for a compiled
+        forward (`torch.compile` without a host read of `slice_grid`).
     """
 
     slice_size: int
     slice_overlap: int
     do_reduce_labels: bool
     ignore_index: int
+    return_pixel_mask: bool
 
 
 def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
@@ -170,8 +173,14 @@ class MROVSegImageProcessor(PilBackend):
 
     * `pixel_values` (B x 3 x S x S): the global view, i.e. the padded canvas downsampled to CLIP's input size S;
     * `pixel_values_slices` (B x K x 3 x S x S): the K = rows x cols windows of the canvas, row-major;
-    * `slice_grid` (B x 4): rows, cols, slice size, stride (the model checks them against its own); `pixel_mask` (B x H x W): 1 on image pixels, 0 on padding;
+    * `slice_grid` (B x 4): rows, cols, slice size, stride (the model checks them against its own);
+    * `image_sizes` (B x 4): valid height, valid width, canvas height, canvas width (post-processing crops with it);
+    * `pixel_mask` (B x H x W, with `return_pixel_mask=True`): 1 on image pixels, 0 on padding; its shape gives a
+      compiled forward the canvas without reading `slice_grid` on the host;
     * `labels` (B x H x W) when `segmentation_maps` are given (nearest resize, padding = `ignore_index`).
+
+    Every output of one image collates with another image's by padding along its second dimension, as
+    transformers' pipelines do with `batch_size > 1`: the model runs such a batch of mixed grids per grid.
 
     Example:
 
@@ -186,7 +195,7 @@ class MROVSegImageProcessor(PilBackend):
     """
 
     valid_kwargs = MROVSegImageProcessorKwargs
-    model_input_names = ["pixel_values", "pixel_values_slices", "slice_grid", "pixel_mask"]
+    model_input_names = ["pixel_values", "pixel_values_slices", "slice_grid", "image_sizes", "pixel_mask"]
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
@@ -202,6 +211,8 @@ class MROVSegImageProcessor(PilBackend):
     slice_overlap = 0
     do_reduce_labels = False
     ignore_index = IGNORE_INDEX
+    return_pixel_mask = False
+    padding_value = 0.0  # what pipelines' collate pads missing slices with (the model never reads them)
 
     def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -269,12 +280,14 @@ class MROVSegImageProcessor(PilBackend):
         slice_overlap: int | None = None,
         do_reduce_labels: bool | None = None,
         ignore_index: int | None = None,
+        return_pixel_mask: bool | None = None,
         return_tensors: str | TensorType | None = None,
         **kwargs,
     ) -> BatchFeature:
         slice_size = self.slice_size if slice_size is None else slice_size
         slice_overlap = self.slice_overlap if slice_overlap is None else slice_overlap
         ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        return_pixel_mask = self.return_pixel_mask if return_pixel_mask is None else return_pixel_mask
         resample = PILImageResampling.BICUBIC if resample is None else resample
         mean = np.asarray(image_mean if image_mean is not None else OPENAI_CLIP_MEAN, dtype=np.float32).reshape(-1)
         std = np.asarray(image_std if image_std is not None else OPENAI_CLIP_STD, dtype=np.float32).reshape(-1)
@@ -317,8 +330,11 @@ class MROVSegImageProcessor(PilBackend):
             "pixel_values_slices": np.require(slice_windows(canvas, grid), requirements=["C", "W"]),
             "slice_grid": np.tile(np.array([[grid.rows, grid.cols, grid.window, grid.stride]], dtype=np.int64),
                                   (batch, 1)),
-            "pixel_mask": np.stack(masks),
+            "image_sizes": np.array([[p.shape[1], p.shape[2], grid.height, grid.width] for p in resized],
+                                    dtype=np.int64),
         }
+        if return_pixel_mask:
+            data["pixel_mask"] = np.stack(masks)
         if segmentation_maps is not None:
             labels = self.pad(resized_maps, pad_size=canvas_size, fill_value=ignore_index)
             data["labels"] = np.concatenate(labels).astype(np.int64)

@@ -391,18 +391,21 @@ class MROVSegModel(MROVSegPreTrainedModel):
         pixel_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> MROVSegModelOutput | tuple:
         r"""
         pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 4: rows,
         cols, slice size, stride): the full-resolution windows; without them the single-resolution ablation runs.
+        pixel_mask (B, H, W) or image_sizes (B, 4: valid and canvas height and width): the canvas the grid must tile
+        (checked); pixel_mask's shape gives it to a compiled forward without a host read.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         # 1. One CLIP, two resolutions: global view and stitched slices.
-        canvas_size = None if pixel_mask is None else tuple(pixel_mask.shape[-2:])
+        canvas_size = self._canvas_size(pixel_mask, image_sizes)
         features = self.encode_multi_resolution(pixel_values, pixel_values_slices, slice_grid, output_hidden_states,
                                                 canvas_size)
         # 2. Multi-Res Adapters fuse both resolutions at every tapped layer.
@@ -425,6 +428,23 @@ class MROVSegModel(MROVSegPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _canvas_size(pixel_mask: torch.Tensor | None, image_sizes: torch.Tensor | None) -> tuple[int, int] | None:
+        """The padded canvas of the batch: from pixel_mask's shape (no host read), else read from image_sizes."""
+        if pixel_mask is not None:
+            return tuple(pixel_mask.shape[-2:])
+        if image_sizes is None or torch.compiler.is_compiling():
+            return None
+        sizes = torch.as_tensor(image_sizes)
+        if sizes.dim() != 2 or sizes.shape[-1] != 4:
+            raise ValueError(f"image_sizes must be (B, 4): valid height, valid width, canvas height, canvas width; "
+                             f"got shape {tuple(sizes.shape)}.")
+        canvases = {tuple(row[2:]) for row in sizes.tolist()}
+        if len(canvases) != 1:
+            raise ValueError(f"The images of a batch lie on canvases of different sizes {sorted(canvases)}; "
+                             "MROVSegForOpenVocabSegmentation runs such a batch one slice grid at a time.")
+        return canvases.pop()
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.config.slice_size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
@@ -472,7 +492,8 @@ class MROVSegModel(MROVSegPreTrainedModel):
                                 "prepare inputs with MROVSegImageProcessor.from_model_config(model.config)")
             return expected
         if (grid != grid[0]).any():
-            raise ValueError("All images of a batch must share one slice grid (the processor pads them together).")
+            raise ValueError("All images of a batch must share one slice grid (the processor pads them together); "
+                             "MROVSegForOpenVocabSegmentation runs a batch of mixed grids one grid at a time.")
         rows, cols, window, stride = (int(v) for v in grid[0].tolist())
         if (window, stride) != (config.slice_size, config.slice_stride):
             raise ValueError(
@@ -654,12 +675,17 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         loss_seeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> MROVSegOutput | tuple:
         r"""
         pixel_values (B, 3, S, S): the global view. pixel_values_slices (B, K, 3, S, S) and slice_grid (B, 4: rows,
         cols, slice size, stride): the full-resolution windows; without them the model runs the single-resolution
-        ablation. pixel_mask (B, H, W): 1 on image pixels of the padded canvas. labels (B, H, W): semantic class ids
+        ablation. Images with different grids in one batch (single images collated by a pipeline, slices padded
+        along K) run one grid at a time, as they would alone; their mask logits are padded to the largest canvas by
+        repeating edge values, and only the logits and `image_sizes` are returned. image_sizes (B, 4: valid height,
+        valid width, canvas height, canvas width) and/or pixel_mask (B, H, W: 1 on image pixels of the padded
+        canvas) say where the image lies; post-processing crops with them. labels (B, H, W): semantic class ids
         on the canvas (ignore 255). input_ids / attention_mask (text token ids and their padding mask: (C, L),
         (C, templates, L), or (T, L) prompts with `text_prompt_owners` (T, 2) from `MROVSegProcessor`) or
         text_embeds ((C, E) or (B, C, E)): a per-call vocabulary; by default the stored one (`set_vocabulary`).
@@ -674,10 +700,17 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, pixel_values, pixel_mask)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
+        if self._has_mixed_grids(pixel_values_slices, slice_grid):
+            if labels is not None:
+                raise ValueError("A training batch needs one slice grid: pad its images together by calling the image "
+                                 "processor on the whole batch (labels of different canvases cannot be stacked).")
+            output = self._forward_per_grid(pixel_values, pixel_values_slices, slice_grid, image_sizes, vocabulary,
+                                            output_auxiliary_logits)
+            return output if return_dict else output.to_tuple()
 
         # 1-3. One CLIP at two resolutions, Multi-Res Adapters, hierarchical pixel decoder and query decoder.
         base = self.mrovseg(pixel_values, pixel_values_slices, slice_grid, pixel_mask,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+                            output_hidden_states=output_hidden_states, return_dict=True, image_sizes=image_sizes)
         query_states = base.query_decoder_hidden_states
         if output_auxiliary_logits is None:
             output_auxiliary_logits = self.training or labels is not None
@@ -709,13 +742,73 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             class_queries_logits=class_logits,
             masks_queries_logits=mask_logits[-1],
             auxiliary_logits=auxiliary or None,  # None, not [], so pipelines can unbatch the outputs
-            image_sizes=self.image_sizes_from_pixel_mask(pixel_mask),
+            image_sizes=image_sizes if image_sizes is not None else self.image_sizes_from_pixel_mask(pixel_mask),
             loss_dict=loss_dict,
             hidden_states=base.hidden_states,
             fused_features=base.fused_features if output_hidden_states else None,
             pixel_decoder_last_hidden_state=base.pixel_decoder_last_hidden_state if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ batches of mixed slice grids
+    def _has_mixed_grids(self, pixel_values_slices, slice_grid) -> bool:
+        """Eager only (one host read): a compiled forward serves one input geometry."""
+        if (pixel_values_slices is None or not self.config.use_high_res or not isinstance(slice_grid, torch.Tensor)
+                or slice_grid.dim() != 2 or slice_grid.shape[0] < 2 or torch.compiler.is_compiling()):
+            return False
+        return bool((slice_grid != slice_grid[:1]).any())
+
+    def _forward_per_grid(self, pixel_values, pixel_values_slices, slice_grid, image_sizes, vocabulary,
+                          output_auxiliary_logits) -> MROVSegOutput:
+        """Each slice grid of the batch as its own batch (exactly what those images give alone); mask logits padded
+        to the batch's largest canvas with edge values, so bilinear post-processing reads what it reads alone."""
+        grids = [tuple(row) for row in slice_grid.tolist()]
+        for rows, cols, window, stride in grids:
+            if rows < 1 or cols < 1 or rows * cols > pixel_values_slices.shape[1]:
+                raise ValueError(f"slice_grid {rows} x {cols} does not fit the {pixel_values_slices.shape[1]} slices "
+                                 "given; prepare inputs with MROVSegImageProcessor.")
+        canvases = [(window + (rows - 1) * stride, window + (cols - 1) * stride) for rows, cols, window, stride in grids]
+        height, width = max(h for h, _ in canvases), max(w for _, w in canvases)
+        sizes = [[h, w] for h, w in canvases] if image_sizes is None else [row[:2] for row in image_sizes.tolist()]
+        groups: dict[tuple, list[int]] = {}
+        for i, grid in enumerate(grids):
+            groups.setdefault(grid, []).append(i)
+
+        batch = pixel_values.shape[0]
+        class_logits: list = [None] * batch
+        mask_logits: list = [None] * batch
+        auxiliary: list = [None] * batch
+        for (rows, cols, _, _), members in groups.items():
+            index = torch.tensor(members, device=pixel_values.device)
+            out = self(pixel_values[index], pixel_values_slices[index, : rows * cols], slice_grid[index],
+                       image_sizes=None if image_sizes is None else image_sizes[index],
+                       text_embeds=vocabulary[index] if vocabulary.dim() == 3 else vocabulary,
+                       output_auxiliary_logits=output_auxiliary_logits, return_dict=True)
+            canvas = canvases[members[0]]
+            pad = lambda masks: self._pad_to_canvas(masks, canvas, (height, width))  # noqa: E731
+            for j, i in enumerate(members):
+                class_logits[i] = out.class_queries_logits[j]
+                mask_logits[i] = pad(out.masks_queries_logits[j : j + 1])[0]
+                auxiliary[i] = [(aux["class_queries_logits"][j], pad(aux["masks_queries_logits"][j : j + 1])[0])
+                                for aux in out.auxiliary_logits or []]
+        layers = len(auxiliary[0])
+        return MROVSegOutput(
+            class_queries_logits=torch.stack(class_logits),
+            masks_queries_logits=torch.stack(mask_logits),
+            auxiliary_logits=[{"class_queries_logits": torch.stack([aux[k][0] for aux in auxiliary]),
+                               "masks_queries_logits": torch.stack([aux[k][1] for aux in auxiliary])}
+                              for k in range(layers)] or None,
+            image_sizes=torch.tensor([[h, w, height, width] for h, w in sizes], device=pixel_values.device),
+        )
+
+    @staticmethod
+    def _pad_to_canvas(masks: torch.Tensor, canvas: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+        """(b, N, h, w) mask logits of a `canvas` (pixels) -> those of a larger `target` canvas, edge values repeated."""
+        low_h, low_w = masks.shape[-2:]
+        full_h, full_w = low_h * target[0] // canvas[0], low_w * target[1] // canvas[1]
+        if (full_h, full_w) == (low_h, low_w):
+            return masks
+        return F.pad(masks, (0, full_w - low_w, 0, full_h - low_h), mode="replicate")
 
     # ------------------------------------------------------------------ input checks
     def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor, pixel_mask) -> None:

@@ -1,6 +1,7 @@
 """`pipeline("zero-shot-image-segmentation")`: label every pixel with class names chosen per call.
 
-The stock `pipeline("image-segmentation")` already works on the vocabulary stored in a checkpoint; this one
+The stock `pipeline("image-segmentation")` already works on the vocabulary stored in a checkpoint (this module only
+makes it read images as the image processor does); the zero-shot one
 takes `candidate_labels` (a list, where one entry may carry synonyms as "sofa, couch", or a string of names
 separated by "," or, to allow synonyms, by ";"). Text embeddings are cached per (labels, templates), so a folder of
 images with one vocabulary runs the text encoder once. With `batch_size > 1`, images of one size and one vocabulary
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Pipeline
+from transformers import ImageSegmentationPipeline, Pipeline
 from transformers.image_utils import load_image
 
 from .text_classifier import parse_class_names
@@ -123,7 +124,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     def preprocess(self, image, candidate_labels=None, timeout=None):
         labels = parse_candidate_labels(candidate_labels, self.model.vocabulary)
         image = read_rgb(image, timeout=timeout)
-        inputs = self.image_processor(images=[image], return_tensors="pt")
+        inputs = self.image_processor(images=[image], return_pixel_mask=self.compiled, return_tensors="pt")
         return {**inputs, "target_size": image.shape[:2], "candidate_labels": labels}
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
@@ -196,10 +197,33 @@ def check_score_threshold(value) -> float:
     return float(value)
 
 
+class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
+    """
+    `pipeline("image-segmentation")` once `modeling_mrovseg` is imported: for MROVSeg checkpoints, images are read as
+    the image processor reads them (`read_rgb`: 16-bit scaled, transparency on white, EXIF orientation; numpy arrays
+    accepted), where transformers' `load_image` would flatten them to 8-bit RGB first. For every other model it is
+    transformers' `ImageSegmentationPipeline`, unchanged.
+    """
+
+    def check_model_type(self, supported_models) -> None:
+        if getattr(self.model.config, "model_type", None) != "mrovseg":  # MROVSeg is supported: no warning
+            super().check_model_type(supported_models)
+
+    def preprocess(self, image, subtask=None, timeout=None):
+        if getattr(self.model.config, "model_type", None) != "mrovseg":
+            return super().preprocess(image, subtask=subtask, timeout=timeout)
+        rgb = read_rgb(image, timeout=timeout)
+        inputs = self.image_processor(images=[rgb], return_tensors="pt").to(self.dtype)
+        inputs["target_size"] = [rgb.shape[:2]]
+        return inputs
+
+
 def register_pipelines() -> None:
     from transformers import AutoModelForSemanticSegmentation
     from transformers.pipelines import PIPELINE_REGISTRY
 
+    # the stock task keeps its models and default; only its class becomes the subclass above
+    PIPELINE_REGISTRY.supported_tasks["image-segmentation"]["impl"] = MROVSegImageSegmentationPipeline
     if "zero-shot-image-segmentation" not in PIPELINE_REGISTRY.get_supported_tasks():
         PIPELINE_REGISTRY.register_pipeline(
             "zero-shot-image-segmentation",
@@ -209,5 +233,5 @@ def register_pipelines() -> None:
         )
 
 
-__all__ = ["MROVSegZeroShotSegmentationPipeline", "parse_candidate_labels", "register_pipelines", "open_image",
+__all__ = ["MROVSegZeroShotSegmentationPipeline", "MROVSegImageSegmentationPipeline", "parse_candidate_labels", "register_pipelines", "open_image",
            "check_score_threshold", "read_rgb"]

@@ -32,7 +32,7 @@ def test_output_shapes(size, overlap):
     inputs = inputs_for(model.config, size)
     rows, cols, window, stride = inputs["slice_grid"][0].tolist()
     assert (window, stride) == (64, 64 - overlap)
-    height, width = inputs["pixel_mask"].shape[-2:]
+    height, width = inputs["image_sizes"][0, 2:].tolist()
     assert (height, width) == (64 + (rows - 1) * (64 - overlap), 64 + (cols - 1) * (64 - overlap))
     with torch.inference_mode():
         out = model(**inputs, output_auxiliary_logits=True)
@@ -51,7 +51,7 @@ def test_single_resolution_path():
     model = build()
     inputs = inputs_for(model.config, (96, 200))
     with torch.inference_mode():
-        out = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        out = model(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
         ablation = build(use_high_res=False)(**inputs)
     assert out.masks_queries_logits.shape == (2, 8, 64, 64)  # the 8 x 8 global token grid, 3 stages of 2x
     assert ablation.masks_queries_logits.shape == (2, 8, 64, 64)
@@ -290,7 +290,7 @@ def test_compiled_forward_has_no_graph_break_and_matches_eager():
     """torch.compile over the whole inference forward: one graph (no host sync), same outputs, geometry still checked.
     aot_eager traces exactly what inductor would be given, without its minutes of C++ compilation on this CPU."""
     model = build()
-    inputs = inputs_for(model.config, (96, 200))
+    inputs = inputs_for(model.config, (96, 200), return_pixel_mask=True)  # its shape is the canvas: no host read
     explanation = torch._dynamo.explain(model)(**inputs)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     torch._dynamo.reset()
@@ -300,6 +300,7 @@ def test_compiled_forward_has_no_graph_break_and_matches_eager():
         torch.testing.assert_close(fast.class_queries_logits, eager.class_queries_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast.masks_queries_logits, eager.masks_queries_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(fast.image_sizes, eager.image_sizes)
+        assert eager.image_sizes.tolist() == inputs_for(model.config, (96, 200))["image_sizes"].tolist()
         wrong = {**inputs, "slice_grid": inputs["slice_grid"] * torch.tensor([1, 1, 1, 0])}  # stride 0
         with pytest.raises(RuntimeError, match="slice geometry"):
             compiled(**wrong)

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, pipeline
 
-from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor, MROVSegProcessor
 from modeling_mrovseg.cli import main as cli_main
+from modeling_mrovseg.pipelines import read_rgb
 from modeling_mrovseg.text_classifier import parse_class_names as parse_labels
 from modeling_mrovseg.visualization import draw_segmentation, palette
 from tests.helpers import LABELS, TEMPLATES, png_bomb, random_image
@@ -52,6 +53,46 @@ def test_image_segmentation_pipeline_from_folder_and_object(checkpoint):
             assert all(s["mask"].size == image.size for s in segments)
             coverage = sum(np.asarray(s["mask"], dtype=np.int64) for s in segments)
             assert (coverage == 255).all()  # every pixel labelled exactly once
+
+
+def _awkward_files(folder) -> dict:
+    """A 16-bit grey PNG, a half-transparent RGBA PNG and an EXIF-rotated JPEG, with the RGB the processor reads."""
+    rng = np.random.default_rng(3)
+    grey16 = (rng.integers(0, 256, (40, 60)) * 257).astype(np.uint16)
+    rgba = np.dstack([random_image(40, 60, seed=4), np.where(np.arange(60) < 30, 255, 0)[None].repeat(40, 0)])
+    files = {folder / "deep.png": Image.fromarray(grey16), folder / "alpha.png": Image.fromarray(rgba.astype(np.uint8))}
+    for path, image in files.items():
+        image.save(path)
+    photo = Image.fromarray(random_image(40, 60, seed=5))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: portrait
+    photo.save(folder / "phone.jpg", exif=exif)
+    expected = {str(path): read_rgb(str(path)) for path in [*files, folder / "phone.jpg"]}
+    assert expected[str(folder / "deep.png")].mean() < 200 and (expected[str(folder / "alpha.png")][:, 30:] == 255).all()
+    assert expected[str(folder / "phone.jpg")].shape[:2] == (60, 40)
+    return expected
+
+
+def test_both_pipelines_read_paths_as_the_processor_does(checkpoint, zero_shot, tmp_path):
+    """16-bit, transparent and EXIF-rotated files give what their correctly read RGB gives (transformers' load_image
+    would make the 16-bit image nearly white and the transparent half black)."""
+    stock = pipeline("image-segmentation", model=str(checkpoint))
+    assert type(stock).__name__ == "MROVSegImageSegmentationPipeline"
+    for path, rgb in _awkward_files(tmp_path).items():
+        from_path, from_rgb = stock(path), stock(Image.fromarray(rgb))
+        assert [s["label"] for s in from_path] == [s["label"] for s in from_rgb]
+        for a, b in zip(from_path, from_rgb):
+            assert a["mask"].size == (rgb.shape[1], rgb.shape[0])
+            assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+        assert np.array_equal(zero_shot(path)["label_map"], zero_shot(rgb)["label_map"])
+        assert np.array_equal(zero_shot(path)["label_map"], stock_label_map(from_path))
+
+
+def stock_label_map(segments) -> np.ndarray:
+    label_map = np.full(np.asarray(segments[0]["mask"]).shape, -1)
+    for segment in segments:
+        label_map[np.asarray(segment["mask"]) > 0] = LABELS.index(segment["label"])
+    return label_map
 
 
 # ---------------------------------------------------------------- zero-shot pipeline
@@ -231,14 +272,53 @@ def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeyp
     assert "not a device name" in capsys.readouterr().err
 
 
-def test_both_pipelines_batched_equal_one_at_a_time(checkpoint, zero_shot):
-    """batch_size=2: same-size images in the stock pipeline, mixed sizes in the zero-shot one; results identical."""
-    same = [Image.fromarray(random_image(90, 120, seed=s)) for s in range(3)]
+MIXED_SIZES = ((90, 120), (60, 200), (90, 120), (150, 80), (40, 40))
+
+
+@pytest.mark.parametrize("sizes", [((90, 120),) * 3, MIXED_SIZES], ids=["same-size", "mixed-sizes"])
+def test_stock_pipeline_batched_equals_one_at_a_time(checkpoint, sizes):
+    """transformers' own collate pads the processor's per-image outputs; the model runs mixed grids per grid."""
+    images = [Image.fromarray(random_image(h, w, seed=i)) for i, (h, w) in enumerate(sizes)]
     stock = pipeline("image-segmentation", model=str(checkpoint))
-    for one, batched in zip([stock(image) for image in same], stock(same, batch_size=2)):
-        assert [s["label"] for s in one] == [s["label"] for s in batched]
-        for a, b in zip(one, batched):
-            assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    singles = [stock(image) for image in images]
+    for batch_size in (2, 3):
+        for one, batched in zip(singles, stock(images, batch_size=batch_size), strict=True):
+            assert [s["label"] for s in one] == [s["label"] for s in batched]
+            for a, b in zip(one, batched):
+                assert a["mask"].size == b["mask"].size
+                assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+
+
+def test_model_runs_a_collated_batch_of_mixed_grids_per_grid(checkpoint):
+    """Single-image inputs padded along K (as pipelines collate them) give each image's own logits; mask logits are
+    padded with edge values to the largest canvas and image_sizes place each image in it."""
+    from transformers.pipelines.base import pad_collate_fn
+
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint).eval()
+    processor = MROVSegImageProcessor.from_pretrained(checkpoint)
+    items = [dict(processor(random_image(h, w, seed=h), return_tensors="pt")) for h, w in ((90, 120), (60, 200))]
+    batch = pad_collate_fn(None, processor)(items)
+    assert "pixel_mask" not in batch and batch["pixel_values_slices"].shape[1] == max(
+        item["pixel_values_slices"].shape[1] for item in items)
+    with torch.inference_mode():
+        together = model(**batch)
+        alone = [model(**item) for item in items]
+    height, width = (max(item["image_sizes"][0, k].item() for item in items) for k in (2, 3))
+    for i, single in enumerate(alone):
+        assert torch.allclose(together.class_queries_logits[i], single.class_queries_logits[0], atol=1e-5)
+        low_h, low_w = single.masks_queries_logits.shape[-2:]
+        assert torch.allclose(together.masks_queries_logits[i, :, :low_h, :low_w], single.masks_queries_logits[0],
+                              atol=1e-5)
+        assert together.image_sizes[i].tolist() == [*single.image_sizes[0, :2].tolist(), height, width]
+    labels = processor.post_process_semantic_segmentation(together, target_sizes=[(90, 120), (60, 200)])
+    for label, single in zip(labels, alone):
+        assert torch.equal(label, processor.post_process_semantic_segmentation(single, target_sizes=[label.shape])[0])
+    with pytest.raises(ValueError, match="one slice grid"):
+        model(**batch, labels=torch.zeros(2, 10, 10, dtype=torch.long))
+
+
+def test_zero_shot_pipeline_batched_equals_one_at_a_time(zero_shot):
+    """batch_size=2 with mixed sizes: images of one size run together, the others alone; results identical."""
     mixed = [Image.fromarray(random_image(h, w, seed=h)) for h, w in ((90, 120), (60, 200), (90, 120), (150, 80))]
     singles = [zero_shot(image, candidate_labels="cat; dog; sofa") for image in mixed]
     batched = zero_shot(mixed, candidate_labels="cat; dog; sofa", batch_size=2)

@@ -79,9 +79,11 @@ class MROVSegModelTest(modeling_common.ModelTesterMixin, unittest.TestCase):
         if return_labels and model_class is MROVSegForOpenVocabSegmentation:
             # per-image seeds make the loss's point sampling reproducible, so two calls agree exactly
             inputs_dict["loss_seeds"] = torch.arange(inputs_dict["pixel_values"].shape[0])
-            mask = inputs_dict["pixel_mask"]
-            labels = torch.randint(0, 3, mask.shape, generator=torch.Generator().manual_seed(0))
-            inputs_dict["labels"] = torch.where(mask.bool(), labels, torch.full_like(labels, 255))
+            valid_h, valid_w, height, width = inputs_dict["image_sizes"][0].tolist()
+            labels = torch.full((inputs_dict["pixel_values"].shape[0], height, width), 255)
+            labels[:, :valid_h, :valid_w] = torch.randint(0, 3, (labels.shape[0], valid_h, valid_w),
+                                                          generator=torch.Generator().manual_seed(0))
+            inputs_dict["labels"] = labels
         return inputs_dict
 
     def _head_only(self, test):

@@ -159,7 +159,8 @@ class StepBatches(torch.utils.data.Dataset):
             images.append(image)
             labels.append(label)
             seeds.append(seed)
-        batch = self.processor(images, segmentation_maps=labels, do_resize=False, return_tensors="pt")
+        batch = self.processor(images, segmentation_maps=labels, do_resize=False, return_pixel_mask=True,
+                               return_tensors="pt")  # pixel_mask: the canvas for a compiled step
         batch["loss_seeds"] = torch.tensor(seeds, dtype=torch.long)
         return dict(batch)
 

@@ -26,7 +26,7 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     indices = range(len(dataset)) if indices is None else indices
     for index in tqdm(indices, desc="evaluating", disable=not show_progress, unit="image"):
         image, label = as_arrays(dataset[int(index)])
-        inputs = image_processor(image, return_tensors="pt").to(device)
+        inputs = image_processor(image, return_pixel_mask=True, return_tensors="pt").to(device)
         outputs = model(**inputs, text_embeds=text_embeds)
         prediction = image_processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0]
         metric.add(prediction=prediction.cpu().numpy(), reference=label)
