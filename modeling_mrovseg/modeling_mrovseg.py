@@ -698,7 +698,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         if labels is not None:
-            self._check_labels(labels, pixel_values, pixel_mask)
+            self._check_labels(labels, pixel_values, pixel_mask, image_sizes)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
         if self._has_mixed_grids(pixel_values_slices, slice_grid):
             if labels is not None:
@@ -811,11 +811,15 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         return F.pad(masks, (0, full_w - low_w, 0, full_h - low_h), mode="replicate")
 
     # ------------------------------------------------------------------ input checks
-    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor, pixel_mask) -> None:
+    def _check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor, pixel_mask, image_sizes) -> None:
         if labels.dim() != 3 or labels.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"labels must be (B, H, W) class-id maps, got {tuple(labels.shape)}.")
         if pixel_mask is not None and labels.shape[-2:] != pixel_mask.shape[-2:]:
             raise ValueError(f"labels {tuple(labels.shape)} and pixel_mask {tuple(pixel_mask.shape)} differ in size.")
+        canvas = None if pixel_mask is not None else MROVSegModel._canvas_size(None, image_sizes)
+        if canvas is not None and tuple(labels.shape[-2:]) != canvas:
+            raise ValueError(f"labels {tuple(labels.shape)} do not cover the {canvas[0]} x {canvas[1]} canvas of "
+                             "image_sizes: pass the labels the image processor returns with the images.")
 
     @staticmethod
     def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor | None) -> torch.Tensor | None:

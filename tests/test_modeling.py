@@ -308,3 +308,14 @@ def test_compiled_forward_has_no_graph_break_and_matches_eager():
         model(**{**inputs, "pixel_values_slices": inputs["pixel_values_slices"][:, :2],
                  "slice_grid": torch.tensor([[1, 2, 64, 64]] * 2)})
     torch._dynamo.reset()
+
+
+def test_labels_must_cover_the_canvas():
+    model = build()
+    inputs = inputs_for(model.config, (96, 200))
+    height, width = inputs["image_sizes"][0, 2:].tolist()
+    with pytest.raises(ValueError, match="canvas of image_sizes"):
+        model(**inputs, labels=torch.zeros(2, height, width - 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="differ in size"):
+        model(**inputs_for(model.config, (96, 200), return_pixel_mask=True),
+              labels=torch.zeros(2, height - 1, width, dtype=torch.long))
