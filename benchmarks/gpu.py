@@ -182,21 +182,32 @@ def training_throughput(args, device) -> list[dict]:
                           return_tensors="pt").to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        seeds = torch.arange(batch_size, device=device)
+        # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
+        # loss's matching stays eager: scipy on the host)
+        variants = [("eager", model)]
+        if args.compile and not rows:
+            variants.append(("compiled", torch.compile(model)))
+        for name, forward in variants:
+            def step(forward=forward):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = forward(**batch, loss_seeds=seeds).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 0.01)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(**batch, loss_seeds=torch.arange(batch_size)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.01)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        reset_peak(device)
-        ms = timed(step, device, max(2, args.runs // 2), warmup=2)
-        rows.append({"preset": preset, "batch": batch_size, "crop": crop, "step_s": ms / 1000,
-                     "images_per_s": batch_size * 1000 / ms, "peak_gb": peak_gb(device)})
-        print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer
+            reset_peak(device)
+            try:
+                ms = timed(step, device, max(2, args.runs // 2), warmup=3 if name == "compiled" else 2)
+            except Exception as error:  # a compiler failure is a result to report, not the end of the run
+                rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name,
+                             "error": repr(error)[:500]})
+                continue
+            rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name, "step_s": ms / 1000,
+                         "images_per_s": batch_size * 1000 / ms, "peak_gb": peak_gb(device)})
+            print(json.dumps(rows[-1]), flush=True)
+        del model, optimizer, variants
     return rows
 
 
@@ -286,7 +297,11 @@ def report(results: dict) -> str:
               f"Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights): {batch8}.", "",
               "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |", "|---|---|---|---|---|"]
     for row in results["training"]:
-        lines.append(f"| {row['preset']}, {row['crop']} crops | {row['batch']} | {row['step_s']:.3f} | "
+        label = f"{row['preset']}, {row['crop']} crops" + (", compiled" if row.get("variant") == "compiled" else "")
+        if "error" in row:
+            lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | |")
+            continue
+        lines.append(f"| {label} | {row['batch']} | {row['step_s']:.3f} | "
                      f"{row['images_per_s']:.1f} | {row['peak_gb'] if row['peak_gb'] is None else round(row['peak_gb'], 1)} |")
     agree = results["bf16_agreement"]
     lines += ["", "bf16 against fp32 (same input): " + "; ".join(

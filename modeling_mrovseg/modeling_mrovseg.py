@@ -472,42 +472,40 @@ class MROVSegModel(MROVSegPreTrainedModel):
         if slice_grid is None:
             raise ValueError("pixel_values_slices need `slice_grid` (rows, cols, slice size, stride), as returned by "
                              "the image processor.")
-        if isinstance(slice_grid, SliceGrid):  # a fixed geometry (exported programs): checked here, in Python
-            if (slice_grid.window, slice_grid.stride) != (config.slice_size, config.slice_stride):
-                raise ValueError(f"{slice_grid} does not use the model's {config.slice_size} px windows at stride "
-                                 f"{config.slice_stride}.")
-            if slice_grid.num_slices != slices.shape[1]:
-                raise ValueError(f"{slice_grid} has {slice_grid.num_slices} windows, {slices.shape[1]} slices were given.")
-            return slice_grid
-        grid = torch.as_tensor(slice_grid)
-        if grid.dim() == 1:
-            grid = grid[None]
-        if grid.dim() != 2 or grid.shape[-1] != 4:
-            raise ValueError(f"slice_grid must be (B, 4): rows, cols, slice size, stride per image; got shape "
-                             f"{tuple(grid.shape)}. Prepare inputs with MROVSegImageProcessor.")
-        if canvas_size is not None and torch.compiler.is_compiling():
-            expected = self._grid_of_canvas(*canvas_size, slices.shape[1])
-            wanted = torch.tensor([expected.rows, expected.cols, expected.window, expected.stride], device=grid.device)
-            torch._assert_async(torch.all(grid == wanted), "slice_grid does not match the model's slice geometry; "
-                                "prepare inputs with MROVSegImageProcessor.from_model_config(model.config)")
-            return expected
-        if (grid != grid[0]).any():
-            raise ValueError("All images of a batch must share one slice grid (the processor pads them together); "
-                             "MROVSegForOpenVocabSegmentation runs a batch of mixed grids one grid at a time.")
-        rows, cols, window, stride = (int(v) for v in grid[0].tolist())
-        if (window, stride) != (config.slice_size, config.slice_stride):
+        if isinstance(slice_grid, SliceGrid):  # a fixed geometry (exported programs, or read once by the head)
+            found = slice_grid
+        else:
+            grid = torch.as_tensor(slice_grid)
+            if grid.dim() == 1:
+                grid = grid[None]
+            if grid.dim() != 2 or grid.shape[-1] != 4:
+                raise ValueError(f"slice_grid must be (B, 4): rows, cols, slice size, stride per image; got shape "
+                                 f"{tuple(grid.shape)}. Prepare inputs with MROVSegImageProcessor.")
+            if canvas_size is not None and torch.compiler.is_compiling():
+                expected = self._grid_of_canvas(*canvas_size, slices.shape[1])
+                wanted = torch.tensor([expected.rows, expected.cols, expected.window, expected.stride],
+                                      device=grid.device)
+                torch._assert_async(torch.all(grid == wanted), "slice_grid does not match the model's slice geometry; "
+                                    "prepare inputs with MROVSegImageProcessor.from_model_config(model.config)")
+                return expected
+            rows = grid.tolist()  # the one host read of an eager forward
+            if any(row != rows[0] for row in rows):
+                raise ValueError("All images of a batch must share one slice grid (the processor pads them together); "
+                                 "MROVSegForOpenVocabSegmentation runs a batch of mixed grids one grid at a time.")
+            found = SliceGrid(*(int(v) for v in rows[0]))
+        if (found.window, found.stride) != (config.slice_size, config.slice_stride):
             raise ValueError(
-                f"The inputs were sliced with windows of {window} px at stride {stride} (overlap {window - stride}), "
-                f"the model expects {config.slice_size} px at stride {config.slice_stride} (slice_overlap="
-                f"{config.slice_overlap}); build the processor with MROVSegImageProcessor.from_model_config(model.config)."
+                f"The inputs were sliced with windows of {found.window} px at stride {found.stride} (overlap "
+                f"{found.window - found.stride}), the model expects {config.slice_size} px at stride "
+                f"{config.slice_stride} (slice_overlap={config.slice_overlap}); build the processor with "
+                "MROVSegImageProcessor.from_model_config(model.config)."
             )
-        if rows * cols != slices.shape[1]:
-            raise ValueError(f"slice_grid {rows} x {cols} does not match the {slices.shape[1]} slices given.")
-        found = SliceGrid(rows, cols, window, stride)
+        if found.rows < 1 or found.cols < 1 or found.num_slices != slices.shape[1]:
+            raise ValueError(f"slice_grid {found.rows} x {found.cols} does not match the {slices.shape[1]} slices given.")
         expected = None if canvas_size is None else self._grid_of_canvas(*canvas_size, slices.shape[1])
         if expected is not None and found != expected:
-            raise ValueError(f"slice_grid {rows} x {cols} does not tile the {canvas_size[0]} x {canvas_size[1]} canvas "
-                             f"of pixel_mask ({expected.rows} x {expected.cols} windows would).")
+            raise ValueError(f"slice_grid {found.rows} x {found.cols} does not tile the {canvas_size[0]} x "
+                             f"{canvas_size[1]} canvas ({expected.rows} x {expected.cols} windows would).")
         return found
 
     def _grid_of_canvas(self, height: int, width: int, num_slices: int) -> SliceGrid:
@@ -700,13 +698,16 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, pixel_values, pixel_mask, image_sizes)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)
-        if self._has_mixed_grids(pixel_values_slices, slice_grid):
+        grids = self._read_slice_grids(pixel_values_slices, slice_grid)
+        if grids is not None and len(set(grids)) > 1:
             if labels is not None:
                 raise ValueError("A training batch needs one slice grid: pad its images together by calling the image "
                                  "processor on the whole batch (labels of different canvases cannot be stacked).")
-            output = self._forward_per_grid(pixel_values, pixel_values_slices, slice_grid, image_sizes, vocabulary,
+            output = self._forward_per_grid(pixel_values, pixel_values_slices, grids, image_sizes, vocabulary,
                                             output_auxiliary_logits)
             return output if return_dict else output.to_tuple()
+        if grids:  # read once here; the base model checks it against the model and the canvas without a new read
+            slice_grid = SliceGrid(*grids[0])
 
         # 1-3. One CLIP at two resolutions, Multi-Res Adapters, hierarchical pixel decoder and query decoder.
         base = self.mrovseg(pixel_values, pixel_values_slices, slice_grid, pixel_mask,
@@ -751,18 +752,21 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ batches of mixed slice grids
-    def _has_mixed_grids(self, pixel_values_slices, slice_grid) -> bool:
-        """Eager only (one host read): a compiled forward serves one input geometry."""
+    def _read_slice_grids(self, pixel_values_slices, slice_grid) -> list[tuple[int, ...]] | None:
+        """Eager: every image's (rows, cols, window, stride) in one host read (None when compiling, where the canvas
+        shape fixes the grid, or when there is nothing well-formed to read; the base model then checks)."""
         if (pixel_values_slices is None or not self.config.use_high_res or not isinstance(slice_grid, torch.Tensor)
-                or slice_grid.dim() != 2 or slice_grid.shape[0] < 2 or torch.compiler.is_compiling()):
-            return False
-        return bool((slice_grid != slice_grid[:1]).any())
+                or torch.compiler.is_compiling()):
+            return None
+        grid = slice_grid[None] if slice_grid.dim() == 1 else slice_grid
+        if grid.dim() != 2 or grid.shape[-1] != 4 or grid.is_floating_point():
+            return None
+        return [tuple(row) for row in grid.tolist()]
 
-    def _forward_per_grid(self, pixel_values, pixel_values_slices, slice_grid, image_sizes, vocabulary,
+    def _forward_per_grid(self, pixel_values, pixel_values_slices, grids, image_sizes, vocabulary,
                           output_auxiliary_logits) -> MROVSegOutput:
         """Each slice grid of the batch as its own batch (exactly what those images give alone); mask logits padded
         to the batch's largest canvas with edge values, so bilinear post-processing reads what it reads alone."""
-        grids = [tuple(row) for row in slice_grid.tolist()]
         for rows, cols, window, stride in grids:
             if rows < 1 or cols < 1 or rows * cols > pixel_values_slices.shape[1]:
                 raise ValueError(f"slice_grid {rows} x {cols} does not fit the {pixel_values_slices.shape[1]} slices "
@@ -778,9 +782,10 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         class_logits: list = [None] * batch
         mask_logits: list = [None] * batch
         auxiliary: list = [None] * batch
-        for (rows, cols, _, _), members in groups.items():
+        for grid, members in groups.items():
             index = torch.tensor(members, device=pixel_values.device)
-            out = self(pixel_values[index], pixel_values_slices[index, : rows * cols], slice_grid[index],
+            grid = SliceGrid(*grid)
+            out = self(pixel_values[index], pixel_values_slices[index, : grid.num_slices], grid,
                        image_sizes=None if image_sizes is None else image_sizes[index],
                        text_embeds=vocabulary[index] if vocabulary.dim() == 3 else vocabulary,
                        output_auxiliary_logits=output_auxiliary_logits, return_dict=True)
