@@ -67,9 +67,10 @@ class Segmenter:
         unlabelled = int((label_map < 0).sum())
         if unlabelled:
             rows.append(["unlabelled", round(100 * unlabelled / total, 2), None])
+        found = len(result["segments"])
         summary = (f"{image.shape[1]} x {image.shape[0]} px, {len(labels)} classes, resolution {int(resolution)}: "
-                   f"{len(result['segments'])} {'class' if len(result['segments']) == 1 else 'classes'} found" + (f", {100 * unlabelled / total:.1f}% below the "
-                                                                 f"threshold" if unlabelled else "") + ".")
+                   f"{found} {'class' if found == 1 else 'classes'} found"
+                   + (f", {100 * unlabelled / total:.1f}% below the threshold" if unlabelled else "") + ".")
         return np.asarray(overlay), rows, str(path), summary
 
 

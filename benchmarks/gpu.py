@@ -164,7 +164,7 @@ def training_throughput(args, device) -> list[dict]:
     from training.data import SegmentationAugment
 
     rows = []
-    for preset, batch_size in args.train_presets:
+    for preset_index, (preset, batch_size) in enumerate(args.train_presets):
         model = build(preset, args.num_labels, device).train()
         crop = args.crop
         from modeling_mrovseg import MROVSegImageProcessor
@@ -186,17 +186,10 @@ def training_throughput(args, device) -> list[dict]:
         # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
         # loss's matching stays eager: scipy on the host)
         variants = [("eager", model)]
-        if args.compile and not rows:
+        if args.compile and preset_index == 0:
             variants.append(("compiled", torch.compile(model)))
         for name, forward in variants:
-            def step(forward=forward):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = forward(**batch, loss_seeds=seeds).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 0.01)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            step = training_step(forward, batch, seeds, params, optimizer, device)
             reset_peak(device)
             try:
                 ms = timed(step, device, max(2, args.runs // 2), warmup=3 if name == "compiled" else 2)
@@ -207,8 +200,21 @@ def training_throughput(args, device) -> list[dict]:
             rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name, "step_s": ms / 1000,
                          "images_per_s": batch_size * 1000 / ms, "peak_gb": peak_gb(device)})
             print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer, variants
+        del model, optimizer, variants, step
     return rows
+
+
+def training_step(forward, batch, seeds, params, optimizer, device):
+    """One bf16 step as the training loop takes it (AdamW, gradient clipping at 0.01)."""
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = forward(**batch, loss_seeds=seeds).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.01)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def bf16_agreement(args, device) -> dict:

@@ -205,12 +205,16 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
     transformers' `ImageSegmentationPipeline`, unchanged.
     """
 
+    @property
+    def serves_mrovseg(self) -> bool:
+        return getattr(self.model.config, "model_type", None) == "mrovseg"
+
     def check_model_type(self, supported_models) -> None:
-        if getattr(self.model.config, "model_type", None) != "mrovseg":  # MROVSeg is supported: no warning
+        if not self.serves_mrovseg:  # MROVSeg is supported: no warning
             super().check_model_type(supported_models)
 
     def preprocess(self, image, subtask=None, timeout=None):
-        if getattr(self.model.config, "model_type", None) != "mrovseg":
+        if not self.serves_mrovseg:
             return super().preprocess(image, subtask=subtask, timeout=timeout)
         rgb = read_rgb(image, timeout=timeout)
         inputs = self.image_processor(images=[rgb], return_tensors="pt").to(self.dtype)
@@ -233,5 +237,5 @@ def register_pipelines() -> None:
         )
 
 
-__all__ = ["MROVSegZeroShotSegmentationPipeline", "MROVSegImageSegmentationPipeline", "parse_candidate_labels", "register_pipelines", "open_image",
-           "check_score_threshold", "read_rgb"]
+__all__ = ["MROVSegZeroShotSegmentationPipeline", "MROVSegImageSegmentationPipeline", "parse_candidate_labels",
+           "register_pipelines", "open_image", "check_score_threshold", "read_rgb"]
