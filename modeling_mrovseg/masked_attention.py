@@ -30,18 +30,24 @@ class MROVSegAttentionBiasDecoder(nn.Module):
         self.scale = nn.Parameter(torch.ones(groups))
         self.shift = nn.Parameter(torch.zeros(groups))
 
-    def forward(self, queries: torch.Tensor, memory_map: torch.Tensor, layer: int) -> torch.Tensor:
-        """Bias for one remaining CLIP layer, (B, H, N, h', w'): computed per layer so only one is ever in memory."""
+    def embed_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) decoder queries -> (B, N, layers, H, e) embeddings, each group's pre-multiplied by its learned
+        scale / sqrt(e): computed once per forward for all layers."""
         batch, num_queries, _ = queries.shape
+        embeds = self.query_embed(queries).view(batch, num_queries, self.num_layers, self.num_heads, self.embed_dim)
+        scale = self.scale.view(self.num_layers, self.num_heads, 1) * self.embed_dim**-0.5
+        return embeds * scale.to(embeds.dtype)  # kept in the embeddings' dtype: the pixel embeddings share it
+
+    def forward(self, query_embeds: torch.Tensor, memory_map: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bias for one remaining CLIP layer, (B, H, N, h', w'), from `embed_queries`' output: computed per layer so
+        only one is ever in memory."""
+        batch, num_queries = query_embeds.shape[:2]
         height, width = memory_map.shape[-2:]
-        heads, dim = self.num_heads, self.embed_dim
-        columns = slice(layer * heads * dim, (layer + 1) * heads * dim)
-        q = self.query_embed(queries)[..., columns].view(batch, num_queries, heads, dim)
-        p = F.conv2d(memory_map, self.pixel_embed.weight[columns], self.pixel_embed.bias[columns])
-        p = p.view(batch, heads, dim, height * width)
-        bias = torch.einsum("bqgd,bgdp->bgqp", q, p) * (dim**-0.5)
-        groups = slice(layer * heads, (layer + 1) * heads)
-        bias = bias * self.scale[groups, None, None] + self.shift[groups, None, None]
+        layers, heads, dim = self.num_layers, self.num_heads, self.embed_dim
+        weight = self.pixel_embed.weight.view(layers, heads * dim, *self.pixel_embed.weight.shape[1:])[layer]
+        p = F.conv2d(memory_map, weight, self.pixel_embed.bias.view(layers, heads * dim)[layer])
+        bias = torch.einsum("bqgd,bgdp->bgqp", query_embeds[:, :, layer], p.view(batch, heads, dim, height * width))
+        bias = bias + self.shift.view(layers, heads, 1, 1)[layer]
         return bias.view(batch, heads, num_queries, height, width)
 
 
@@ -92,8 +98,10 @@ class MROVSegMultiGrainedMaskedAttention(nn.Module):
         eye = torch.eye(num_queries, device=queries.device, dtype=torch.bool)  # each query sees itself, no other
         self_bias = torch.zeros(num_queries, num_queries, device=queries.device, dtype=queries.dtype).masked_fill(
             ~eye, float("-inf"))
+        bias_queries = self.bias_decoder.embed_queries(decoder_queries)
         for index, layer in enumerate(clip_layers):
-            bias = self.bias_decoder(decoder_queries, memory_map, index).to(queries.dtype)  # (B, H, N, h', w')
+            bias = self.bias_decoder(bias_queries, memory_map, index)  # (B, H, N, h', w')
+            bias = bias if bias.dtype == queries.dtype else bias.to(queries.dtype)
             heads = bias.shape[1]
             flat = bias.flatten(0, 2)
             global_bias = F.adaptive_max_pool2d(flat, global_grid).reshape(batch, heads, num_queries, -1)
