@@ -338,3 +338,37 @@ def test_compiled_training_step_equals_eager():
     for compiled, eager in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_query_decoder_attention_equals_nn_multihead_attention(self_attention):
+    from modeling_mrovseg.mask_decoder import attend
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    query = torch.randn(2, 7, 32)
+    key = query if self_attention else torch.randn(2, 11, 32)
+    value = torch.randn(2, 7, 32) if self_attention else torch.randn(2, 11, 32)
+    expected = attn(query, key, value, need_weights=False)[0]
+    torch.testing.assert_close(attend(attn, query, key, value), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_biases_are_the_documented_per_layer_dot_products():
+    """Query embeddings are computed once for all layers; each layer's bias is still its own group's scaled dot
+    product of query and pixel embeddings plus its shift."""
+    model = build()
+    decoder = model.masked_attention.bias_decoder
+    with torch.no_grad():
+        decoder.scale.uniform_(0.5, 2.0)
+        decoder.shift.normal_()
+    queries, memory = torch.randn(2, 8, 32), torch.randn(2, 32, 5, 6)
+    heads, dim = decoder.num_heads, decoder.embed_dim
+    embeds = decoder.embed_queries(queries)
+    for layer in range(decoder.num_layers):
+        columns = slice(layer * heads * dim, (layer + 1) * heads * dim)
+        q = decoder.query_embed(queries)[..., columns].view(2, 8, heads, dim)
+        p = F.conv2d(memory, decoder.pixel_embed.weight[columns], decoder.pixel_embed.bias[columns]).view(2, heads, dim, 30)
+        groups = slice(layer * heads, (layer + 1) * heads)
+        expected = torch.einsum("bqgd,bgdp->bgqp", q, p) * dim**-0.5 * decoder.scale[groups, None, None]
+        expected = (expected + decoder.shift[groups, None, None]).view(2, heads, 8, 5, 6)
+        torch.testing.assert_close(decoder(embeds, memory, layer), expected, rtol=1e-5, atol=1e-5)
