@@ -56,6 +56,23 @@ def sample_labels(label_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor
     return label_map[rows, cols]
 
 
+def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """
+    (num, 2) points in [0, 1] (x, y) over an (H, W) label map, every class present equally likely whatever its
+    area (ignored pixels never): small classes then get points both as positives of their own mask and as
+    negatives of the others'. On the device, no host read; the map must hold at least one labelled pixel.
+    """
+    height, width = label_map.shape
+    flat = label_map.flatten()
+    valid = flat != ignore_index
+    ids = torch.where(valid, flat, torch.zeros_like(flat))
+    areas = torch.bincount(ids, weights=valid.float())
+    index = torch.multinomial(valid.float() / areas[ids].clamp(min=1), num, replacement=True, generator=generator)
+    jitter = torch.rand(num, 2, device=label_map.device, generator=generator)
+    return torch.stack([(index % width + jitter[:, 0]) / width, (index // width + jitter[:, 1]) / height], dim=-1)
+
+
 def pairwise_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(Q, P) logits vs (M, P) targets over valid points -> (Q, M) mean BCE."""
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * weight
@@ -117,8 +134,13 @@ class MROVSegLoss(nn.Module):
         self.config = config
         self.matcher = MROVSegHungarianMatcher(config)
 
-    def importance_points(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain, the rest uniform."""
+    def importance_points(self, logits: torch.Tensor, generator: torch.Generator | None = None,
+                          label_map: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        (M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain; with `label_map`, a
+        share (`balanced_sample_ratio`) drawn class-balanced from it (the same for every mask); the rest uniform.
+        Uncertain points alone miss confidently wrong regions, such as one small class's mask firing on another.
+        """
         config = self.config
         num, total = logits.shape[0], config.train_num_points
         candidates = torch.rand(num, int(total * config.oversample_ratio), 2, device=logits.device, generator=generator)
@@ -126,9 +148,14 @@ class MROVSegLoss(nn.Module):
             values = sample_logits_per_mask(logits.detach().float(), candidates)
         num_uncertain = int(config.importance_sample_ratio * total)
         top = (-values.abs()).topk(num_uncertain, dim=1).indices
-        uncertain = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
-        uniform = torch.rand(num, total - num_uncertain, 2, device=logits.device, generator=generator)
-        return torch.cat([uncertain, uniform], dim=1)
+        parts = [torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))]
+        num_balanced = int(config.balanced_sample_ratio * total) if label_map is not None else 0
+        if num_balanced:
+            balanced = class_balanced_points(label_map, num_balanced, config.ignore_index, generator)
+            parts.append(balanced[None].expand(num, -1, -1))
+        parts.append(torch.rand(num, total - num_uncertain - num_balanced, 2, device=logits.device,
+                                generator=generator))
+        return torch.cat(parts, dim=1)
 
     def image_loss(self, class_logits, mask_logits, target: SemanticTargets, generator=None) -> dict[str, torch.Tensor]:
         """Loss terms of one image: (N, C + 1) class logits and (N, H, W) mask logits."""
@@ -144,7 +171,7 @@ class MROVSegLoss(nn.Module):
             zero = mask_logits.sum() * 0.0
             return {"loss_class": loss_class, "loss_mask": zero, "loss_dice": zero}
         logits = mask_logits[rows].float()
-        points = self.importance_points(logits, generator)
+        points = self.importance_points(logits, generator, target.label_map)
         pred = sample_logits_per_mask(logits, points)
         ids = sample_labels(target.label_map, points)
         truth = (ids == target.class_ids[cols][:, None]).float()
