@@ -145,7 +145,7 @@ class MROVSegConfig(PretrainedConfig):
     train_num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
-    balanced_sample_ratio: float = 0.0
+    balanced_sample_ratio: float = 0.1
     use_high_res: bool = True
     use_scale_attention: bool = True
     use_local_mask: bool = True

@@ -138,7 +138,7 @@ class MROVSegLoss(nn.Module):
                           label_map: torch.Tensor | None = None) -> torch.Tensor:
         """
         (M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain; with `label_map`, a
-        share (`balanced_sample_ratio`) drawn class-balanced from it (the same for every mask); the rest uniform.
+        share (`balanced_sample_ratio`, 0.1 by default) drawn class-balanced from it (the same for every mask); the rest uniform.
         Uncertain points alone miss confidently wrong regions, such as one small class's mask firing on another.
         """
         config = self.config

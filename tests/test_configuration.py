@@ -13,7 +13,8 @@ def test_defaults_follow_the_design():
     assert config.hidden_dim == 256 and config.num_queries == 100 and config.num_decoder_layers == 3
     assert config.prompt_templates == list(VILD_TEMPLATES) and len(VILD_TEMPLATES) == 14
     assert (config.class_weight, config.mask_weight, config.dice_weight, config.no_object_weight) == (2.0, 5.0, 5.0, 0.1)
-    assert (config.train_num_points, config.oversample_ratio, config.importance_sample_ratio) == (12544, 3.0, 0.75)
+    assert (config.train_num_points, config.oversample_ratio, config.importance_sample_ratio,
+            config.balanced_sample_ratio) == (12544, 3.0, 0.75, 0.1)
     assert config.use_high_res and config.use_scale_attention and config.use_local_mask
 
 
@@ -72,6 +73,7 @@ def test_round_trip_and_auto_config(tmp_path):
     (dict(no_object_weight=-1.0), "no_object_weight", ">= 0"),
     (dict(oversample_ratio=0.5), "oversample_ratio", ">= 1"),
     (dict(importance_sample_ratio=1.5), "importance_sample_ratio", "[0, 1]"),
+    (dict(balanced_sample_ratio=0.5), "balanced_sample_ratio", "[0, 1 - importance_sample_ratio]"),
     (dict(prompt_templates=["a photo"]), "prompt_templates", "'{}' slot"),
 ])
 def test_validation_names_field_and_range(overrides, field, allowed):
