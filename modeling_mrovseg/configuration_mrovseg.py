@@ -102,7 +102,8 @@ class MROVSegConfig(PretrainedConfig):
         class_weight / mask_weight / dice_weight / no_object_weight: loss and matching weights.
         train_num_points / oversample_ratio / importance_sample_ratio: point sampling of the mask losses.
         balanced_sample_ratio: share of the mask-loss points drawn with every class of the image equally likely
-            (the rest after the uncertain ones are uniform), so small classes weigh in as positives and negatives.
+            (at most what the uncertain ones leave; the rest is uniform), so small classes weigh in as positives
+            and negatives.
         use_high_res / use_scale_attention / use_local_mask: ablation switches of the three mechanisms.
         high_res_encoding: "slices" (MROVSeg) or "full_image" (one CLIP pass over the whole canvas, the baseline).
         train_position_embeddings: keep CLIP's position embeddings trainable (the rest of CLIP stays frozen).
@@ -254,9 +255,8 @@ class MROVSegConfig(PretrainedConfig):
             fail("oversample_ratio", self.oversample_ratio, "must be >= 1")
         if not 0 <= self.importance_sample_ratio <= 1:
             fail("importance_sample_ratio", self.importance_sample_ratio, "must lie in [0, 1]")
-        if not 0 <= self.balanced_sample_ratio <= 1 - self.importance_sample_ratio:
-            fail("balanced_sample_ratio", self.balanced_sample_ratio,
-                 f"must lie in [0, 1 - importance_sample_ratio] = [0, {1 - self.importance_sample_ratio:g}]")
+        if not 0 <= self.balanced_sample_ratio <= 1:
+            fail("balanced_sample_ratio", self.balanced_sample_ratio, "must lie in [0, 1]")
         if not self.prompt_templates or any(not _single_slot(t) for t in self.prompt_templates):
             fail("prompt_templates", self.prompt_templates,
                  "need at least one template, each with exactly one '{}' slot and no other placeholder "

@@ -138,8 +138,9 @@ class MROVSegLoss(nn.Module):
                           label_map: torch.Tensor | None = None) -> torch.Tensor:
         """
         (M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain; with `label_map`, a
-        share (`balanced_sample_ratio`, 0.1 by default) drawn class-balanced from it (the same for every mask); the rest uniform.
-        Uncertain points alone miss confidently wrong regions, such as one small class's mask firing on another.
+        share (`balanced_sample_ratio`, at most what the uncertain ones leave) drawn class-balanced from it, the
+        same for every mask; the rest uniform. Uncertain points alone miss confidently wrong regions, such as one
+        small class's mask firing on another.
         """
         config = self.config
         num, total = logits.shape[0], config.train_num_points
@@ -149,7 +150,7 @@ class MROVSegLoss(nn.Module):
         num_uncertain = int(config.importance_sample_ratio * total)
         top = (-values.abs()).topk(num_uncertain, dim=1).indices
         parts = [torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))]
-        num_balanced = int(config.balanced_sample_ratio * total) if label_map is not None else 0
+        num_balanced = 0 if label_map is None else min(int(config.balanced_sample_ratio * total), total - num_uncertain)
         if num_balanced:
             balanced = class_balanced_points(label_map, num_balanced, config.ignore_index, generator)
             parts.append(balanced[None].expand(num, -1, -1))

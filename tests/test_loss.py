@@ -26,3 +26,9 @@ def test_balanced_share_of_the_loss_points():
     assert points.shape == (3, 400, 2)
     assert torch.equal(points[0, 200:300], points[2, 200:300])  # one class-balanced draw shared by every mask
     assert 0.35 < (sample_labels(label_map, points[0, 200:300]) == 1).float().mean() < 0.65  # 4 of 1024 pixels
+
+
+def test_balanced_share_takes_at_most_what_the_uncertain_points_leave():
+    config = tiny_config(train_num_points=100, importance_sample_ratio=1.0)  # a config saved before the option
+    points = MROVSegLoss(config).importance_points(torch.randn(2, 8, 8), None, torch.zeros(8, 8, dtype=torch.long))
+    assert points.shape == (2, 100, 2)
