@@ -116,20 +116,28 @@ def count_flops(variant: str, size) -> float:
     return float(counter.get_total_flops())
 
 
+def count_dispatched(fn) -> int:
+    """ATen ops dispatched while `fn()` runs (a CPU proxy for GPU kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return count
+
+
 def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | None = 32) -> int:
     """ATen ops dispatched by one inference forward plus post-processing (150 classes, bf16 autocast): a CPU proxy
     for GPU kernel launches. The model is ViT-B/16's structure at width 64 (same layers, queries, decoders, code
     path; the op count does not depend on widths), so it runs in seconds."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation
-
-    class Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.count += 1
-            return func(*args, **(kwargs or {}))
 
     names = [f"class {i}" for i in range(150)]
     config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
@@ -144,27 +152,15 @@ def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | Non
     inputs = processor(image, return_tensors="pt")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(**inputs)  # lazy initialisations out of the count
-        Counter.count = 0
-        with Counter():
-            outputs = model(**inputs)
-            processor.post_process_semantic_segmentation(outputs, target_sizes=[size])
-    return Counter.count
+        return count_dispatched(lambda: processor.post_process_semantic_segmentation(model(**inputs),
+                                                                                     target_sizes=[size]))
 
 
 def count_loss_ops(batch: int = 8, crop: int = 640, num_classes: int = 150) -> dict:
     """ATen ops dispatched by the training loss (ViT-B/16 defaults: 100 queries, 3 decoder outputs, 12544 points) for
     a batch of `crop` px label maps holding ~12 classes each."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from modeling_mrovseg import MROVSegConfig
     from modeling_mrovseg.loss_mrovseg import MROVSegLoss
-
-    count = [0]
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            count[0] += 1
-            return func(*args, **(kwargs or {}))
 
     names = [f"class {i}" for i in range(num_classes)]
     config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
@@ -177,9 +173,8 @@ def count_loss_ops(batch: int = 8, crop: int = 640, num_classes: int = 150) -> d
     outputs = [(torch.randn(batch, queries, num_classes + 1, generator=generator),
                 torch.randn(batch, queries, side, side, generator=generator)) for _ in range(config.num_decoder_layers)]
     auxiliary = [{"class_queries_logits": c, "masks_queries_logits": m} for c, m in outputs[1:]]
-    with Counter():
-        MROVSegLoss(config)(*outputs[0], labels, auxiliary, torch.arange(batch))
-    return {"batch": batch, "crop": crop, "decoder_outputs": len(outputs), "ops": count[0]}
+    ops = count_dispatched(lambda: MROVSegLoss(config)(*outputs[0], labels, auxiliary, torch.arange(batch)))
+    return {"batch": batch, "crop": crop, "decoder_outputs": len(outputs), "ops": ops}
 
 
 def aten_op_counts() -> list[dict]:
