@@ -1,4 +1,12 @@
-"""Set-prediction loss: semantic labels -> per-class masks, Hungarian matching, point-sampled mask losses."""
+"""Set-prediction loss: semantic labels -> per-class masks, Hungarian matching, point-sampled mask losses.
+
+A batch reads from the device three times per step, whatever its size and number of decoder outputs: the classes
+present in all label maps, the loss seeds, and the cost matrices of every image and output (for scipy's
+assignment). On a GPU each read waits for all queued work, so none is per image or per output. The matched masks of
+all images and outputs are point-sampled and scored in one pass. The values are those of scoring each image on its
+own (random points drawn in the same order from the same generators, each image's costs and terms computed as for
+that image alone); only the order in which gradients are summed differs (1e-7).
+"""
 
 from __future__ import annotations
 
@@ -15,45 +23,55 @@ from .configuration_mrovseg import MROVSegConfig
 
 @dataclass
 class SemanticTargets:
-    """One image's targets: class ids (M,) present in its label map, and the map itself (H, W)."""
+    """One image's targets: class ids (M,) present in its label map (on its device and on the host), and the map
+    itself (H, W)."""
 
     class_ids: torch.Tensor
     label_map: torch.Tensor
+    host_ids: np.ndarray | None = None
 
 
 def semantic_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> list[SemanticTargets]:
-    """Split semantic maps (B, H, W) into the classes each image contains; ids outside the vocabulary are an error."""
-    targets = []
-    for label_map in labels:
-        ids = torch.unique(label_map)
-        ids = ids[ids != ignore_index]
-        if ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
-            raise ValueError(
-                f"labels contain class ids {ids.tolist()} but the vocabulary has {num_classes} classes "
-                f"(valid ids are 0..{num_classes - 1}, and {ignore_index} for ignored pixels)."
-            )
-        targets.append(SemanticTargets(ids.long(), label_map))
-    return targets
+    """Split semantic maps (B, H, W) into the classes each image contains (one host read for the batch); ids
+    outside the vocabulary are an error."""
+    batch = labels.shape[0]
+    flat = labels.flatten(1)
+    valid = flat != ignore_index
+    in_vocabulary = (flat >= 0) & (flat < num_classes)
+    bins = torch.where(valid & in_vocabulary, flat, num_classes)  # one extra bin for ignored pixels
+    present = torch.zeros(batch, num_classes + 1, dtype=torch.int32, device=labels.device)
+    present.scatter_(1, bins, 1)
+    bad = (valid & ~in_vocabulary).any(dim=1, keepdim=True).int()
+    host = torch.cat([present[:, :num_classes], bad], dim=1).cpu()
+    if host[:, -1].any():
+        ids = torch.unique(flat[valid & ~in_vocabulary]).tolist()
+        raise ValueError(
+            f"labels contain class ids {ids} outside the vocabulary of {num_classes} classes "
+            f"(valid ids are 0..{num_classes - 1}, and {ignore_index} for ignored pixels)."
+        )
+    per_image = [torch.nonzero(row[:num_classes]).view(-1) for row in host]
+    on_device = torch.cat(per_image).to(labels.device).split([len(ids) for ids in per_image])
+    return [SemanticTargets(ids, label_map, host.numpy()) for ids, label_map, host in zip(on_device, labels, per_image)]
 
 
 def sample_logits(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinear values of (Q, H, W) logits at (P, 2) points in [0, 1] (x, y) -> (Q, P)."""
-    grid = (2.0 * points - 1.0)[None, None]
-    return F.grid_sample(logits[None], grid.to(logits.dtype), mode="bilinear", align_corners=False)[0, :, 0]
+    """Bilinear values of (G, Q, H, W) logits at (G, P, 2) points in [0, 1] (x, y) -> (G, Q, P)."""
+    grid = (2.0 * points - 1.0)[:, None]
+    return F.grid_sample(logits, grid.to(logits.dtype), mode="bilinear", align_corners=False)[:, :, 0]
 
 
 def sample_logits_per_mask(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear values of (M, H, W) logits, each at its own (M, P, 2) points -> (M, P)."""
-    grid = (2.0 * points - 1.0)[:, None]
-    return F.grid_sample(logits[:, None], grid.to(logits.dtype), mode="bilinear", align_corners=False)[:, 0, 0]
+    return sample_logits(logits[:, None], points)[:, 0]
 
 
-def sample_labels(label_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Nearest class id of an (H, W) map at (..., 2) points in [0, 1] (x, y) -> (...)."""
-    height, width = label_map.shape
+def sample_labels(label_maps: torch.Tensor, owners: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Nearest class ids of (B, H, W) maps at (G, ..., 2) points in [0, 1] (x, y), point set g on map owners[g]."""
+    height, width = label_maps.shape[-2:]
     cols = (points[..., 0] * width).long().clamp_(0, width - 1)
     rows = (points[..., 1] * height).long().clamp_(0, height - 1)
-    return label_map[rows, cols]
+    owners = owners.view(-1, *([1] * (points.dim() - 2)))
+    return label_maps[owners, rows, cols]
 
 
 def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
@@ -74,13 +92,14 @@ def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
 
 
 def pairwise_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits vs (M, P) targets over valid points -> (Q, M) mean BCE."""
+    """(Q, P) logits vs (M, P) targets over valid (P,) points -> (Q, M) mean BCE."""
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * weight
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * weight
     return (pos @ targets.T + neg @ (1 - targets).T) / weight.sum().clamp(min=1)
 
 
 def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(Q, P) logits vs (M, P) targets over valid (P,) points -> (Q, M) dice loss."""
     probs = logits.sigmoid() * weight
     numerator = 2 * probs @ targets.T
     denominator = probs.sum(-1)[:, None] + (targets * weight).sum(-1)[None, :]
@@ -95,29 +114,49 @@ class MROVSegHungarianMatcher(nn.Module):
         self.class_weight = config.class_weight
         self.mask_weight = config.mask_weight
         self.dice_weight = config.dice_weight
-        self.num_points = config.train_num_points
         self.ignore_index = config.ignore_index
 
     @torch.no_grad()
-    def forward(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, target: SemanticTargets,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image: (N, C + 1) class logits, (N, H, W) mask logits -> matched (query indices, target indices)."""
-        device = class_logits.device
-        if target.class_ids.numel() == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            return empty, empty
-        points = torch.rand(self.num_points, 2, device=mask_logits.device, generator=generator)
-        sampled_ids = sample_labels(target.label_map, points)
-        weight = (sampled_ids != self.ignore_index).float()
-        target_masks = (sampled_ids[None] == target.class_ids[:, None]).float()
-        pred = sample_logits(mask_logits.float(), points)
-        cost = (
-            -self.class_weight * class_logits.float().softmax(-1)[:, target.class_ids]
-            + self.mask_weight * pairwise_bce(pred, target_masks, weight)
-            + self.dice_weight * pairwise_dice(pred, target_masks, weight)
-        )
-        rows, cols = linear_sum_assignment(np.nan_to_num(cost.cpu().numpy(), nan=1e6))
-        return torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+    def forward(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, label_maps: torch.Tensor,
+                class_ids: list[np.ndarray], points: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """
+        All images of one decoder output: (B, N, C + 1) class logits, (B, N, H, W) mask logits, (B, H, W) label maps,
+        each image's target class ids and (B, P, 2) sampled points -> per image (query indices, target indices).
+        """
+        return self.assign(self.cost(class_logits, mask_logits, label_maps, class_ids, points).cpu(), class_ids)
+
+    @staticmethod
+    def assign(cost: torch.Tensor, class_ids: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(B, N, M) host costs (padded beyond each image's targets) -> per image (query indices, target indices)."""
+        cost = np.nan_to_num(cost.numpy(), nan=1e6)
+        empty = np.zeros(0, dtype=np.int64)
+        return [linear_sum_assignment(cost[b, :, : len(ids)]) if len(ids) else (empty, empty)
+                for b, ids in enumerate(class_ids)]
+
+    @torch.no_grad()
+    def cost(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, label_maps: torch.Tensor,
+             class_ids: list[np.ndarray], points: torch.Tensor) -> torch.Tensor:
+        """
+        The (B, N, M) matching costs on the device, M the most targets of an image (padding beyond its own). Each
+        image's block is computed on its own: assignments hinge on near-ties, so the costs are exactly those of
+        matching the image alone.
+        """
+        batch, num_queries = class_logits.shape[:2]
+        cost = class_logits.new_zeros(batch, num_queries, max([len(ids) for ids in class_ids] + [1]), dtype=torch.float)
+        for b, ids in enumerate(class_ids):
+            if not len(ids):
+                continue
+            ids = torch.from_numpy(ids).to(class_logits.device)
+            sampled = sample_labels(label_maps, torch.tensor([b], device=class_logits.device), points[b : b + 1])[0]
+            weight = (sampled != self.ignore_index).float()
+            target_masks = (sampled[None] == ids[:, None]).float()
+            pred = sample_logits(mask_logits[b : b + 1].float(), points[b : b + 1])[0]
+            cost[b, :, : len(ids)] = (
+                -self.class_weight * class_logits[b].float().softmax(-1)[:, ids]
+                + self.mask_weight * pairwise_bce(pred, target_masks, weight)
+                + self.dice_weight * pairwise_dice(pred, target_masks, weight)
+            )
+        return cost
 
 
 class MROVSegLoss(nn.Module):
@@ -134,75 +173,123 @@ class MROVSegLoss(nn.Module):
         self.config = config
         self.matcher = MROVSegHungarianMatcher(config)
 
-    def importance_points(self, logits: torch.Tensor, generator: torch.Generator | None = None,
-                          label_map: torch.Tensor | None = None) -> torch.Tensor:
-        """
-        (M, H, W) logits -> (M, P, 2) points: mostly where the prediction is most uncertain; with `label_map`, a
-        share (`balanced_sample_ratio`, at most what the uncertain ones leave) drawn class-balanced from it, the
-        same for every mask; the rest uniform. Uncertain points alone miss confidently wrong regions, such as one
-        small class's mask firing on another.
-        """
+    def _point_counts(self) -> tuple[int, int, int]:
+        """Uncertain, class-balanced and uniform points per mask (the balanced share takes at most what is left)."""
+        total = self.config.train_num_points
+        uncertain = int(self.config.importance_sample_ratio * total)
+        balanced = min(int(self.config.balanced_sample_ratio * total), total - uncertain)
+        return uncertain, balanced, total - uncertain - balanced
+
+    def _draw_points(self, num_outputs: int, counts: list[int], matched: list[int], generators: list,
+                     labels: torch.Tensor):
+        """Every random point of the step, in the order of scoring each output, image by image: the matcher's
+        points (B, P, 2) per output, then each image's importance candidates, class-balanced points (one draw shared
+        by its masks) and uniform points per matched mask."""
         config = self.config
-        num, total = logits.shape[0], config.train_num_points
-        candidates = torch.rand(num, int(total * config.oversample_ratio), 2, device=logits.device, generator=generator)
+        device = labels.device
+        total = config.train_num_points
+        oversampled = int(total * config.oversample_ratio)
+        _, num_balanced, num_uniform = self._point_counts()
+        match_points, candidates, balanced, uniform = [], [], [], []
+        for _ in range(num_outputs):
+            points = torch.zeros(len(counts), total, 2, device=device)  # images without targets: unused zeros
+            for b, (count, num, generator) in enumerate(zip(counts, matched, generators)):
+                if count:
+                    points[b] = torch.rand(total, 2, device=device, generator=generator)
+                if num:
+                    candidates.append(torch.rand(num, oversampled, 2, device=device, generator=generator))
+                    if num_balanced:
+                        drawn = class_balanced_points(labels[b], num_balanced, config.ignore_index, generator)
+                        balanced.append(drawn[None].expand(num, -1, -1))
+                    uniform.append(torch.rand(num, num_uniform, 2, device=device, generator=generator))
+            match_points.append(points)
+        return match_points, candidates, balanced, uniform
+
+    def importance_points(self, logits: torch.Tensor, candidates: torch.Tensor, balanced: torch.Tensor | None,
+                          uniform: torch.Tensor) -> torch.Tensor:
+        """
+        (M, H, W) logits -> (M, P, 2) points: the most uncertain of the candidates, the class-balanced ones
+        (`balanced_sample_ratio`), then the uniform ones. Uncertain points alone miss confidently wrong regions,
+        such as one small class's mask firing on another.
+        """
         with torch.no_grad():
             values = sample_logits_per_mask(logits.detach().float(), candidates)
-        num_uncertain = int(config.importance_sample_ratio * total)
-        top = (-values.abs()).topk(num_uncertain, dim=1).indices
-        parts = [torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))]
-        num_balanced = 0 if label_map is None else min(int(config.balanced_sample_ratio * total), total - num_uncertain)
-        if num_balanced:
-            balanced = class_balanced_points(label_map, num_balanced, config.ignore_index, generator)
-            parts.append(balanced[None].expand(num, -1, -1))
-        parts.append(torch.rand(num, total - num_uncertain - num_balanced, 2, device=logits.device,
-                                generator=generator))
-        return torch.cat(parts, dim=1)
-
-    def image_loss(self, class_logits, mask_logits, target: SemanticTargets, generator=None) -> dict[str, torch.Tensor]:
-        """Loss terms of one image: (N, C + 1) class logits and (N, H, W) mask logits."""
-        config = self.config
-        num_classes = class_logits.shape[-1] - 1
-        rows, cols = self.matcher(class_logits, mask_logits, target, generator)
-        target_classes = torch.full(class_logits.shape[:1], num_classes, dtype=torch.long, device=class_logits.device)
-        target_classes[rows] = target.class_ids[cols]
-        class_weights = torch.ones(num_classes + 1, device=class_logits.device)
-        class_weights[-1] = config.no_object_weight
-        loss_class = F.cross_entropy(class_logits.float(), target_classes, class_weights)
-        if not rows.numel():
-            zero = mask_logits.sum() * 0.0
-            return {"loss_class": loss_class, "loss_mask": zero, "loss_dice": zero}
-        logits = mask_logits[rows].float()
-        points = self.importance_points(logits, generator, target.label_map)
-        pred = sample_logits_per_mask(logits, points)
-        ids = sample_labels(target.label_map, points)
-        truth = (ids == target.class_ids[cols][:, None]).float()
-        weight = (ids != config.ignore_index).float()
-        bce = F.binary_cross_entropy_with_logits(pred, truth, reduction="none")
-        loss_mask = ((bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)).mean()
-        probs = pred.sigmoid() * weight
-        dice = 1 - (2 * (probs * truth).sum(-1) + 1) / (probs.sum(-1) + (truth * weight).sum(-1) + 1)
-        return {"loss_class": loss_class, "loss_mask": loss_mask, "loss_dice": dice.mean()}
+        top = (-values.abs()).topk(self._point_counts()[0], dim=1).indices
+        uncertain = torch.gather(candidates, 1, top[..., None].expand(-1, -1, 2))
+        return torch.cat([uncertain] + ([] if balanced is None else [balanced]) + [uniform], dim=1)
 
     def forward(self, class_logits, mask_logits, labels: torch.Tensor, auxiliary=None,
                 seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Total loss over the final and auxiliary outputs, averaged over images, plus the final output's terms."""
         config = self.config
-        targets = semantic_targets(labels, class_logits.shape[-1] - 1, config.ignore_index)
+        device = class_logits.device
+        batch, num_queries, num_logits = class_logits.shape
+        num_classes = num_logits - 1
+        targets = semantic_targets(labels, num_classes, config.ignore_index)
         outputs = [(class_logits, mask_logits)] + [
             (a["class_queries_logits"], a["masks_queries_logits"]) for a in auxiliary or []
         ]
-        generators = [None] * len(targets)
+        num_outputs = len(outputs)
+        generators = [None] * batch
         if seeds is not None:
-            generators = [torch.Generator(device=class_logits.device).manual_seed(int(seed)) for seed in seeds]
+            generators = [torch.Generator(device=device).manual_seed(seed) for seed in torch.as_tensor(seeds).tolist()]
+        class_ids = [t.host_ids for t in targets]
+        counts = [len(ids) for ids in class_ids]
+        matched = [min(count, num_queries) for count in counts]
+        match_points, candidates, balanced, uniform = self._draw_points(num_outputs, counts, matched, generators,
+                                                                         labels)
+
+        # 1. Hungarian matching: the cost matrices of every output and image come to the host in one copy
+        target_classes = np.full((num_outputs, batch, num_queries), num_classes, dtype=np.int64)
+        mask_index = {"output": [], "image": [], "query": [], "class": []}
+        owners: list[tuple[int, int]] = []  # the (output, image) of each entry of mask_index
+        costs = torch.stack([self.matcher.cost(cls, masks, labels, class_ids, points)
+                             for (cls, masks), points in zip(outputs, match_points)]).cpu() if any(counts) else []
+        for k, cost in enumerate(costs):
+            for b, (rows, cols) in enumerate(self.matcher.assign(cost, class_ids)):
+                target_classes[k, b, rows] = class_ids[b][cols]
+                if not len(rows):
+                    continue
+                owners.append((k, b))
+                for name, values in (("output", k), ("image", b), ("query", rows), ("class", class_ids[b][cols])):
+                    mask_index[name].append(np.broadcast_to(values, rows.shape))
+
+        # 2. Class loss: matched queries take their class, the others "no object" (each image's weighted mean)
+        target_classes = torch.from_numpy(target_classes).to(device)
+        class_weights = torch.ones(num_classes + 1, device=device)
+        class_weights[-1] = config.no_object_weight
+        all_class = torch.stack([cls for cls, _ in outputs]).float()  # (K, B, N, C + 1)
+        loss_class = [[F.cross_entropy(all_class[k, b], target_classes[k, b], class_weights) for b in range(batch)]
+                      for k in range(num_outputs)]
+
+        # 3. Mask losses on importance-sampled points of all matched masks at once, then each image's mean
+        zero = sum(masks.sum() for _, masks in outputs) * 0.0  # images without targets: zero, still connected
+        loss_mask = [[zero] * batch for _ in range(num_outputs)]
+        loss_dice = [[zero] * batch for _ in range(num_outputs)]
+        if mask_index["query"]:
+            index = {name: torch.from_numpy(np.concatenate(values)).to(device) for name, values in mask_index.items()}
+            logits = torch.cat([masks[index["image"][index["output"] == k], index["query"][index["output"] == k]]
+                                for k, (_, masks) in enumerate(outputs)]).float()
+            points = self.importance_points(logits, torch.cat(candidates), torch.cat(balanced) if balanced else None,
+                                            torch.cat(uniform))
+            pred = sample_logits_per_mask(logits, points)
+            ids = sample_labels(labels, index["image"], points)
+            truth = (ids == index["class"][:, None]).float()
+            weight = (ids != config.ignore_index).float()
+            bce = F.binary_cross_entropy_with_logits(pred, truth, reduction="none")
+            per_mask_bce = (bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)
+            probs = pred.sigmoid() * weight
+            per_mask_dice = 1 - (2 * (probs * truth).sum(-1) + 1) / (probs.sum(-1) + (truth * weight).sum(-1) + 1)
+            sizes = [len(rows) for rows in mask_index["query"]]
+            for (k, b), bce_part, dice_part in zip(owners, per_mask_bce.split(sizes), per_mask_dice.split(sizes)):
+                loss_mask[k][b], loss_dice[k][b] = bce_part.mean(), dice_part.mean()
+
         total, parts = 0.0, {}
-        for k, (cls, masks) in enumerate(outputs):
-            terms = [self.image_loss(cls[b], masks[b], targets[b], generators[b]) for b in range(len(targets))]
-            losses = {name: torch.stack([t[name] for t in terms]).mean() for name in terms[0]}
-            total = total + (
-                config.class_weight * losses["loss_class"]
-                + config.mask_weight * losses["loss_mask"]
-                + config.dice_weight * losses["loss_dice"]
-            )
+        for k in range(num_outputs):  # each output: the mean of its images' terms
+            terms = {name: torch.stack(values[k]).mean() for name, values in
+                     (("loss_class", loss_class), ("loss_mask", loss_mask), ("loss_dice", loss_dice))}
+            total = total + (config.class_weight * terms["loss_class"] + config.mask_weight * terms["loss_mask"]
+                             + config.dice_weight * terms["loss_dice"])
             if k == 0:
-                parts = {name: value.detach() for name, value in losses.items()}
+                parts = {name: value.detach() for name, value in terms.items()}
         return total, parts
