@@ -401,8 +401,8 @@ def write_report(report: dict) -> None:
                 loss = row["loss"]
                 lines += ["", f"The training loss (`count_loss_ops`: batch {loss['batch']}, {loss['crop']} px crops, "
                               f"{loss['decoder_outputs']} decoder outputs, 150 classes, ViT-B/16 defaults) dispatches "
-                              f"{loss['ops']} ATen ops; it scores each image and decoder output on its own, with a read "
-                              "from the device for each (matching costs to scipy)."]
+                              f"{loss['ops']} ATen ops and reads from the device three times per step whatever the batch "
+                              "(tests/test_loss.py): all images and decoder outputs are scored at once."]
         lines += ["", "With weights in bf16 autocast casts almost nothing (the default's extra ops are casts); under "
                       "`torch.compile` the count stops mattering (one graph, fused kernels; see the GPU section)."]
     if "metric" in report:
