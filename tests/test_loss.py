@@ -112,3 +112,23 @@ def test_balanced_share_takes_at_most_what_the_uncertain_points_leave():
     class_logits, mask_logits, auxiliary = logits_for(3)
     total, _ = loss(class_logits, mask_logits, labels_for(3), auxiliary, torch.tensor([1, 2, 3]))
     assert torch.isfinite(total)
+
+
+def test_one_balanced_draw_is_shared_by_every_mask_of_an_image():
+    config = tiny_config(train_num_points=400, importance_sample_ratio=0.5, balanced_sample_ratio=0.25)
+    loss = MROVSegLoss(config)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, :2, :2] = 1  # 4 of 1024 pixels
+    labels[1, 10:20, 10:20] = 2
+    generators = [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+    _, candidates, balanced, uniform = loss._draw_points(1, [2, 3], [2, 3], generators, labels)
+    points = loss.importance_points(torch.randn(5, 16, 16), torch.cat(candidates), torch.cat(balanced),
+                                    torch.cat(uniform))
+    assert points.shape == (5, 400, 2)
+    assert torch.equal(points[0, 200:300], points[1, 200:300])  # image 0's two masks
+    assert torch.equal(points[2, 200:300], points[4, 200:300])  # image 1's three masks
+    assert not torch.equal(points[0, 200:300], points[2, 200:300])
+    owners = torch.tensor([0, 1])
+    ids = sample_labels(labels, owners, points[[0, 2], 200:300])
+    assert 0.35 < (ids[0] == 1).float().mean() < 0.65  # half of image 0's balanced points on its 4-pixel class
+    assert 0.2 < (ids[1] == 1).float().mean() < 0.45  # a third each of image 1's three classes
