@@ -133,19 +133,27 @@ def count_dispatched(fn) -> int:
     return count
 
 
-def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | None = 32) -> int:
-    """ATen ops dispatched by one inference forward plus post-processing (150 classes, bf16 autocast): a CPU proxy
-    for GPU kernel launches. The model is ViT-B/16's structure at width 64 (same layers, queries, decoders, code
-    path; the op count does not depend on widths), so it runs in seconds."""
+def op_count_model(slice_batch_size: int | None = 32, num_classes: int = 150, narrow_decoder: bool = False):
+    """ViT-B/16's structure with CLIP at width 64 (`narrow_decoder`: the decoders too): the same layers, queries,
+    decoders and code path, and op counts do not depend on widths, so counting runs in seconds."""
     from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation
 
-    names = [f"class {i}" for i in range(150)]
+    names = [f"class {i}" for i in range(num_classes)]
     config = MROVSegConfig.from_preset("vit-b-16", id2label=dict(enumerate(names)),
                                        label2id={n: i for i, n in enumerate(names)}, slice_batch_size=slice_batch_size)
     for tower in (config.vision_config, config.text_config):
         tower.hidden_size, tower.intermediate_size, tower.num_attention_heads = 64, 128, 2
+    if narrow_decoder:
+        config.hidden_dim, config.decoder_ffn_dim = 32, 64
+        config.pixel_decoder_channels = [16, 8, 8]
     torch.manual_seed(0)
-    model = MROVSegForOpenVocabSegmentation(config).eval()
+    return MROVSegForOpenVocabSegmentation(config)
+
+
+def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | None = 32) -> int:
+    """ATen ops dispatched by one inference forward plus post-processing (150 classes, bf16 autocast): a CPU proxy
+    for GPU kernel launches (`op_count_model`)."""
+    model = op_count_model(slice_batch_size).eval()
     if bf16_weights:
         model = model.to(torch.bfloat16)
     processor, image = prepare(size)
@@ -154,6 +162,32 @@ def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | Non
         model(**inputs)  # lazy initialisations out of the count
         return count_dispatched(lambda: processor.post_process_semantic_segmentation(model(**inputs),
                                                                                      target_sizes=[size]))
+
+
+def count_training_ops(batch: int = 8, crop: int = 640) -> dict:
+    """ATen ops dispatched by one training step (bf16 autocast forward with labels and its loss, backward, AdamW)
+    on a batch of `crop` px crops holding ~12 classes each, as in `benchmarks.gpu`'s training figure (decoder
+    widths narrowed: the count is the same, the backward on a CPU minutes shorter)."""
+    from modeling_mrovseg import MROVSegImageProcessor
+
+    model = op_count_model(narrow_decoder=True).train()
+    processor = MROVSegImageProcessor(size={"height": crop, "width": crop})
+    rng = np.random.default_rng(0)
+    images = list(rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8))
+    maps = [np.kron(rng.integers(0, 12, (crop // 32, crop // 32)), np.ones((32, 32), np.int64)) + 12 * b
+            for b in range(batch)]
+    inputs = processor(images, segmentation_maps=maps, return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # lazy initialisations (optimizer state) out of the count
+    return {"batch": batch, "crop": crop, "ops": count_dispatched(step)}
 
 
 def count_loss_ops(batch: int = 8, crop: int = 640, num_classes: int = 150) -> dict:
@@ -187,6 +221,8 @@ def aten_op_counts() -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     rows.append({"loss": count_loss_ops()})
+    print(rows[-1], flush=True)
+    rows.append({"training_step": count_training_ops()})
     print(rows[-1], flush=True)
     return rows
 
@@ -317,7 +353,9 @@ def main(argv=None) -> dict:
         write_report(saved)
         return saved
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
-    report = {"command": command, "matmul_flops_per_second": matmul_rate()}
+    from benchmarks.results_file import machine
+
+    report = {"command": command, "machine": machine(), "matmul_flops_per_second": matmul_rate()}
     print(f"fp32 matmul rate: {report['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s", flush=True)
     sizes = QUICK_SIZES if args.quick else SIZES
     if "latency" in args.only:
@@ -355,7 +393,8 @@ def write_report(report: dict) -> None:
     from benchmarks.results_file import machine, write_section
 
     rate = report["matmul_flops_per_second"]
-    lines = ["## Performance (CPU)", "", f"`{report['command']}` on {machine()}; ViT-B/16 shapes, random weights, "
+    # re-rendered reports (--report-only) keep the machine and date of the measurement
+    lines = ["## Performance (CPU)", "", f"`{report['command']}` on {report.get('machine') or machine()}; ViT-B/16 shapes, random weights, "
              f"fp32, SDPA, 20 classes, `slice_batch_size=16`. Measured fp32 2048 x 2048 matmul rate: "
              f"{rate / 1e9:.0f} GFLOP/s. Times are medians after a warm-up; each (variant, size) ran in its own "
              "process (peak RSS is that process's, model included)."]
@@ -403,6 +442,11 @@ def write_report(report: dict) -> None:
                               f"{loss['decoder_outputs']} decoder outputs, 150 classes, ViT-B/16 defaults) dispatches "
                               f"{loss['ops']} ATen ops and reads from the device three times per step whatever the batch "
                               "(tests/test_loss.py): all images and decoder outputs are scored at once."]
+            if "training_step" in row:
+                step = row["training_step"]
+                lines += ["", f"One training step (`count_training_ops`: batch {step['batch']}, {step['crop']} px "
+                              "crops, bf16 autocast forward with the loss, backward, AdamW) dispatches "
+                              f"{step['ops']} ATen ops."]
         lines += ["", "With weights in bf16 autocast casts almost nothing (the default's extra ops are casts); under "
                       "`torch.compile` the count stops mattering (one graph, fused kernels; see the GPU section)."]
     if "metric" in report:
