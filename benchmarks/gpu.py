@@ -162,6 +162,7 @@ def postprocess_and_batch(args, device) -> dict:
 
 def training_throughput(args, device) -> list[dict]:
     from training.data import SegmentationAugment
+    from training.train import adamw
 
     rows = []
     for preset_index, (preset, batch_size) in enumerate(args.train_presets):
@@ -181,7 +182,7 @@ def training_throughput(args, device) -> list[dict]:
         batch = processor(images, segmentation_maps=labels, do_resize=False, return_pixel_mask=True,
                           return_tensors="pt").to(device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        optimizer = adamw(params, 1e-4, 1e-4, device)  # as training.train builds it
         seeds = torch.arange(batch_size, device=device)
         # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
         # loss's matching stays eager: scipy on the host)

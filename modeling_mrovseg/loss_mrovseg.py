@@ -74,19 +74,27 @@ def sample_labels(label_maps: torch.Tensor, owners: torch.Tensor, points: torch.
     return label_maps[owners, rows, cols]
 
 
-def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """
-    (num, 2) points in [0, 1] (x, y) over an (H, W) label map, every class present equally likely whatever its
-    area (ignored pixels never): small classes then get points both as positives of their own mask and as
-    negatives of the others'. On the device, no host read; the map must hold at least one labelled pixel.
-    """
-    height, width = label_map.shape
+def class_balance_weights(label_map: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(H * W,) sampling weights of an (H, W) label map's pixels: each class present sums to 1, ignored pixels 0."""
     flat = label_map.flatten()
     valid = flat != ignore_index
     ids = torch.where(valid, flat, torch.zeros_like(flat))
     areas = torch.bincount(ids, weights=valid.float())
-    index = torch.multinomial(valid.float() / areas[ids].clamp(min=1), num, replacement=True, generator=generator)
+    return valid.float() / areas[ids].clamp(min=1)
+
+
+def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
+                          generator: torch.Generator | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    (num, 2) points in [0, 1] (x, y) over an (H, W) label map, every class present equally likely whatever its
+    area (ignored pixels never): small classes then get points both as positives of their own mask and as
+    negatives of the others'. On the device, no host read; the map must hold at least one labelled pixel.
+    `weights`: the map's `class_balance_weights`, when drawing from it more than once.
+    """
+    height, width = label_map.shape
+    if weights is None:
+        weights = class_balance_weights(label_map, ignore_index)
+    index = torch.multinomial(weights, num, replacement=True, generator=generator)
     jitter = torch.rand(num, 2, device=label_map.device, generator=generator)
     return torch.stack([(index % width + jitter[:, 0]) / width, (index // width + jitter[:, 1]) / height], dim=-1)
 
@@ -191,6 +199,8 @@ class MROVSegLoss(nn.Module):
         oversampled = int(total * config.oversample_ratio)
         _, num_balanced, num_uniform = self._point_counts()
         match_points, candidates, balanced, uniform = [], [], [], []
+        weights = [class_balance_weights(labels[b], config.ignore_index) if num and num_balanced else None
+                   for b, num in enumerate(matched)]  # each map's, for the draws of every output
         for _ in range(num_outputs):
             points = torch.zeros(len(counts), total, 2, device=device)  # images without targets: unused zeros
             for b, (count, num, generator) in enumerate(zip(counts, matched, generators)):
@@ -199,7 +209,8 @@ class MROVSegLoss(nn.Module):
                 if num:
                     candidates.append(torch.rand(num, oversampled, 2, device=device, generator=generator))
                     if num_balanced:
-                        drawn = class_balanced_points(labels[b], num_balanced, config.ignore_index, generator)
+                        drawn = class_balanced_points(labels[b], num_balanced, config.ignore_index, generator,
+                                                      weights[b])
                         balanced.append(drawn[None].expand(num, -1, -1))
                     uniform.append(torch.rand(num, num_uniform, 2, device=device, generator=generator))
             match_points.append(points)

@@ -140,6 +140,28 @@ def test_every_batch_tensor_reaches_the_accelerator_device(tiny_clip_dir, synthe
     assert set(seen.values()) == {torch.device("meta")}, seen
 
 
+
+def test_adamw_is_fused_on_cuda_with_the_same_steps_and_state():
+    """training.train fuses AdamW on CUDA (fewer kernels per step) and keeps torch's default elsewhere; both take the
+    same step, and a checkpoint's optimizer state moves between them (here the fused kernel runs on the CPU)."""
+    def params():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+
+    fused_params, plain_params = params(), params()
+    fused = train.adamw(fused_params, 1e-2, 1e-2, torch.device("cuda"))
+    plain = train.adamw(plain_params, 1e-2, 1e-2, torch.device("cpu"))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for step in range(3):
+        for group, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for p in group:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            optimizer.step()
+    for a, b in zip(fused_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    plain.load_state_dict(fused.state_dict())
+    assert plain.state_dict()["state"][0]["step"] == 3
+
 def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(tiny_clip_dir, synthetic, tmp_path,
                                                                                capsys):
     train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2))
