@@ -443,7 +443,8 @@ def write_report(report: dict) -> None:
                 lines += ["", f"The training loss (`count_loss_ops`: batch {loss['batch']}, {loss['crop']} px crops, "
                               f"{loss['decoder_outputs']} decoder outputs, 150 classes, ViT-B/16 defaults) dispatches "
                               f"{loss['ops']} ATen ops and reads from the device three times per step whatever the batch "
-                              "(tests/test_loss.py): all images and decoder outputs are scored at once."]
+                              "(tests/test_loss.py): all images and decoder outputs are scored at once, and each output's matching "
+                              "costs computed for the whole batch."]
             if "training_step" in row:
                 step = row["training_step"]
                 lines += ["", f"One training step (`count_training_ops`: batch {step['batch']}, {step['crop']} px "

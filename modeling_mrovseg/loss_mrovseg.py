@@ -3,9 +3,9 @@
 A batch reads from the device three times per step, whatever its size and number of decoder outputs: the classes
 present in all label maps, the loss seeds, and the cost matrices of every image and output (for scipy's
 assignment). On a GPU each read waits for all queued work, so none is per image or per output. The matched masks of
-all images and outputs are point-sampled and scored in one pass. The values are those of scoring each image on its
-own (random points drawn in the same order from the same generators, each image's costs and terms computed as for
-that image alone); only the order in which gradients are summed differs (1e-7).
+all images and outputs are point-sampled and scored in one pass, and each output's matching costs are computed for
+all images at once. The values are those of scoring each image on its own (random points drawn in the same order from
+the same generators, the same terms) up to float rounding: matrix products over a batch may sum in another order.
 """
 
 from __future__ import annotations
@@ -100,17 +100,19 @@ def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
 
 
 def pairwise_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits vs (M, P) targets over valid (P,) points -> (Q, M) mean BCE."""
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * weight
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * weight
-    return (pos @ targets.T + neg @ (1 - targets).T) / weight.sum().clamp(min=1)
+    """(..., Q, P) logits vs (..., M, P) targets over valid (..., P) points -> (..., Q, M) mean BCE."""
+    point_weight = weight.unsqueeze(-2)
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none") * point_weight
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * point_weight
+    return (pos @ targets.mT + neg @ (1 - targets).mT) / weight.sum(-1).clamp(min=1)[..., None, None]
 
 
 def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits vs (M, P) targets over valid (P,) points -> (Q, M) dice loss."""
-    probs = logits.sigmoid() * weight
-    numerator = 2 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + (targets * weight).sum(-1)[None, :]
+    """(..., Q, P) logits vs (..., M, P) targets over valid (..., P) points -> (..., Q, M) dice loss."""
+    point_weight = weight.unsqueeze(-2)
+    probs = logits.sigmoid() * point_weight
+    numerator = 2 * probs @ targets.mT
+    denominator = probs.sum(-1)[..., :, None] + (targets * point_weight).sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -145,26 +147,25 @@ class MROVSegHungarianMatcher(nn.Module):
     def cost(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, label_maps: torch.Tensor,
              class_ids: list[np.ndarray], points: torch.Tensor) -> torch.Tensor:
         """
-        The (B, N, M) matching costs on the device, M the most targets of an image (padding beyond its own). Each
-        image's block is computed on its own: assignments hinge on near-ties, so the costs are exactly those of
-        matching the image alone.
+        The (B, N, M) matching costs of every image at once, on the device; M is the most targets of an image, and
+        an image's columns beyond its own targets (padded with class 0) are never read.
         """
         batch, num_queries = class_logits.shape[:2]
-        cost = class_logits.new_zeros(batch, num_queries, max([len(ids) for ids in class_ids] + [1]), dtype=torch.float)
+        device = class_logits.device
+        padded = np.zeros((batch, max([len(ids) for ids in class_ids] + [1])), dtype=np.int64)
         for b, ids in enumerate(class_ids):
-            if not len(ids):
-                continue
-            ids = torch.from_numpy(ids).to(class_logits.device)
-            sampled = sample_labels(label_maps, torch.tensor([b], device=class_logits.device), points[b : b + 1])[0]
-            weight = (sampled != self.ignore_index).float()
-            target_masks = (sampled[None] == ids[:, None]).float()
-            pred = sample_logits(mask_logits[b : b + 1].float(), points[b : b + 1])[0]
-            cost[b, :, : len(ids)] = (
-                -self.class_weight * class_logits[b].float().softmax(-1)[:, ids]
-                + self.mask_weight * pairwise_bce(pred, target_masks, weight)
-                + self.dice_weight * pairwise_dice(pred, target_masks, weight)
-            )
-        return cost
+            padded[b, : len(ids)] = ids
+        ids = torch.from_numpy(padded).to(device)  # a copy to the device: no wait for it
+        sampled = sample_labels(label_maps, torch.arange(batch, device=device), points)  # (B, P)
+        weight = (sampled != self.ignore_index).float()
+        target_masks = (sampled[:, None] == ids[:, :, None]).float()  # (B, M, P)
+        pred = sample_logits(mask_logits.float(), points)  # (B, N, P)
+        probs = class_logits.float().softmax(-1)
+        return (
+            -self.class_weight * probs.gather(2, ids[:, None].expand(-1, num_queries, -1))
+            + self.mask_weight * pairwise_bce(pred, target_masks, weight)
+            + self.dice_weight * pairwise_dice(pred, target_masks, weight)
+        )
 
 
 class MROVSegLoss(nn.Module):

@@ -132,3 +132,22 @@ def test_one_balanced_draw_is_shared_by_every_mask_of_an_image():
     ids = sample_labels(labels, owners, points[[0, 2], 200:300])
     assert 0.35 < (ids[0] == 1).float().mean() < 0.65  # half of image 0's balanced points on its 4-pixel class
     assert 0.2 < (ids[1] == 1).float().mean() < 0.45  # a third each of image 1's three classes
+
+
+def test_matching_costs_of_a_batch_are_each_image_alone():
+    """One output's costs are computed for all images at once; an image's block equals its costs computed alone (to
+    float rounding: batched products may sum in another order), and the padding beyond its targets is never read."""
+    loss = MROVSegLoss(tiny_config(labels=[f"c{i}" for i in range(CLASSES)]))
+    labels = labels_for(4)
+    class_logits, mask_logits, _ = logits_for(4)
+    class_ids = [t.host_ids for t in semantic_targets(labels, CLASSES, 255)]
+    points = torch.rand(4, 500, 2, generator=torch.Generator().manual_seed(3))
+    cost = loss.matcher.cost(class_logits, mask_logits, labels, class_ids, points)
+    assert cost.shape == (4, 8, CLASSES)
+    for b, ids in enumerate(class_ids):
+        alone = loss.matcher.cost(class_logits[b : b + 1], mask_logits[b : b + 1], labels[b : b + 1], [ids],
+                                  points[b : b + 1])
+        assert alone.shape == (1, 8, max(len(ids), 1))
+        torch.testing.assert_close(cost[b, :, : len(ids)], alone[0, :, : len(ids)], rtol=1e-5, atol=1e-6)
+    assignments = loss.matcher.assign(cost, class_ids)
+    assert [len(rows) for rows, _ in assignments] == [3, 8, 0, 3]  # 12 classes for 8 queries; image 2 has none
