@@ -396,7 +396,8 @@ def write_report(report: dict) -> None:
 
     rate = report["matmul_flops_per_second"]
     # re-rendered reports (--report-only) keep the machine and date of the measurement
-    lines = ["## Performance (CPU)", "", f"`{report['command']}` on {report.get('machine') or machine()}; ViT-B/16 shapes, random weights, "
+    measured_on = report.get("machine") or machine()
+    lines = ["## Performance (CPU)", "", f"`{report['command']}` on {measured_on}; ViT-B/16 shapes, random weights, "
              f"fp32, SDPA, 20 classes, `slice_batch_size=16`. Measured fp32 2048 x 2048 matmul rate: "
              f"{rate / 1e9:.0f} GFLOP/s. Times are medians after a warm-up; each (variant, size) ran in its own "
              "process (peak RSS is that process's, model included)."]
@@ -442,15 +443,14 @@ def write_report(report: dict) -> None:
                 loss = row["loss"]
                 lines += ["", f"The training loss (`count_loss_ops`: batch {loss['batch']}, {loss['crop']} px crops, "
                               f"{loss['decoder_outputs']} decoder outputs, 150 classes, ViT-B/16 defaults) dispatches "
-                              f"{loss['ops']} ATen ops and reads from the device three times per step whatever the batch "
-                              "(tests/test_loss.py): all images and decoder outputs are scored at once, and each output's matching "
-                              "costs computed for the whole batch."]
+                              f"{loss['ops']} ATen ops and reads from the device three times per step whatever the "
+                              "batch (tests/test_loss.py): all images and decoder outputs are scored at once, and each "
+                              "output's matching costs computed for the whole batch."]
             if "training_step" in row:
                 step = row["training_step"]
                 lines += ["", f"One training step (`count_training_ops`: batch {step['batch']}, {step['crop']} px "
                               "crops, bf16 autocast forward with the loss, backward, fused AdamW as on a GPU) "
-                              "dispatches "
-                              f"{step['ops']} ATen ops."]
+                              f"dispatches {step['ops']} ATen ops."]
         lines += ["", "With weights in bf16 autocast casts almost nothing (the default's extra ops are casts); under "
                       "`torch.compile` the count stops mattering (one graph, fused kernels; see the GPU section)."]
     if "metric" in report:

@@ -84,7 +84,8 @@ def class_balance_weights(label_map: torch.Tensor, ignore_index: int) -> torch.T
 
 
 def class_balanced_points(label_map: torch.Tensor, num: int, ignore_index: int,
-                          generator: torch.Generator | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
     """
     (num, 2) points in [0, 1] (x, y) over an (H, W) label map, every class present equally likely whatever its
     area (ignored pixels never): small classes then get points both as positives of their own mask and as
