@@ -10,8 +10,6 @@ the same generators, the same terms) up to float rounding: matrix products over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,19 +19,9 @@ from torch import nn
 from .configuration_mrovseg import MROVSegConfig
 
 
-@dataclass
-class SemanticTargets:
-    """One image's targets: class ids (M,) present in its label map (on its device and on the host), and the map
-    itself (H, W)."""
-
-    class_ids: torch.Tensor
-    label_map: torch.Tensor
-    host_ids: np.ndarray | None = None
-
-
-def semantic_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> list[SemanticTargets]:
-    """Split semantic maps (B, H, W) into the classes each image contains (one host read for the batch); ids
-    outside the vocabulary are an error."""
+def semantic_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> list[np.ndarray]:
+    """The class ids present in each of the semantic maps (B, H, W), on the host (one read for the batch: matching
+    runs there); ids outside the vocabulary are an error."""
     batch = labels.shape[0]
     flat = labels.flatten(1)
     valid = flat != ignore_index
@@ -49,9 +37,7 @@ def semantic_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) 
             f"labels contain class ids {ids} outside the vocabulary of {num_classes} classes "
             f"(valid ids are 0..{num_classes - 1}, and {ignore_index} for ignored pixels)."
         )
-    per_image = [torch.nonzero(row[:num_classes]).view(-1) for row in host]
-    on_device = torch.cat(per_image).to(labels.device).split([len(ids) for ids in per_image])
-    return [SemanticTargets(ids, label_map, host.numpy()) for ids, label_map, host in zip(on_device, labels, per_image)]
+    return [np.flatnonzero(row[:num_classes].numpy()) for row in host]
 
 
 def sample_logits(logits: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -238,7 +224,7 @@ class MROVSegLoss(nn.Module):
         device = class_logits.device
         batch, num_queries, num_logits = class_logits.shape
         num_classes = num_logits - 1
-        targets = semantic_targets(labels, num_classes, config.ignore_index)
+        class_ids = semantic_targets(labels, num_classes, config.ignore_index)
         outputs = [(class_logits, mask_logits)] + [
             (a["class_queries_logits"], a["masks_queries_logits"]) for a in auxiliary or []
         ]
@@ -246,7 +232,6 @@ class MROVSegLoss(nn.Module):
         generators = [None] * batch
         if seeds is not None:
             generators = [torch.Generator(device=device).manual_seed(seed) for seed in torch.as_tensor(seeds).tolist()]
-        class_ids = [t.host_ids for t in targets]
         counts = [len(ids) for ids in class_ids]
         matched = [min(count, num_queries) for count in counts]
         match_points, candidates, balanced, uniform = self._draw_points(num_outputs, counts, matched, generators,
