@@ -290,7 +290,7 @@ def test_post_process_scores_and_padding_crop():
     assert thresholded.shape == (32, 24) and (thresholded == -1).all()
 
 
-@pytest.mark.parametrize("budget", [None, 4 * 21 * 5])  # boundary pixels in one go; in chunks of 5
+@pytest.mark.parametrize("budget", [None, 4 * 21 * 5])  # boundary pixels blended at once; 5 at a time
 def test_one_resampling_equals_full_scores(monkeypatch, budget):
     from modeling_mrovseg import image_processing_mrovseg as module
 
@@ -383,3 +383,20 @@ def test_labels_from_corners_many_images_and_ties():
     full = label_scores(tied, None, (50, 70), keep_scores=True)
     fast = label_scores(tied, None, (50, 70))
     assert torch.equal(fast.segmentation, full.segmentation) and not (fast.segmentation == 2).any()
+
+
+def test_post_processing_in_float32_inside_autocast():
+    """Evaluation post-processes inside the accelerator's autocast: scores and labels must not drop to bfloat16."""
+    processor = MROVSegImageProcessor()
+    outputs = _outputs(batch=1, queries=16, classes=40, size=(24, 32))
+    plain = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)],
+                                                         return_segmentation_scores=True)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from modeling_mrovseg.image_processing_mrovseg import semantic_scores
+
+        assert semantic_scores(outputs).dtype == torch.float32
+        autocast = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)],
+                                                                return_segmentation_scores=True)[0]
+        labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)])[0]
+    assert torch.equal(autocast.segmentation, plain.segmentation) and torch.equal(labels, plain.segmentation)
+    assert torch.equal(autocast.segmentation_scores, plain.segmentation_scores)
