@@ -1,6 +1,6 @@
 """MROVSeg benchmark suite: every figure a ratio of measurements taken side by side in one run.
 
-    python -m benchmarks.run [--quick] [--only latency metric processor training]
+    python -m benchmarks.run [--quick] [--only latency metric processor training aten postprocess]
 
 1. Latency and peak memory against input size for a ViT-B/16-shaped MROVSeg (random weights, fp32) against
    (a) its single-resolution ablation, (b) full-resolution CLIP (interpolated position embeddings) feeding the
@@ -11,7 +11,10 @@
 3. The streaming mean-IoU metric against a per-image numpy implementation of the same formula (500 maps of
    512 x 512): speed ratio, identical values.
 4. Image-processor throughput at 2048 x 1024 and training-step time for the tiny and ViT-B/16 configs.
-Results go to benchmarks/RESULTS.md (section "performance") with the command and the machine.
+5. ATen ops dispatched by inference, the loss and a training step (a CPU proxy for GPU kernel launches), and
+   post-processing's boundary labelling against resampling every class map, on the same scores.
+Results go to benchmarks/RESULTS.md (section "performance") with the command and the machine; `--only` measures some
+sections again and keeps the others' saved figures, each section naming when it was measured.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SIZES = [(512, 512), (1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096)]  # (height, width)
 QUICK_SIZES = [(512, 512), (1024, 2048)]
 VARIANTS = ["mrovseg", "single_resolution", "full_resolution_clip", "clip_floor"]
+SECTIONS = ["latency", "metric", "processor", "training", "aten", "postprocess"]
 FULL_RES_MAX_PIXELS = 2048 * 2048  # beyond this the quadratic full-resolution pass is estimated, not run
 
 
@@ -321,6 +326,52 @@ def training_step_benchmark(preset: str, crop: int, runs: int) -> dict:
     return {"preset": preset, "batch": 2, "crop": crop, "seconds_per_step": statistics.median(times)}
 
 
+def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 150, queries: int = 100,
+                          runs: int = 3) -> list[dict]:
+    """Post-processing alone at ViT-B/16's mask resolution (half the image side), 150 classes: labels from the
+    low-resolution winners with all classes blended at segment boundaries only (the default) against the argmax of
+    every class map resampled to full size, side by side on the same scores. The masks are smooth blobs (segments
+    with boundaries, as a trained model gives; a random-weight model's maps are one class everywhere)."""
+    from types import SimpleNamespace
+
+    from modeling_mrovseg.image_processing_mrovseg import _resample_max, label_scores, semantic_scores
+
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        low = (size[0] // 2, size[1] // 2)
+        coarse = torch.randn(1, queries, max(1, low[0] // 32), max(1, low[1] // 32)) * 4
+        outputs = SimpleNamespace(class_queries_logits=torch.randn(1, queries, num_classes + 1) * 3,
+                                  masks_queries_logits=F.interpolate(coarse, size=low, mode="bilinear"))
+        score = semantic_scores(outputs)[0]
+        batched = score.permute(1, 2, 0)[None].permute(0, 3, 1, 2)
+        scale = (size[0] / low[0], size[1] / low[1])
+
+        def median_seconds(fn):
+            fn()
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        ours = label_scores(score, None, size).segmentation
+        full = _resample_max(batched, scale, size[0], size[1], False, False)[1]
+        winners = score.argmax(dim=0)
+        uniform = ((winners[1:, 1:] == winners[:-1, 1:]) & (winners[1:, 1:] == winners[1:, :-1])
+                   & (winners[1:, 1:] == winners[:-1, :-1]))
+        rows.append({"size": list(size), "classes": num_classes, "queries": queries,
+                     "scores_seconds": median_seconds(lambda: semantic_scores(outputs)),
+                     "corners_seconds": median_seconds(lambda: label_scores(score, None, size)),
+                     "full_resampling_seconds": median_seconds(
+                         lambda: _resample_max(batched, scale, size[0], size[1], False, False)),
+                     "identical_fraction": float((ours == full).float().mean()),
+                     "boundary_cell_fraction": float(1 - uniform.float().mean())})
+        print(rows[-1], flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- orchestration
 def in_subprocess(*args: str) -> dict:
     result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", *args], capture_output=True, text=True)
@@ -332,7 +383,8 @@ def in_subprocess(*args: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sizes, one timed run each")
-    parser.add_argument("--only", nargs="+", default=["latency", "metric", "processor", "training", "aten"])
+    parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="measure these sections; the others keep their saved figures and dates")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render RESULTS.md from results/performance.json (no measurement)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -357,8 +409,15 @@ def main(argv=None) -> dict:
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     from benchmarks.results_file import machine
 
-    report = {"command": command, "machine": machine(), "matmul_flops_per_second": matmul_rate()}
-    print(f"fp32 matmul rate: {report['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s", flush=True)
+    saved_path = Path(__file__).resolve().parent / "results" / "performance.json"
+    rate = matmul_rate()
+    print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    report = {"command": command, "machine": machine(), "matmul_flops_per_second": rate}
+    if set(args.only) != set(SECTIONS) and saved_path.exists():  # a partial run updates the saved report
+        report = json.loads(saved_path.read_text())
+        report.setdefault("measured", {}).update({section: machine() for section in args.only})
+        if "latency" in args.only:
+            report["matmul_flops_per_second"] = rate
     sizes = QUICK_SIZES if args.quick else SIZES
     if "latency" in args.only:
         rows = []
@@ -387,8 +446,18 @@ def main(argv=None) -> dict:
         print(report["training"], flush=True)
     if "aten" in args.only:
         report["aten"] = aten_op_counts()
+    if "postprocess" in args.only:
+        report["postprocess"] = postprocess_benchmark()
     write_report(report)
     return report
+
+
+def stamp(report: dict, section: str) -> str:
+    """Where a section was measured apart from the rest (`--only`), say when and on what."""
+    measured = report.get("measured", {}).get(section)
+    if not measured or measured == report.get("machine"):
+        return ""
+    return f" (measured apart: `--only {section}` on {measured})"
 
 
 def write_report(report: dict) -> None:
@@ -431,7 +500,7 @@ def write_report(report: dict) -> None:
     if "aten" in report:
         lines += ["", "ATen ops dispatched by one inference forward + post-processing (ViT-B/16 structure, 150 classes, "
                       "bf16 autocast; a CPU proxy for GPU kernel launches; `count_aten_ops`; targets 400 at 640^2 and "
-                      "800 at 2048^2):", "",
+                      f"800 at 2048^2){stamp(report, 'aten')}:", "",
                   "| image | fp32 weights, slice_batch_size 32 (default) | bf16 weights | bf16 weights, one CLIP call |",
                   "|---|---|---|---|"]
         for row in report["aten"]:
@@ -453,6 +522,18 @@ def write_report(report: dict) -> None:
                               f"dispatches {step['ops']} ATen ops."]
         lines += ["", "With weights in bf16 autocast casts almost nothing (the default's extra ops are casts); under "
                       "`torch.compile` the count stops mattering (one graph, fused kernels; see the GPU section)."]
+    if "postprocess" in report:
+        lines += ["", "Post-processing alone (`postprocess_benchmark`: 100 queries, 150 classes, masks at half the "
+                      "image side as ViT-B/16's decoder gives, smooth segments): labels from the low-resolution winners, "
+                      "all classes blended at segment boundaries only (the default), against the argmax of every "
+                      f"class map resampled to full size, on the same scores{stamp(report, 'postprocess')}:", "",
+                  "| image | class scores s | labels, boundary blending s | labels, full resampling s | speed-up | "
+                  "identical labels | boundary cells |", "|---|---|---|---|---|---|---|"]
+        for row in report["postprocess"]:
+            lines.append(f"| {row['size'][0]} x {row['size'][1]} | {row['scores_seconds']:.3f} | "
+                         f"{row['corners_seconds']:.3f} | {row['full_resampling_seconds']:.3f} | "
+                         f"{row['full_resampling_seconds'] / row['corners_seconds']:.1f}x | "
+                         f"{100 * row['identical_fraction']:.4f}% | {100 * row['boundary_cell_fraction']:.1f}% |")
     if "metric" in report:
         m = report["metric"]
         lines += ["", f"Metric: {m['maps']} maps of {m['size']} x {m['size']}, 150 classes: per-image numpy "

@@ -29,3 +29,14 @@ def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():
     default = count_aten_ops((256, 256))
     bf16 = count_aten_ops((256, 256), bf16_weights=True)
     assert 300 < bf16 < default  # autocast's per-op casts of fp32 weights are part of the default's count
+
+
+def test_postprocess_benchmark_compares_the_two_labellings_on_the_same_scores():
+    from benchmarks.run import postprocess_benchmark, stamp
+
+    (row,) = postprocess_benchmark(sizes=((128, 192),), num_classes=12, queries=8, runs=1)
+    assert row["identical_fraction"] == 1.0 and 0 < row["boundary_cell_fraction"] < 0.5
+    assert row["corners_seconds"] > 0 and row["full_resampling_seconds"] > 0
+    # a section measured apart from the saved report names its own machine and date
+    report = {"machine": "x, 2026-11-26", "measured": {"postprocess": "x, 2026-11-27", "aten": "x, 2026-11-26"}}
+    assert "2026-11-27" in stamp(report, "postprocess") and stamp(report, "aten") == stamp(report, "metric") == ""
