@@ -13,7 +13,8 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert measured == {(variant, tuple(size)) for variant in gpu.VARIANTS for size in results["sizes"]}
     assert all(row["ms"] > 0 for row in results["latency"])
     extra = results["postprocess_and_batch"]
-    assert extra["postprocess_ms"] > 0 and extra["batch8_eager_images_per_s"] > 0
+    assert extra["postprocess_ms"] > 0 and extra["postprocess_full_resampling_ms"] > 0
+    assert extra["batch8_eager_images_per_s"] > 0
     for name in ("autocast_bf16", "pure_bf16"):
         agreement = results["bf16_agreement"][name]
         assert agreement["argmax_agreement"] >= 0.99 and agreement["class_rel_err"] < 0.05, agreement
