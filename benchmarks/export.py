@@ -18,6 +18,7 @@ import torch
 
 
 def median_seconds(fn, runs: int = 3) -> float:
+    """Median seconds of `fn()` over `runs` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(runs):

@@ -334,6 +334,7 @@ def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 1
     with boundaries, as a trained model gives; a random-weight model's maps are one class everywhere)."""
     from types import SimpleNamespace
 
+    from benchmarks.export import median_seconds
     from modeling_mrovseg.image_processing_mrovseg import _resample_max, label_scores, semantic_scores
 
     rows = []
@@ -347,25 +348,16 @@ def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 1
         batched = score.permute(1, 2, 0)[None].permute(0, 3, 1, 2)
         scale = (size[0] / low[0], size[1] / low[1])
 
-        def median_seconds(fn):
-            fn()
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
-
         ours = label_scores(score, None, size).segmentation
         full = _resample_max(batched, scale, size[0], size[1], False, False)[1]
         winners = score.argmax(dim=0)
         uniform = ((winners[1:, 1:] == winners[:-1, 1:]) & (winners[1:, 1:] == winners[1:, :-1])
                    & (winners[1:, 1:] == winners[:-1, :-1]))
         rows.append({"size": list(size), "classes": num_classes, "queries": queries,
-                     "scores_seconds": median_seconds(lambda: semantic_scores(outputs)),
-                     "corners_seconds": median_seconds(lambda: label_scores(score, None, size)),
+                     "scores_seconds": median_seconds(lambda: semantic_scores(outputs), runs),
+                     "corners_seconds": median_seconds(lambda: label_scores(score, None, size), runs),
                      "full_resampling_seconds": median_seconds(
-                         lambda: _resample_max(batched, scale, size[0], size[1], False, False)),
+                         lambda: _resample_max(batched, scale, size[0], size[1], False, False), runs),
                      "identical_fraction": float((ours == full).float().mean()),
                      "boundary_cell_fraction": float(1 - uniform.float().mean())})
         print(rows[-1], flush=True)
