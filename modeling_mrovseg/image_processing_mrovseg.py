@@ -603,9 +603,11 @@ def semantic_scores(outputs) -> torch.Tensor:
 def _float32(device: torch.device):
     """Scores, their blends and maxima in float32 even inside a caller's autocast (evaluation runs under one), where
     bmm would run in bfloat16 and swap classes whose scores lie within its rounding."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to switch off
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _check_overlap(slice_size: int, slice_overlap: int) -> None:
