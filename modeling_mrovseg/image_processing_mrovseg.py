@@ -374,7 +374,8 @@ class MROVSegImageProcessor(PilBackend):
         through `torch.compile` (worth it on a GPU, for many images of one size).
 
         Returns a list of `(height, width)` `torch.LongTensor`, or of `SemanticSegmentationPostProcessorOutput`
-        (`segmentation`, `segmentation_scores`) when `return_segmentation_scores=True`.
+        (`segmentation`, `segmentation_scores`) when `return_segmentation_scores=True`. The scores are every class's
+        full-size float32 map (150 classes at 2048 x 2048: 2.5 GB); the labels alone never build them.
         """
         from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
