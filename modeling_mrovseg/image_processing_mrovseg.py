@@ -495,6 +495,15 @@ def _bilinear_taps(low: int, out: int, scale: float) -> tuple[np.ndarray, np.nda
     return np.stack([first, second], axis=1), np.stack([1 - weight, weight], axis=1)
 
 
+def uniform_cells(low_label: torch.Tensor) -> torch.Tensor:
+    """(h, w) bool: the pixel of an (h, w) winner map, its right, lower and lower-right neighbours (clamped at the
+    edges) share one winner, so every output pixel sampled between them takes it (`_label_from_corners`)."""
+    padded = torch.cat([low_label, low_label[-1:]], dim=0)
+    padded = torch.cat([padded, padded[:, -1:]], dim=1)
+    corner = padded[:-1, :-1]
+    return (corner == padded[:-1, 1:]) & (corner == padded[1:, :-1]) & (corner == padded[1:, 1:])
+
+
 def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: int, out_w: int,
                         with_best: bool, with_total: bool):
     """
@@ -510,11 +519,7 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     device = score.device
     pixels = score.permute(1, 2, 0).reshape(low_h * low_w, num_classes)  # a view for semantic_scores' layout
     low_label = pixels.max(dim=1).indices.view(low_h, low_w)  # the first maximum, as argmax; faster on a CPU
-    # a cell is uniform when the pixel, its right, lower and lower-right neighbours (clamped at the edges) agree
-    padded = torch.cat([low_label, low_label[-1:]], dim=0)
-    padded = torch.cat([padded, padded[:, -1:]], dim=1)
-    corner = padded[:-1, :-1]
-    uniform = (corner == padded[:-1, 1:]) & (corner == padded[1:, :-1]) & (corner == padded[1:, 1:])
+    uniform = uniform_cells(low_label)
     row_taps, row_weights = _bilinear_taps(low_h, out_h, scale[0])
     col_taps, col_weights = _bilinear_taps(low_w, out_w, scale[1])
     first_row = torch.from_numpy(row_taps[:, 0]).to(device)
