@@ -1,7 +1,7 @@
 """MROVSeg demo page (Gradio; also the Hugging Face Space entry point).
 
     pip install -e ".[demo]"
-    python app.py --model DIR_OR_HUB_ID [--port 7860] [--device cuda] [--host 127.0.0.1]
+    python app.py --model DIR_OR_HUB_ID [--port 7860] [--device cuda] [--dtype bfloat16] [--host 127.0.0.1]
 
 Upload or pick an image, type class names (comma separated; synonyms of one class with ";" between classes, as in the
 CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
@@ -31,11 +31,11 @@ TABLE_HEADERS = ["class", "pixel share (%)", "score"]
 class Segmenter:
     """One loaded zero-shot pipeline shared by all requests (one image at a time: requests queue, the page stays live)."""
 
-    def __init__(self, model: str, device: str | None = None):
+    def __init__(self, model: str, device: str | None = None, dtype: str = "auto"):
         from modeling_mrovseg.cli import check_device, load_pipeline
 
         check_device(device)
-        self.pipeline = load_pipeline(model, device, resolution=None, slice_batch_size=None)
+        self.pipeline = load_pipeline(model, device, resolution=None, slice_batch_size=None, dtype=dtype)
         self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
@@ -118,12 +118,15 @@ def default_model() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modeling_mrovseg.cli import DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the main job's)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME=0.0.0.0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: as saved)")
     args = parser.parse_args(argv)
     model = args.model or default_model()
     if model is None:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               "`bash scripts/main_job.sh` (a few minutes on a CPU) or pass --model DIR_OR_HUB_ID.", file=sys.stderr)
         return 2
     try:
-        segmenter = Segmenter(model, args.device)
+        segmenter = Segmenter(model, args.device, args.dtype)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

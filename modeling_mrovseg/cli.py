@@ -36,8 +36,14 @@ def is_hub_id(name: str) -> bool:
     return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def load_pipeline(model: str, device: str | None, resolution: int | None, slice_batch_size: int | None,
-                  compile: bool = False):
+                  compile: bool = False, dtype: str = "auto"):
+    """The zero-shot pipeline on `device` with weights in `dtype` ("auto": as saved); inputs follow the weights'
+    dtype, post-processing runs in float32."""
+    import torch
     from transformers import pipeline
 
     from . import register_pipelines
@@ -47,7 +53,7 @@ def load_pipeline(model: str, device: str | None, resolution: int | None, slice_
     if not is_hub_id(model) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
     segmenter = pipeline("zero-shot-image-segmentation", model=model if is_hub_id(model) else str(Path(model).expanduser()),
-                         device=device, compile=compile)
+                         device=device, compile=compile, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if resolution is not None:
         segmenter.image_processor.size = MROVSegImageProcessor.size_for_resolution(resolution)
     if slice_batch_size is not None:
@@ -104,7 +110,8 @@ def segment_command(args: argparse.Namespace) -> int:
         out = Path(args.out)
         prepare_output(out)
         check_device(args.device)
-        segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile)
+        segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
+                                  args.dtype)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -174,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="slices per CLIP call (memory bound)")
     segment.add_argument("--score-threshold", type=_threshold, default=None,
                          help="leave pixels whose best class score is below this unlabelled")
+    segment.add_argument("--dtype", choices=DTYPES, default="auto",
+                         help="weights' dtype (default: as saved); bfloat16 about halves time and memory on a GPU")
     segment.add_argument("--compile", action="store_true",
                          help="torch.compile the model: faster for many images of one size, slow for the first")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")

@@ -90,7 +90,8 @@ class MROVSegConfig(PretrainedConfig):
         logit_scale_init: initial log of CLIP's temperature (ln(1 / 0.07)); overwritten by `from_clip`.
         slice_size: side of the sliding windows in pixels (defaults to CLIP's `image_size`).
         slice_overlap: overlap of neighbouring windows in pixels; a multiple of the patch size.
-        slice_batch_size: windows per CLIP call, bounding memory on large images (`None`: all at once).
+        slice_batch_size: windows per CLIP call at inference, bounding memory on large images (`None`: all at once;
+            training runs a batch's windows in one call, as autograd keeps every chunk's activations anyway).
         feature_layers: tapped CLIP layers, each fused by one Multi-Res Adapter.
         query_layer: layer whose [CLS] token seeds the queries; they then run through the remaining layers.
         adapter_kernel_size: kernel of the depthwise conv that repairs slice seams.

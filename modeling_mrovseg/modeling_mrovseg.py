@@ -342,11 +342,16 @@ class MROVSegModel(MROVSegPreTrainedModel):
                                high_res_grid=(height, width))
 
     def _run_clip(self, images: torch.Tensor, needed: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states (M, 1 + T, W) of `needed` layers (0 = embeddings) for a stack of M images."""
+        """Hidden states (M, 1 + T, W) of `needed` layers (0 = embeddings) for a stack of M images.
+
+        Chunked by `slice_batch_size` at inference only. In training, autograd keeps every chunk's activations for the
+        backward when anything in CLIP trains (its position embeddings by default, LoRA), so chunks would bound no
+        memory and only multiply kernel launches; and a batch of crops is small.
+        """
         vision = self.vision_model
         interpolate = images.shape[-1] != self.config.vision_config.image_size or images.shape[-2] != images.shape[-1]
         last = max(needed)
-        chunk = self.config.slice_batch_size or images.shape[0]
+        chunk = images.shape[0] if self.training else self.config.slice_batch_size or images.shape[0]
         collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in needed}
         for start in range(0, images.shape[0], chunk):
             hidden = vision.embeddings(images[start : start + chunk], interpolate_pos_encoding=interpolate)

@@ -93,6 +93,26 @@ def test_slice_batch_size_does_not_change_outputs():
     torch.testing.assert_close(reference, unchunked, rtol=1e-5, atol=1e-5)
 
 
+def test_training_runs_all_windows_in_one_clip_call():
+    """Chunking by slice_batch_size bounds inference memory; in training autograd keeps every chunk anyway, so the
+    batch's windows go through CLIP at once (fewer kernel launches), with the values of chunked calls."""
+    model = build()  # tiny_config: slice_batch_size=4
+    inputs = inputs_for(model.config, (150, 260), labels=True)
+    windows = inputs["pixel_values_slices"].shape[:2].numel() + inputs["pixel_values"].shape[0]
+    calls = []
+    model.mrovseg.vision_model.embeddings.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    with torch.no_grad():
+        chunked = model(**inputs).masks_queries_logits
+    assert calls == [4] * (windows // 4) + ([windows % 4] if windows % 4 else [])
+    calls.clear()
+    model.train()
+    torch.manual_seed(0)
+    trained = model(**inputs)
+    assert calls == [windows]
+    trained.loss.backward()
+    torch.testing.assert_close(trained.masks_queries_logits, chunked, rtol=1e-5, atol=1e-5)
+
+
 def test_loss_backward_reaches_every_trainable_parameter():
     model = build().train()
     out = model(**inputs_for(model.config, (96, 200), labels=True))

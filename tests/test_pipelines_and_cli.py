@@ -177,6 +177,29 @@ def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
     assert (out / "nested__park_overlay.png").exists()
 
 
+def test_cli_dtype_loads_reduced_precision_weights(checkpoint, tmp_path):
+    """--dtype bfloat16 (GPU users' choice) loads the weights in bf16; inputs follow them, scores stay float32."""
+    from modeling_mrovseg.cli import load_pipeline
+
+    image = tmp_path / "street.png"
+    Image.fromarray(random_image(90, 120)).save(image)
+    summaries = {}
+    for dtype in ("auto", "bfloat16", "float16"):
+        out = tmp_path / dtype
+        args = ["segment", str(image), "--model", str(checkpoint), "--labels", "sky,road,car", "--out", str(out)]
+        assert cli_main([*args, "--dtype", dtype, "--quiet"]) == 0
+        summaries[dtype] = json.loads((out / "street.json").read_text())["classes"]
+    for dtype in ("bfloat16", "float16"):
+        assert summaries[dtype].keys() == summaries["auto"].keys()
+        for name, entry in summaries[dtype].items():
+            assert entry["score"] == pytest.approx(summaries["auto"][name]["score"], rel=0.05)
+    assert load_pipeline(str(checkpoint), None, None, None).model.dtype == torch.float32  # as saved
+    segmenter = load_pipeline(str(checkpoint), None, None, None, dtype="bfloat16")
+    assert segmenter.model.dtype == torch.bfloat16
+    result = segmenter(random_image(90, 120), candidate_labels=["sky", "road"])
+    assert result["label_map"].shape == (90, 120) and all(isinstance(s["score"], float) for s in result["segments"])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--labels", ""], "empty"),
     (["--labels", "cat,cat"], "Duplicate"),
@@ -247,6 +270,7 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     (["--resolution", "100000"], "--resolution"),
     (["--slice-batch-size", "-1"], "--slice-batch-size"),
     (["--score-threshold", "nan"], "--score-threshold"),
+    (["--dtype", "int8"], "--dtype"),
 ])
 def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys, argv, message):
     image = tmp_path / "x.png"
