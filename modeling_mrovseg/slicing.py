@@ -2,9 +2,9 @@
 
 The canvas is padded so that windows of side `window` at a regular `stride` cover it exactly: the last window
 of each row and column is flush with the edge, no pixel is left out, and slicing is a strided view whose exact
-inverse is a fold (sum) divided by the per-pixel window count (overlaps averaged). Because `window` and `stride`
-are multiples of the patch size, the same grid divided by the patch size places every slice's tokens on one
-high-resolution token grid.
+inverse puts the windows back in place and divides by the per-pixel window count (overlaps averaged). Because
+`window` and `stride` are multiples of the patch size, the same grid divided by the patch size places every slice's
+tokens on one high-resolution token grid.
 """
 
 from __future__ import annotations
@@ -81,20 +81,42 @@ def slice_windows(canvas, grid: SliceGrid):
 
 
 def stitch_windows(windows: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
-    """Exact inverse of `slice_windows` for torch (B, K, ch, S, S) -> (B, ch, H, W), overlapping values averaged."""
+    """Exact inverse of `slice_windows` for torch (B, K, ch, S, S) -> (B, ch, H, W), overlapping values averaged.
+
+    Windows `p = ceil(S / stride)` apart along an axis never overlap, so the windows fall into p x p groups that each
+    tile the canvas by reshaping alone; the groups' canvases are summed and divided by the window count. Without
+    overlap that is one permute. (Not `F.fold`: torch.compile's CPU code for it writes out of bounds on this layout.)
+    """
     batch, num, channels, window, _ = windows.shape
     if num != grid.num_slices or window != grid.window:
         raise ValueError(
             f"Got {num} windows of side {window}, the grid expects {grid.num_slices} of side {grid.window}."
         )
-    columns = windows.permute(0, 2, 3, 4, 1).reshape(batch, channels * window * window, num)
-    size = (grid.height, grid.width)
-    summed = F.fold(columns, size, kernel_size=window, stride=grid.stride)
-    if grid.stride == grid.window:  # no overlap: every position is covered once
-        return summed
-    ones = torch.ones(1, window * window, num, dtype=windows.dtype, device=windows.device)
-    counts = F.fold(ones, size, kernel_size=window, stride=grid.stride)
-    return summed / counts
+    stride, height, width = grid.stride, grid.height, grid.width
+    tiles = windows.reshape(batch, grid.rows, grid.cols, channels, window, window)
+    phases = -(-window // stride)
+    if phases == 1:  # no overlap: the windows tile the canvas
+        return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+    cell = phases * stride
+    summed = tiles.new_zeros(batch, channels, height, width)
+    for row_phase in range(min(phases, grid.rows)):
+        for col_phase in range(min(phases, grid.cols)):
+            group = F.pad(tiles[:, row_phase::phases, col_phase::phases], (0, cell - window, 0, cell - window))
+            rows, cols = group.shape[1:3]
+            canvas = group.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, rows * cell, cols * cell)
+            top, left = row_phase * stride, col_phase * stride
+            canvas = canvas[..., : height - top, : width - left]  # the last cell's padding may pass the edge
+            summed[..., top : top + canvas.shape[-2], left : left + canvas.shape[-1]] += canvas
+    return summed / (_coverage(grid.rows, window, stride, height, windows.device)[:, None]
+                     * _coverage(grid.cols, window, stride, width, windows.device))
+
+
+def _coverage(count: int, window: int, stride: int, length: int, device: torch.device) -> torch.Tensor:
+    """How many of `count` windows (`window` long, `stride` apart) cover each of `length` positions."""
+    position = torch.arange(length, device=device)
+    last = (position // stride).clamp(max=count - 1)
+    first = torch.div(position - window + stride, stride, rounding_mode="floor").clamp(min=0)
+    return last - first + 1
 
 
 __all__ = ["SliceGrid", "slice_windows", "stitch_windows"]

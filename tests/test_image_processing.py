@@ -58,6 +58,39 @@ def test_stitch_inverts_slice(rows, cols, window_patches, overlap_patches, chann
     torch.testing.assert_close(stitch_windows(slice_windows(token_canvas, tokens), tokens), token_canvas)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 5), window=st.integers(1, 7), stride=st.integers(1, 7))
+def test_stitch_averages_distinct_overlapping_windows(rows, cols, window, stride):
+    """Windows that disagree where they overlap (CLIP tokens of neighbouring slices): each position is the mean of the
+    windows covering it, however many (up to ceil(window / stride)^2)."""
+    stride = min(stride, window)
+    grid = SliceGrid(rows, cols, window, stride)
+    windows = torch.randn(2, grid.num_slices, 3, window, window, dtype=torch.float64)
+    total = torch.zeros(2, 3, grid.height, grid.width, dtype=torch.float64)
+    count = torch.zeros(grid.height, grid.width, dtype=torch.float64)
+    for k, (top, left) in enumerate(grid.offsets()):
+        total[..., top : top + window, left : left + window] += windows[:, k]
+        count[top : top + window, left : left + window] += 1
+    torch.testing.assert_close(stitch_windows(windows, grid), total / count, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", [SliceGrid(4, 5, 8, 8), SliceGrid(3, 4, 8, 6), SliceGrid(2, 3, 4, 1)],
+                         ids=["no-overlap", "overlap", "overlap-beyond-half"])
+def test_stitch_compiles_with_inductor_on_cpu(grid):
+    """`compile=True` on a CPU: inductor's code for `F.fold` over the model's channels-last windows wrote out of bounds
+    (heap corruption, then a crash or wrong maps); stitching now reshapes and pads, and compiles to the eager values."""
+    torch._dynamo.reset()
+    tokens = torch.randn(1 + grid.num_slices, 1 + grid.window**2, 16)[1:, 1:]  # the model's slice of CLIP states
+
+    def stitch(states):
+        windows = states.reshape(1, grid.num_slices, grid.window, grid.window, -1).permute(0, 1, 4, 2, 3)
+        return stitch_windows(windows, grid)
+
+    compiled = torch.compile(stitch, dynamic=False, fullgraph=True)
+    assert torch.equal(compiled(tokens), stitch(tokens))
+    torch._dynamo.reset()
+
+
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.tuples(st.integers(8, 300), st.integers(8, 300)), min_size=1, max_size=3),
        overlap_patches=st.integers(0, 3), shortest=st.sampled_from([64, 100, 128]))
