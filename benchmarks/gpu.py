@@ -82,17 +82,17 @@ def peak_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None
 
 
-def fast_model(args, device):
+def fast_model(args, device, compile: bool):
     """The GPU inference recipe: weights in bf16 (autocast then casts almost nothing), every slice in one CLIP call,
     compiled for one input shape (`dynamic=False`)."""
     model = build(args.preset, args.num_labels, device, dtype=torch.bfloat16, slice_batch_size=None)
-    return model, (torch.compile(model, dynamic=False) if args.compile else None)
+    return model, (torch.compile(model, dynamic=False, backend=args.compile_backend) if compile else None)
 
 
 def latency_table(args, device) -> list[dict]:
     rows = []
     base = build(args.preset, args.num_labels, device)
-    bf16, compiled = fast_model(args, device)
+    bf16, compiled = fast_model(args, device, compile=bool(args.compiled_sizes))
     models = {"mrovseg": base, "mrovseg_bf16": bf16, "clip_floor": bf16,
               "full_resolution_clip": build(args.preset, args.num_labels, device, high_res_encoding="full_image"),
               "single_resolution": build(args.preset, args.num_labels, device, use_high_res=False)}
@@ -111,7 +111,8 @@ def latency_table(args, device) -> list[dict]:
                         return model.mrovseg._run_clip(images, [model.config.vision_config.num_hidden_layers - 1])
                     fast = variant == "mrovseg_compiled"
                     outputs = (compiled if fast else model)(**inputs)
-                    return processor.post_process_semantic_segmentation(outputs, target_sizes=[size], compiled=fast)[0]
+                    return processor.post_process_semantic_segmentation(outputs, target_sizes=[size],
+                                                                     compiled=fast and args.compile_postprocess)[0]
 
             reset_peak(device)
             try:
@@ -122,20 +123,26 @@ def latency_table(args, device) -> list[dict]:
                 print(json.dumps({"variant": variant, "size": list(size), "error": repr(error)[:500]}), flush=True)
                 continue
             rows.append({"variant": variant, "size": list(size), "ms": ms, "peak_gb": peak_gb(device)})
+            if variant == "mrovseg_bf16":
+                eager_labels = step()
+            elif variant == "mrovseg_compiled":  # a compiler bug shows here first (CPU inductor's fold did)
+                rows[-1]["labels_agree_with_eager"] = float((step() == eager_labels).float().mean())
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def postprocess_and_batch(args, device) -> dict:
-    model, compiled = fast_model(args, device)
+    model, compiled = fast_model(args, device, compile=args.compile)
     size = args.sizes[min(2, len(args.sizes) - 1)]
     processor, inputs = inputs_for(model, size, device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         outputs = model(**inputs)
         post_ms = timed(lambda: processor.post_process_semantic_segmentation(outputs, target_sizes=[size]), device,
                         args.runs)
-        post_compiled_ms = timed(lambda: processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[size], compiled=True), device, args.runs, warmup=3) if compiled is not None else None
+        post_compiled_ms = None
+        if compiled is not None and args.compile_postprocess:
+            post_compiled_ms = timed(lambda: processor.post_process_semantic_segmentation(
+                outputs, target_sizes=[size], compiled=True), device, args.runs, warmup=3)
         # the labelling before boundary blending, side by side: every class map resampled to full size, then argmax
         post_full_ms = timed(lambda: processor.post_process_semantic_segmentation(
             outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
@@ -148,10 +155,11 @@ def postprocess_and_batch(args, device) -> dict:
             continue
 
         def batch_step(forward=forward):
+            fused = forward is compiled and args.compile_postprocess
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                 outputs = forward(**batch)
                 return processor.post_process_semantic_segmentation(outputs, target_sizes=[args.sizes[0]] * 8,
-                                                                    compiled=forward is compiled)
+                                                                    compiled=fused)
 
         try:
             ms = timed(batch_step, device, args.runs, warmup=3)
@@ -192,7 +200,7 @@ def training_throughput(args, device) -> list[dict]:
         # loss's matching stays eager: scipy on the host)
         variants = [("eager", model)]
         if args.compile and preset_index == 0:
-            variants.append(("compiled", torch.compile(model)))
+            variants.append(("compiled", torch.compile(model, backend=args.compile_backend)))
         for name, forward in variants:
             step = training_step(forward, batch, seeds, params, optimizer, device)
             reset_peak(device)
@@ -298,6 +306,10 @@ def report(results: dict) -> str:
             f"| {size[0]} x {size[1]} | {fmt(ours)} | {fmt(half)} | {fmt(comp)} | {floor['ms']:.1f} | "
             f"+{100 * (best / floor['ms'] - 1):.0f}% | {fmt(full)} | "
             f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | {gb(ours)} / {gb(half)} |")
+    agreement = [f"{r['size'][0]} x {r['size'][1]} {100 * r['labels_agree_with_eager']:.3f}%"
+                 for r in results["latency"] if "labels_agree_with_eager" in r]
+    if agreement:
+        lines += ["", "Compiled labels equal to eager bf16 labels on: " + ", ".join(agreement) + " of pixels."]
     extra = results["postprocess_and_batch"]
     batch8 = ", ".join(f"{extra[k]:.0f} images/s {k.split('_')[1]}" for k in ("batch8_eager_images_per_s",
                                                                              "batch8_compiled_images_per_s") if k in extra)
@@ -340,7 +352,9 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.preset, args.num_labels, args.sizes, args.runs, args.crop = "tiny", 5, [(64, 64), (96, 160)], 2, 64
         args.train_presets, args.full_res_max_pixels, args.compile = [("tiny", 2)], 10**9, False
-        args.compiled_sizes = []
+        # one compiled row with its agreement check, traced (aot_eager) but not code-generated: inductor's C++ builds
+        # take minutes on a CPU (tests/test_image_processing compiles post-processing's fused path with it)
+        args.compiled_sizes, args.compile_backend, args.compile_postprocess = [(64, 64)], "aot_eager", False
         args.smoke_steps, args.smoke_precision = 4, "no"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -348,7 +362,9 @@ def main(argv=None) -> dict:
         args.preset, args.num_labels, args.sizes, args.runs, args.crop = "vit-b-16", 150, SIZES, 10, 640
         args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
         args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
-        args.compiled_sizes = [(640, 640), (2048, 2048)]  # each size compiles anew: two keep the run near 5 min
+        # each size compiles anew: two keep the run near 5 min
+        args.compiled_sizes = [(640, 640), (2048, 2048)] if args.compile else []
+        args.compile_backend, args.compile_postprocess = "inductor", True
     from datetime import datetime, timezone
 
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)",

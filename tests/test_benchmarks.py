@@ -10,7 +10,10 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     results = gpu.main(["--smoke", "--no-write", "--out", str(tmp_path / "gpu.json")])
     assert json.loads((tmp_path / "gpu.json").read_text())["smoke"] is True
     measured = {(row["variant"], tuple(row["size"])) for row in results["latency"]}
-    assert measured == {(variant, tuple(size)) for variant in gpu.VARIANTS for size in results["sizes"]}
+    assert measured == {(variant, tuple(size)) for variant in gpu.VARIANTS for size in results["sizes"]} | {
+        ("mrovseg_compiled", (64, 64))}
+    compiled = next(row for row in results["latency"] if row["variant"] == "mrovseg_compiled")
+    assert compiled["labels_agree_with_eager"] > 0.99  # the check that would catch a miscompiled model on a GPU
     assert all(row["ms"] > 0 for row in results["latency"])
     extra = results["postprocess_and_batch"]
     assert extra["postprocess_ms"] > 0 and extra["postprocess_full_resampling_ms"] > 0
