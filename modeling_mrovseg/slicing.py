@@ -98,7 +98,8 @@ def stitch_windows(windows: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
     if phases == 1:  # no overlap: the windows tile the canvas
         return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
     cell = phases * stride
-    summed = tiles.new_zeros(batch, channels, height, width)
+    dtype = tiles.dtype if tiles.is_floating_point() else torch.float32  # averaged integers (pixels) are not
+    summed = tiles.new_zeros(batch, channels, height, width, dtype=dtype)
     for row_phase in range(min(phases, grid.rows)):
         for col_phase in range(min(phases, grid.cols)):
             group = F.pad(tiles[:, row_phase::phases, col_phase::phases], (0, cell - window, 0, cell - window))

@@ -72,6 +72,12 @@ def test_stitch_averages_distinct_overlapping_windows(rows, cols, window, stride
         total[..., top : top + window, left : left + window] += windows[:, k]
         count[top : top + window, left : left + window] += 1
     torch.testing.assert_close(stitch_windows(windows, grid), total / count, rtol=0, atol=1e-12)
+    pixels = (windows.abs() * 100).clamp(max=255).to(torch.uint8)  # integers average without overflow
+    expected = total.zero_()
+    for k, (top, left) in enumerate(grid.offsets()):
+        expected[..., top : top + window, left : left + window] += pixels[:, k]
+    stitched = stitch_windows(pixels, grid)
+    torch.testing.assert_close(stitched.double(), expected / count, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("grid", [SliceGrid(4, 5, 8, 8), SliceGrid(3, 4, 8, 6), SliceGrid(2, 3, 4, 1)],
