@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     segment.add_argument("--score-threshold", type=_threshold, default=None,
                          help="leave pixels whose best class score is below this unlabelled")
     segment.add_argument("--dtype", choices=DTYPES, default="auto",
-                         help="weights' dtype (default: as saved); bfloat16 about halves time and memory on a GPU")
+                         help="weights' dtype (default: as saved); bfloat16 is the fast choice on a GPU")
     segment.add_argument("--compile", action="store_true",
                          help="torch.compile the model: faster for many images of one size, slow for the first")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
