@@ -73,7 +73,7 @@ def test_stitch_averages_distinct_overlapping_windows(rows, cols, window, stride
         count[top : top + window, left : left + window] += 1
     torch.testing.assert_close(stitch_windows(windows, grid), total / count, rtol=0, atol=1e-12)
     pixels = (windows.abs() * 100).clamp(max=255).to(torch.uint8)  # integers average without overflow
-    expected = total.zero_()
+    expected = torch.zeros_like(total)
     for k, (top, left) in enumerate(grid.offsets()):
         expected[..., top : top + window, left : left + window] += pixels[:, k]
     stitched = stitch_windows(pixels, grid)
