@@ -3,9 +3,10 @@
 A batch reads from the device three times per step, whatever its size and number of decoder outputs: the classes
 present in all label maps, the loss seeds, and the cost matrices of every image and output (for scipy's
 assignment). On a GPU each read waits for all queued work, so none is per image or per output. The matched masks of
-all images and outputs are point-sampled and scored in one pass, and each output's matching costs are computed for
-all images at once. The values are those of scoring each image on its own (random points drawn in the same order from
-the same generators, the same terms) up to float rounding: matrix products over a batch may sum in another order.
+all images and outputs are point-sampled and scored in one pass, each output's matching costs are computed for all
+images at once, and the class and mask terms are averaged per image for all outputs together. The values are those of
+scoring each image on its own (random points drawn in the same order from the same generators, the same terms) up to
+float rounding: sums over a batch may run in another order.
 """
 
 from __future__ import annotations
@@ -240,7 +241,6 @@ class MROVSegLoss(nn.Module):
         # 1. Hungarian matching: the cost matrices of every output and image come to the host in one copy
         target_classes = np.full((num_outputs, batch, num_queries), num_classes, dtype=np.int64)
         mask_index = {"output": [], "image": [], "query": [], "class": []}
-        owners: list[tuple[int, int]] = []  # the (output, image) of each entry of mask_index
         costs = torch.stack([self.matcher.cost(cls, masks, labels, class_ids, points)
                              for (cls, masks), points in zip(outputs, match_points)]).cpu() if any(counts) else []
         for k, cost in enumerate(costs):
@@ -248,7 +248,6 @@ class MROVSegLoss(nn.Module):
                 target_classes[k, b, rows] = class_ids[b][cols]
                 if not len(rows):
                     continue
-                owners.append((k, b))
                 for name, values in (("output", k), ("image", b), ("query", rows), ("class", class_ids[b][cols])):
                     mask_index[name].append(np.broadcast_to(values, rows.shape))
 
@@ -257,13 +256,12 @@ class MROVSegLoss(nn.Module):
         class_weights = torch.ones(num_classes + 1, device=device)
         class_weights[-1] = config.no_object_weight
         all_class = torch.stack([cls for cls, _ in outputs]).float()  # (K, B, N, C + 1)
-        loss_class = [[F.cross_entropy(all_class[k, b], target_classes[k, b], class_weights) for b in range(batch)]
-                      for k in range(num_outputs)]
+        weighted = F.cross_entropy(all_class.flatten(0, 2), target_classes.flatten(), class_weights, reduction="none")
+        loss_class = weighted.view(num_outputs, batch, -1).sum(-1) / class_weights[target_classes].sum(-1)  # (K, B)
 
         # 3. Mask losses on importance-sampled points of all matched masks at once, then each image's mean
         zero = sum(masks.sum() for _, masks in outputs) * 0.0  # images without targets: zero, still connected
-        loss_mask = [[zero] * batch for _ in range(num_outputs)]
-        loss_dice = [[zero] * batch for _ in range(num_outputs)]
+        loss_mask = loss_dice = zero.expand(num_outputs, batch)
         if mask_index["query"]:
             index = {name: torch.from_numpy(np.concatenate(values)).to(device) for name, values in mask_index.items()}
             logits = torch.cat([masks[index["image"][index["output"] == k], index["query"][index["output"] == k]]
@@ -278,16 +276,17 @@ class MROVSegLoss(nn.Module):
             per_mask_bce = (bce * weight).sum(-1) / weight.sum(-1).clamp(min=1)
             probs = pred.sigmoid() * weight
             per_mask_dice = 1 - (2 * (probs * truth).sum(-1) + 1) / (probs.sum(-1) + (truth * weight).sum(-1) + 1)
-            sizes = [len(rows) for rows in mask_index["query"]]
-            for (k, b), bce_part, dice_part in zip(owners, per_mask_bce.split(sizes), per_mask_dice.split(sizes)):
-                loss_mask[k][b], loss_dice[k][b] = bce_part.mean(), dice_part.mean()
+            owner = index["output"] * batch + index["image"]  # each mask's (output, image), flattened
+            masks_per_owner = torch.bincount(owner, minlength=num_outputs * batch).clamp(min=1)
 
-        total, parts = 0.0, {}
-        for k in range(num_outputs):  # each output: the mean of its images' terms
-            terms = {name: torch.stack(values[k]).mean() for name, values in
-                     (("loss_class", loss_class), ("loss_mask", loss_mask), ("loss_dice", loss_dice))}
-            total = total + (config.class_weight * terms["loss_class"] + config.mask_weight * terms["loss_mask"]
-                             + config.dice_weight * terms["loss_dice"])
-            if k == 0:
-                parts = {name: value.detach() for name, value in terms.items()}
-        return total, parts
+            def owner_mean(per_mask: torch.Tensor) -> torch.Tensor:
+                summed = per_mask.new_zeros(num_outputs * batch).index_add(0, owner, per_mask)
+                return zero + (summed / masks_per_owner).view(num_outputs, batch)
+
+            loss_mask, loss_dice = owner_mean(per_mask_bce), owner_mean(per_mask_dice)
+
+        # each output: the mean of its images' terms; the outputs' weighted terms summed
+        terms = {"loss_class": loss_class.mean(-1), "loss_mask": loss_mask.mean(-1), "loss_dice": loss_dice.mean(-1)}
+        total = (config.class_weight * terms["loss_class"] + config.mask_weight * terms["loss_mask"]
+                 + config.dice_weight * terms["loss_dice"]).sum()
+        return total, {name: value[0].detach() for name, value in terms.items()}
