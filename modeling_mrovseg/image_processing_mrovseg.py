@@ -520,15 +520,13 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     pixels = score.permute(1, 2, 0).reshape(low_h * low_w, num_classes)  # a view for semantic_scores' layout
     low_label = pixels.max(dim=1).indices.view(low_h, low_w)  # the first maximum, as argmax; faster on a CPU
     uniform = uniform_cells(low_label)
-    row_taps, row_weights = _bilinear_taps(low_h, out_h, scale[0])
-    col_taps, col_weights = _bilinear_taps(low_w, out_w, scale[1])
-    first_row = torch.from_numpy(row_taps[:, 0]).to(device)
-    first_col = torch.from_numpy(col_taps[:, 0]).to(device)
+    row_taps, row_weights, col_taps, col_weights = (
+        torch.from_numpy(taps).to(device) for taps in (*_bilinear_taps(low_h, out_h, scale[0]),
+                                                       *_bilinear_taps(low_w, out_w, scale[1])))
+    first_row, first_col = row_taps[:, 0], col_taps[:, 0]
     labels = low_label.index_select(0, first_row).index_select(1, first_col)
     rows, cols = (~uniform.index_select(0, first_row).index_select(1, first_col)).nonzero(as_tuple=True)
-    # flat source offsets and weights of the two taps of each output row and column
-    row_taps, col_taps = torch.from_numpy(row_taps * low_w).to(device), torch.from_numpy(col_taps).to(device)
-    row_weights, col_weights = torch.from_numpy(row_weights).to(device), torch.from_numpy(col_weights).to(device)
+    row_taps = row_taps * low_w  # flat source offsets of the two taps of each output row (plus a column's tap)
     # boundary pixels blended at once: on a GPU as many as the budget allows (fewest launches); on a CPU 16 MB of
     # class vectors at a time, which stay in cache (30% faster than one large gather at 2048^2)
     budget = POSTPROCESS_BUDGET_ELEMENTS if device.type != "cpu" else min(POSTPROCESS_BUDGET_ELEMENTS, 1 << 22)
