@@ -314,7 +314,8 @@ def report(results: dict) -> str:
     batch8 = ", ".join(f"{extra[k]:.0f} images/s {k.split('_')[1]}" for k in ("batch8_eager_images_per_s",
                                                                              "batch8_compiled_images_per_s") if k in extra)
     post_compiled = extra.get("postprocess_compiled_ms")
-    lines += ["", f"Post-processing alone ({results['num_labels']} classes) at {extra['postprocess_size'][0]}^2: "
+    post_size = " x ".join(map(str, extra["postprocess_size"]))
+    lines += ["", f"Post-processing alone ({results['num_labels']} classes) at {post_size}: "
               f"{extra['postprocess_ms']:.1f} ms eager" + (f", {post_compiled:.1f} ms compiled" if post_compiled else "")
               + (f" (every class map resampled, eager: {extra['postprocess_full_resampling_ms']:.1f} ms)"
                  if "postprocess_full_resampling_ms" in extra else "") + ". "
@@ -372,16 +373,17 @@ def main(argv=None) -> dict:
                "sizes": [list(s) for s in args.sizes], "smoke": args.smoke,
                "date": f"{datetime.now(timezone.utc):%Y-%m-%d}"}
     started = time.perf_counter()
-    results["bf16_agreement"] = bf16_agreement(args, device)
-    results["latency"] = latency_table(args, device)
-    results["postprocess_and_batch"] = postprocess_and_batch(args, device)
-    results["training"] = training_throughput(args, device)
-    results["training_smoke"] = training_smoke(args)
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    sections = {"bf16_agreement": bf16_agreement, "latency": latency_table,
+                "postprocess_and_batch": postprocess_and_batch, "training": training_throughput,
+                "training_smoke": lambda args, device: training_smoke(args)}
+    for name, section in sections.items():
+        results[name] = section(args, device)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        if args.out:  # after every section: a run cut off by a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"{name} done at {results['seconds']} s", flush=True)
     text = report(results)
     print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
     if not args.no_write and not args.smoke:
         from benchmarks.results_file import write_section
 
