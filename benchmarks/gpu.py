@@ -30,7 +30,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(640, 640), (1024, 2048), (2048, 2048), (4096, 4096)]
+SECTIONS = ["bf16_agreement", "latency", "postprocess_and_batch", "training", "training_smoke"]
 VARIANTS = ["mrovseg", "mrovseg_bf16", "clip_floor", "full_resolution_clip", "single_resolution"]
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """"640x480" -> (640, 480): an argparse type."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 640x640, got {text!r}") from None
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return height, width
 
 
 def build(preset: str, num_labels: int, device, dtype=None, **overrides):
@@ -109,10 +121,10 @@ def latency_table(args, device) -> list[dict]:
                     if variant == "clip_floor":
                         images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
                         return model.mrovseg._run_clip(images, [model.config.vision_config.num_hidden_layers - 1])
-                    fast = variant == "mrovseg_compiled"
-                    outputs = (compiled if fast else model)(**inputs)
-                    return processor.post_process_semantic_segmentation(outputs, target_sizes=[size],
-                                                                     compiled=fast and args.compile_postprocess)[0]
+                    outputs = (compiled if variant == "mrovseg_compiled" else model)(**inputs)
+                    # the default post-processing after the compiled forward too: its fused `compiled=True` path
+                    # was 3.5x slower on an H200 (postprocess_and_batch times both)
+                    return processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0]
 
             reset_peak(device)
             try:
@@ -140,7 +152,7 @@ def postprocess_and_batch(args, device) -> dict:
         post_ms = timed(lambda: processor.post_process_semantic_segmentation(outputs, target_sizes=[size]), device,
                         args.runs)
         post_compiled_ms = None
-        if compiled is not None and args.compile_postprocess:
+        if compiled is not None:
             post_compiled_ms = timed(lambda: processor.post_process_semantic_segmentation(
                 outputs, target_sizes=[size], compiled=True), device, args.runs, warmup=3)
         # the labelling before boundary blending, side by side: every class map resampled to full size, then argmax
@@ -155,11 +167,9 @@ def postprocess_and_batch(args, device) -> dict:
             continue
 
         def batch_step(forward=forward):
-            fused = forward is compiled and args.compile_postprocess
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                 outputs = forward(**batch)
-                return processor.post_process_semantic_segmentation(outputs, target_sizes=[args.sizes[0]] * 8,
-                                                                    compiled=fused)
+                return processor.post_process_semantic_segmentation(outputs, target_sizes=[args.sizes[0]] * 8)
 
         try:
             ms = timed(batch_step, device, args.runs, warmup=3)
@@ -260,7 +270,8 @@ def training_smoke(args) -> dict:
         commands = [
             [sys.executable, "-m", "processing.synthetic", "--out", str(tmp / "data"), "--num-train", "16",
              "--num-val", "4", "--height", "256", "--width", "256"],
-            [sys.executable, "-c", f"from processing.tiny_clip import build_tiny_clip; build_tiny_clip({str(tmp / 'clip')!r})"],
+            [sys.executable, "-c",
+             f"from processing.tiny_clip import build_tiny_clip; build_tiny_clip({str(tmp / 'clip')!r})"],
             [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
              "--mixed_precision", args.smoke_precision, "--dynamo_backend", "no", "-m", "training.train",
              "--model", str(tmp / "clip"), "--dataset", str(tmp / "data"), "--output_dir", str(tmp / "run"),
@@ -285,59 +296,74 @@ def training_smoke(args) -> dict:
 
 
 def report(results: dict) -> str:
-    lat = {(r["variant"], tuple(r["size"])): r for r in results["latency"]}
+    """Markdown of whatever sections `results` holds."""
+    post = results.get("compiled_rows_postprocessing", "fused (`compiled=True`)")
     lines = [f"GPU: **{results['device']}**, torch {results['torch']}, bf16 autocast, {results['preset']}, "
              f"{results['num_labels']} classes, batch 1, post-processing included (`python -m benchmarks.gpu"
-             f"{' --smoke' if results['smoke'] else ''}`, {results['date']}).", "",
-             "MROVSeg: fp32 weights under autocast; bf16: weights in bf16, all slices in one CLIP call; compiled: "
-             "that, `torch.compile(dynamic=False)`. The CLIP floor is the bf16 model's CLIP passes alone.", "",
-             "| image | MROVSeg ms | bf16 ms | compiled ms | CLIP floor ms | after-CLIP overhead (best) | full-res CLIP ms "
-             "| speed-up vs full-res (best) | single-res ms | peak GB (fp32 / bf16) |",
+             f"{' --smoke' if results['smoke'] else ''}`, {results['date']})."]
+    if "latency" in results:
+        lines += ["", "MROVSeg: fp32 weights under autocast; bf16: weights in bf16, all slices in one CLIP call; "
+                  f"compiled: that, `torch.compile(dynamic=False)`, then the {post} post-processing. The CLIP floor "
+                  "is the bf16 model's CLIP passes alone.", "", *latency_lines(results["latency"], results["sizes"])]
+    if "postprocess_and_batch" in results:
+        lines += ["", postprocess_line(results["postprocess_and_batch"], results["num_labels"], post)]
+    if "training" in results:
+        lines += ["", "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |",
+                  "|---|---|---|---|---|"]
+        for row in results["training"]:
+            label = f"{row['preset']}, {row['crop']} crops" + (", compiled" if row.get("variant") == "compiled" else "")
+            if "error" in row:
+                lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | |")
+                continue
+            peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.1f}"
+            lines.append(f"| {label} | {row['batch']} | {row['step_s']:.3f} | {row['images_per_s']:.1f} | {peak} |")
+    if "bf16_agreement" in results:
+        lines += ["", "bf16 against fp32 (same input): " + "; ".join(
+            f"{name}: class logits {100 * v['class_rel_err']:.2f}%, masks {100 * v['mask_rel_err']:.2f}%, argmax "
+            f"agreement {100 * v['argmax_agreement']:.2f}%" for name, v in results["bf16_agreement"].items()) + "."]
+    if "training_smoke" in results:
+        smoke = results["training_smoke"]
+        lines += ["", ("accelerate training smoke run: " + (
+            f"{smoke['steps']} steps + evaluation in {smoke['seconds']} s, loss {smoke['first_loss']:.2f} -> "
+            f"{smoke['last_loss']:.2f}, mIoU {smoke['mean_iou']:.3f}." if smoke["ok"] else
+            f"FAILED at `{smoke['failed']}`: {smoke['stderr'][-300:]}"))]
+    return "\n".join(lines)
+
+
+def latency_lines(rows: list[dict], sizes) -> list[str]:
+    lat = {(r["variant"], tuple(r["size"])): r for r in rows}
+    fmt = lambda r: f"{r['ms']:.1f}" if r else "n/a"  # noqa: E731
+    gb = lambda r: "-" if r is None or r["peak_gb"] is None else f"{r['peak_gb']:.2f}"  # noqa: E731
+    lines = ["| image | MROVSeg ms | bf16 ms | compiled ms | CLIP floor ms | after-CLIP overhead (best) "
+             "| full-res CLIP ms | speed-up vs full-res (best) | single-res ms | peak GB (fp32 / bf16) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for size in results["sizes"]:
-        size = tuple(size)
+    for size in map(tuple, sizes):
         ours, floor = lat.get(("mrovseg", size)), lat.get(("clip_floor", size))
         half, comp = lat.get(("mrovseg_bf16", size)), lat.get(("mrovseg_compiled", size))
         full, single = lat.get(("full_resolution_clip", size)), lat.get(("single_resolution", size))
         best = min(r["ms"] for r in (ours, half, comp) if r)
-        fmt = lambda r: f"{r['ms']:.1f}" if r else "n/a"  # noqa: E731
-        gb = lambda r: "-" if r is None or r["peak_gb"] is None else f"{r['peak_gb']:.2f}"  # noqa: E731
         lines.append(
             f"| {size[0]} x {size[1]} | {fmt(ours)} | {fmt(half)} | {fmt(comp)} | {floor['ms']:.1f} | "
             f"+{100 * (best / floor['ms'] - 1):.0f}% | {fmt(full)} | "
             f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | {gb(ours)} / {gb(half)} |")
     agreement = [f"{r['size'][0]} x {r['size'][1]} {100 * r['labels_agree_with_eager']:.3f}%"
-                 for r in results["latency"] if "labels_agree_with_eager" in r]
+                 for r in rows if "labels_agree_with_eager" in r]
     if agreement:
         lines += ["", "Compiled labels equal to eager bf16 labels on: " + ", ".join(agreement) + " of pixels."]
-    extra = results["postprocess_and_batch"]
-    batch8 = ", ".join(f"{extra[k]:.0f} images/s {k.split('_')[1]}" for k in ("batch8_eager_images_per_s",
-                                                                             "batch8_compiled_images_per_s") if k in extra)
+    return lines
+
+
+def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> str:
+    batch8 = ", ".join(f"{extra[k]:.0f} images/s {k.split('_')[1]}"
+                       for k in ("batch8_eager_images_per_s", "batch8_compiled_images_per_s") if k in extra)
     post_compiled = extra.get("postprocess_compiled_ms")
     post_size = " x ".join(map(str, extra["postprocess_size"]))
-    lines += ["", f"Post-processing alone ({results['num_labels']} classes) at {post_size}: "
-              f"{extra['postprocess_ms']:.1f} ms eager" + (f", {post_compiled:.1f} ms compiled" if post_compiled else "")
-              + (f" (every class map resampled, eager: {extra['postprocess_full_resampling_ms']:.1f} ms)"
-                 if "postprocess_full_resampling_ms" in extra else "") + ". "
-              f"Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights): {batch8}.", "",
-              "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |", "|---|---|---|---|---|"]
-    for row in results["training"]:
-        label = f"{row['preset']}, {row['crop']} crops" + (", compiled" if row.get("variant") == "compiled" else "")
-        if "error" in row:
-            lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | |")
-            continue
-        lines.append(f"| {label} | {row['batch']} | {row['step_s']:.3f} | "
-                     f"{row['images_per_s']:.1f} | {row['peak_gb'] if row['peak_gb'] is None else round(row['peak_gb'], 1)} |")
-    agree = results["bf16_agreement"]
-    lines += ["", "bf16 against fp32 (same input): " + "; ".join(
-        f"{name}: class logits {100 * v['class_rel_err']:.2f}%, masks {100 * v['mask_rel_err']:.2f}%, argmax "
-        f"agreement {100 * v['argmax_agreement']:.2f}%" for name, v in agree.items()) + "."]
-    smoke = results["training_smoke"]
-    lines += ["", ("accelerate training smoke run: " + (
-        f"{smoke['steps']} steps + evaluation in {smoke['seconds']} s, loss {smoke['first_loss']:.2f} -> "
-        f"{smoke['last_loss']:.2f}, mIoU {smoke['mean_iou']:.3f}." if smoke["ok"] else
-        f"FAILED at `{smoke['failed']}`: {smoke['stderr'][-300:]}"))]
-    return "\n".join(lines)
+    return (f"Post-processing alone ({num_labels} classes) at {post_size}: {extra['postprocess_ms']:.1f} ms (default)"
+            + (f", {post_compiled:.1f} ms (`compiled=True`, fused full resampling)" if post_compiled else "")
+            + (f", {extra['postprocess_full_resampling_ms']:.1f} ms (every class map resampled, eager)"
+               if "postprocess_full_resampling_ms" in extra else "")
+            + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
+            f"{compiled_rows_post} post-processing): {batch8}.")
 
 
 def main(argv=None) -> dict:
@@ -346,7 +372,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-write", action="store_true", help="print only, leave benchmarks/RESULTS.md alone")
     parser.add_argument("--out", default=None, help="also write the raw results JSON here")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="measure only these (the report and RESULTS.md section then hold only them)")
+    parser.add_argument("--sizes", nargs="+", type=image_size, default=None, help="image sizes, HxW (default: "
+                        + ", ".join(f"{h}x{w}" for h, w in SIZES) + ")")
+    parser.add_argument("--compiled-sizes", nargs="*", type=image_size, default=None,
+                        help="sizes to time compiled too (default: 640x640 2048x2048; each compiles anew)")
     args = parser.parse_args(argv)
+    sizes, compiled_sizes = args.sizes, args.compiled_sizes
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check of the same code paths")
@@ -355,7 +388,7 @@ def main(argv=None) -> dict:
         args.train_presets, args.full_res_max_pixels, args.compile = [("tiny", 2)], 10**9, False
         # one compiled row with its agreement check, traced (aot_eager) but not code-generated: inductor's C++ builds
         # take minutes on a CPU (tests/test_image_processing compiles post-processing's fused path with it)
-        args.compiled_sizes, args.compile_backend, args.compile_postprocess = [(64, 64)], "aot_eager", False
+        args.compiled_sizes, args.compile_backend = [(64, 64)], "aot_eager"
         args.smoke_steps, args.smoke_precision = 4, "no"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -363,21 +396,22 @@ def main(argv=None) -> dict:
         args.preset, args.num_labels, args.sizes, args.runs, args.crop = "vit-b-16", 150, SIZES, 10, 640
         args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
         args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
-        # each size compiles anew: two keep the run near 5 min
         args.compiled_sizes = [(640, 640), (2048, 2048)] if args.compile else []
-        args.compile_backend, args.compile_postprocess = "inductor", True
+        args.compile_backend = "inductor"
+    args.sizes = sizes or args.sizes
+    args.compiled_sizes = args.compiled_sizes if compiled_sizes is None else compiled_sizes
     from datetime import datetime, timezone
 
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)",
                "torch": torch.__version__, "preset": args.preset, "num_labels": args.num_labels,
-               "sizes": [list(s) for s in args.sizes], "smoke": args.smoke,
+               "sizes": [list(s) for s in args.sizes], "smoke": args.smoke, "compiled_rows_postprocessing": "default",
                "date": f"{datetime.now(timezone.utc):%Y-%m-%d}"}
     started = time.perf_counter()
     sections = {"bf16_agreement": bf16_agreement, "latency": latency_table,
                 "postprocess_and_batch": postprocess_and_batch, "training": training_throughput,
                 "training_smoke": lambda args, device: training_smoke(args)}
-    for name, section in sections.items():
-        results[name] = section(args, device)
+    for name in args.sections:
+        results[name] = sections[name](args, device)
         results["seconds"] = round(time.perf_counter() - started, 1)
         if args.out:  # after every section: a run cut off by a time limit keeps what it measured
             Path(args.out).write_text(json.dumps(results, indent=2))

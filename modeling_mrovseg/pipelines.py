@@ -172,8 +172,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
                                 masks_queries_logits=model_outputs["masks_queries_logits"],
                                 image_sizes=model_outputs["image_sizes"])
         labelled = label_scores(semantic_scores(outputs)[0], model_outputs["image_sizes"][0].tolist(),
-                                model_outputs["target_size"], score_threshold, with_shares=True,
-                                compiled=self.compiled)
+                                model_outputs["target_size"], score_threshold, with_shares=True)
         label_map = labelled.segmentation.cpu().numpy().astype(np.int64)
         shares = labelled.class_shares.cpu().tolist()  # each class's mean share of the evidence over its mask
         segments = []
