@@ -1,6 +1,7 @@
 """GPU benchmark: latency, memory, throughput, bf16 agreement and an accelerate training smoke run, in one run.
 
-    python -m benchmarks.gpu            # on a CUDA device (about 5 minutes on an H100); writes the "gpu" section
+    python -m benchmarks.gpu            # on a CUDA device (about 7.5 minutes on an H200); writes the "gpu" section
+    python -m benchmarks.gpu --sections latency --sizes 2048x2048 --compiled-sizes 2048x2048   # a part of it
     python -m benchmarks.gpu --smoke    # the same code on the CPU with the tiny config (CI runs this)
 
 Every figure is measured in this run on this card, side by side:

@@ -370,8 +370,9 @@ class MROVSegImageProcessor(PilBackend):
         at every pixel of `target_sizes[i]` (default: the resized image) from the image's part of the padded canvas
         (`outputs.image_sizes`); see `label_scores`.
         With `score_threshold`, pixels whose best score is below it get the label `-1` (unlabelled); without it
-        every pixel gets a class of the vocabulary. `compiled=True` fuses the resampling with the class maximum
-        through `torch.compile` (worth it on a GPU, for many images of one size).
+        every pixel gets a class of the vocabulary. `compiled=True` resamples every class map and takes the
+        class maximum in one `torch.compile`d graph with no host read; slower than the default on an H200 (9.7 against
+        2.8 ms at 2048 x 2048 with 150 classes, benchmarks/RESULTS.md).
 
         Returns a list of `(height, width)` `torch.LongTensor`, or of `SemanticSegmentationPostProcessorOutput`
         (`segmentation`, `segmentation_scores`) when `return_segmentation_scores=True`. The scores are every class's

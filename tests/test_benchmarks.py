@@ -3,7 +3,9 @@ broken script: every table row, the bf16 comparison and the accelerate training 
 
 import json
 
-from benchmarks import gpu
+import pytest
+
+from benchmarks import gpu, gpu_profile
 
 
 def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
@@ -25,6 +27,23 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert smoke["ok"], smoke.get("stderr")
     assert smoke["steps"] == 4 and 0 <= smoke["mean_iou"] <= 1
     assert "| 96 x 160 |" in gpu.report(results)
+
+
+def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
+    results = gpu.main(["--smoke", "--no-write", "--sections", "latency", "--sizes", "48x64", "--compiled-sizes"])
+    assert {row["variant"] for row in results["latency"]} == set(gpu.VARIANTS)
+    text = gpu.report(results)
+    assert "| 48 x 64 |" in text and "training" not in text and "Post-processing" not in text
+    with pytest.raises(SystemExit):
+        gpu.main(["--smoke", "--sizes", "640"])  # not HxW: a usage error, not a traceback
+
+
+def test_gpu_profile_times_every_stage_of_the_pipeline():
+    (result,) = gpu_profile.main(["--smoke"])
+    assert set(result["stages"]) == set(gpu_profile.module_groups(gpu.build("tiny", 2, "cpu"))) | {
+        "forward", "postprocess"}
+    assert all(stage["cpu_ms"] > 0 for stage in result["stages"].values())
+    assert result["stages"]["forward"]["cpu_ms"] >= result["stages"]["clip"]["cpu_ms"]
 
 
 def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():

@@ -1,0 +1,95 @@
+"""Where the time goes: kernel time per module of one eager forward plus post-processing, and kernels per run.
+
+    python -m benchmarks.gpu_profile                 # on a CUDA device: ViT-B/16, bf16 weights, 640^2 and 2048^2
+    python -m benchmarks.gpu_profile --smoke         # the same code on the CPU with the tiny config (CPU times only)
+
+Each module of the pipeline runs inside a `record_function` range (forward hooks), so the profiler's per-range
+device time is the sum of the kernels that module launched. Complements `benchmarks.gpu`'s end-to-end timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchmarks.gpu import build, image_size, inputs_for
+
+
+def module_groups(model) -> dict[str, list[torch.nn.Module]]:
+    """The pipeline's stages, in order. CLIP is hooked layer by layer: `_run_clip` calls its parts directly."""
+    core, vision = model.mrovseg, model.mrovseg.vision_model
+    return {"clip": [vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers], "adapters": list(core.adapters),
+            "pixel_decoder": [core.pixel_decoder], "query_decoder": [core.query_decoder],
+            "masked_attention": [model.masked_attention], "mask_head": [model.mask_head],
+            "classifier": [model.classifier]}
+
+
+def annotate(model) -> list:
+    """Wrap every group's modules in `record_function("stage:<group>")`; returns the hook handles."""
+    open_ranges, handles = [], []
+    for name, modules in module_groups(model).items():
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, name=name: open_ranges.append(record_function(f"stage:{name}").__enter__())))
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, _o: open_ranges.pop().__exit__(None, None, None)))
+    return handles
+
+
+def profile_size(model, size, device, runs: int = 3) -> dict:
+    processor, inputs = inputs_for(model, size, device)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            with record_function("stage:forward"):
+                outputs = model(**inputs)
+            with record_function("stage:postprocess"):
+                processor.post_process_semantic_segmentation(outputs, target_sizes=[size])
+
+    for _ in range(3):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    stages = {}
+    for event in prof.key_averages():
+        # host-side ranges only: their device time is the sum of the kernels launched inside them (the device-side
+        # copies of a range span first to last kernel, idle gaps included)
+        if event.key.startswith("stage:") and event.cpu_time_total > 0:
+            stages[event.key[6:]] = {"device_ms": event.device_time_total / 1000 / runs,
+                                     "cpu_ms": event.cpu_time_total / 1000 / runs}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"size": list(size), "stages": stages, "kernels_per_run": len(kernels) / runs,
+            "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
+    parser.add_argument("--sizes", nargs="+", type=image_size, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU check of the same code paths")
+    preset, sizes = ("tiny", [(64, 64)]) if args.smoke else ("vit-b-16", [(640, 640), (2048, 2048)])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build(preset, 150, device, dtype=torch.bfloat16, slice_batch_size=None)
+    annotate(model)
+    results = []
+    for size in args.sizes or sizes:
+        result = profile_size(model, size, device)
+        results.append(result)
+        print(f"{size[0]} x {size[1]}: {result['kernels_per_run']:.0f} kernels, {result['kernel_ms_per_run']:.2f} ms "
+              "of kernels per forward + post-processing")
+        for name, stage in sorted(result["stages"].items(), key=lambda item: -item[1]["device_ms"]):
+            print(f"  {name:18s} {stage['device_ms']:8.2f} ms kernels {stage['cpu_ms']:8.2f} ms host")
+    return results
+
+
+if __name__ == "__main__":
+    main()
