@@ -145,6 +145,9 @@ def latency_table(args, device) -> list[dict]:
 
 
 def postprocess_and_batch(args, device) -> dict:
+    from benchmarks.run import smooth_outputs
+    from modeling_mrovseg.image_processing_mrovseg import semantic_scores, uniform_cells
+
     model, compiled = fast_model(args, device, compile=args.compile)
     size = args.sizes[min(2, len(args.sizes) - 1)]
     processor, inputs = inputs_for(model, size, device)
@@ -159,9 +162,16 @@ def postprocess_and_batch(args, device) -> dict:
         # the labelling before boundary blending, side by side: every class map resampled to full size, then argmax
         post_full_ms = timed(lambda: processor.post_process_semantic_segmentation(
             outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
+        # a random-weight model's class maps are one class everywhere, so the lines above never blend a boundary:
+        # the same two labellings on outputs with segments (as a trained model gives)
+        smooth = smooth_outputs(size, args.num_labels, model.config.num_queries, device, torch.bfloat16)
+        smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
+            smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
+        boundary = 1 - float(uniform_cells(semantic_scores(smooth)[0].argmax(dim=0)).float().mean())
     processor, batch = inputs_for(model, args.sizes[0], device, batch=8)
     result = {"postprocess_size": list(size), "postprocess_ms": post_ms, "postprocess_compiled_ms": post_compiled_ms,
-              "postprocess_full_resampling_ms": post_full_ms,
+              "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,
+              "smooth_postprocess_full_resampling_ms": smooth_full_ms, "smooth_boundary_cell_fraction": boundary,
               "batch8_size": list(args.sizes[0])}
     for name, forward in (("eager", model), ("compiled", compiled)):
         if forward is None:
@@ -363,6 +373,11 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
             + (f", {post_compiled:.1f} ms (`compiled=True`, fused full resampling)" if post_compiled else "")
             + (f", {extra['postprocess_full_resampling_ms']:.1f} ms (every class map resampled, eager)"
                if "postprocess_full_resampling_ms" in extra else "")
+            + (f". On outputs with segments (`benchmarks.run.smooth_outputs`, "
+               f"{100 * extra['smooth_boundary_cell_fraction']:.0f}% of the mask cells at a boundary; the model's "
+               f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default), "
+               f"{extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)"
+               if "smooth_postprocess_ms" in extra else "")
             + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 

@@ -326,24 +326,33 @@ def training_step_benchmark(preset: str, crop: int, runs: int) -> dict:
     return {"preset": preset, "batch": 2, "crop": crop, "seconds_per_step": statistics.median(times)}
 
 
+def smooth_outputs(size, num_classes: int = 150, queries: int = 100, device="cpu", dtype=torch.float32):
+    """Model outputs with segments, as a trained model gives (a random-weight model's maps are one class everywhere,
+    so its post-processing never blends a boundary): masks at half the image side (ViT-B/16's decoder) smoothly
+    upsampled from a grid 32x coarser (4 x 4 at least): 5-7% of the mask cells lie at a boundary (RESULTS.md)."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(0)
+    low = (size[0] // 2, size[1] // 2)
+    coarse = torch.randn(1, queries, max(4, low[0] // 32), max(4, low[1] // 32), generator=generator) * 4
+    class_logits = torch.randn(1, queries, num_classes + 1, generator=generator) * 3
+    masks = F.interpolate(coarse, size=low, mode="bilinear")
+    return SimpleNamespace(class_queries_logits=class_logits.to(device, dtype),
+                           masks_queries_logits=masks.to(device, dtype))
+
+
 def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 150, queries: int = 100,
                           runs: int = 3) -> list[dict]:
     """Post-processing alone at ViT-B/16's mask resolution (half the image side), 150 classes: labels from the
     low-resolution winners with all classes blended at segment boundaries only (the default) against the argmax of
     every class map resampled to full size, side by side on the same scores. The masks are smooth blobs (segments
     with boundaries, as a trained model gives; a random-weight model's maps are one class everywhere)."""
-    from types import SimpleNamespace
-
     from benchmarks.export import median_seconds
     from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores, uniform_cells
 
     rows = []
     for size in sizes:
-        torch.manual_seed(0)
-        low = (size[0] // 2, size[1] // 2)
-        coarse = torch.randn(1, queries, max(1, low[0] // 32), max(1, low[1] // 32)) * 4
-        outputs = SimpleNamespace(class_queries_logits=torch.randn(1, queries, num_classes + 1) * 3,
-                                  masks_queries_logits=F.interpolate(coarse, size=low, mode="bilinear"))
+        outputs = smooth_outputs(size, num_classes, queries)
         score = semantic_scores(outputs)[0]
         # the full resampling is the path that keeps every class map (the labels' work, and the maps returned)
         ours = label_scores(score, None, size).segmentation

@@ -19,6 +19,8 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert all(row["ms"] > 0 for row in results["latency"])
     extra = results["postprocess_and_batch"]
     assert extra["postprocess_ms"] > 0 and extra["postprocess_full_resampling_ms"] > 0
+    # on outputs with segments too, where boundaries are blended (random weights give one class everywhere)
+    assert extra["smooth_postprocess_ms"] > 0 and 0 < extra["smooth_boundary_cell_fraction"] < 0.5
     assert extra["batch8_eager_images_per_s"] > 0
     for name in ("autocast_bf16", "pure_bf16"):
         agreement = results["bf16_agreement"][name]
