@@ -15,6 +15,7 @@ Input conventions (documented fallbacks rather than errors):
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -496,6 +497,13 @@ def _bilinear_taps(low: int, out: int, scale: float) -> tuple[np.ndarray, np.nda
     return np.stack([first, second], axis=1), np.stack([1 - weight, weight], axis=1)
 
 
+@functools.lru_cache(maxsize=32)
+def _device_taps(low: int, out: int, scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_bilinear_taps` on `device`, kept for the next image of the same size: a copy from the host to a GPU waits for
+    the GPU to finish its queue, so each uncached one stalls post-processing (a few hundred KB at most)."""
+    return tuple(torch.from_numpy(array).to(device) for array in _bilinear_taps(low, out, scale))
+
+
 def uniform_cells(low_label: torch.Tensor) -> torch.Tensor:
     """(h, w) bool: the pixel of an (h, w) winner map, its right, lower and lower-right neighbours (clamped at the
     edges) share one winner, so every output pixel sampled between them takes it (`_label_from_corners`)."""
@@ -521,9 +529,8 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     pixels = score.permute(1, 2, 0).reshape(low_h * low_w, num_classes)  # a view for semantic_scores' layout
     low_label = pixels.max(dim=1).indices.view(low_h, low_w)  # the first maximum, as argmax; faster on a CPU
     uniform = uniform_cells(low_label)
-    row_taps, row_weights, col_taps, col_weights = (
-        torch.from_numpy(taps).to(device) for taps in (*_bilinear_taps(low_h, out_h, scale[0]),
-                                                       *_bilinear_taps(low_w, out_w, scale[1])))
+    row_taps, row_weights = _device_taps(low_h, out_h, scale[0], device)
+    col_taps, col_weights = _device_taps(low_w, out_w, scale[1], device)
     first_row, first_col = row_taps[:, 0], col_taps[:, 0]
     labels = low_label.index_select(0, first_row).index_select(1, first_col)
     rows, cols = (~uniform.index_select(0, first_row).index_select(1, first_col)).nonzero(as_tuple=True)

@@ -424,6 +424,22 @@ def test_labels_from_corners_many_images_and_ties():
     assert torch.equal(fast.segmentation, full.segmentation) and not (fast.segmentation == 2).any()
 
 
+def test_device_taps_are_reused_for_the_next_image_of_the_same_size_and_left_unchanged():
+    """The bilinear taps of a size go to the device once (a host-to-GPU copy waits for the GPU's queue); reusing
+    them must not change the labels of later images, so post-processing must never write into them."""
+    from modeling_mrovseg.image_processing_mrovseg import _device_taps, label_scores
+
+    _device_taps.cache_clear()
+    first = label_scores(_blobs(seed=1), None, (61, 83), with_shares=True)
+    assert _device_taps.cache_info().currsize == 2  # rows and columns
+    hits = _device_taps.cache_info().hits
+    again = label_scores(_blobs(seed=1), None, (61, 83), with_shares=True)
+    assert _device_taps.cache_info().hits >= hits + 2  # rows and columns, from the cache
+    assert torch.equal(first.segmentation, again.segmentation) and torch.equal(first.best, again.best)
+    other = label_scores(_blobs(seed=2), None, (61, 83))  # another image of that size, against the full resampling
+    assert torch.equal(other.segmentation, label_scores(_blobs(seed=2), None, (61, 83), keep_scores=True).segmentation)
+
+
 def test_post_processing_in_float32_inside_autocast():
     """Evaluation post-processes inside the accelerator's autocast: scores and labels must not drop to bfloat16."""
     processor = MROVSegImageProcessor()
