@@ -4,7 +4,9 @@
     python -m benchmarks.gpu_profile --smoke         # the same code on the CPU with the tiny config (CPU times only)
 
 Each module of the pipeline runs inside a `record_function` range (forward hooks), so the profiler's per-range
-device time is the sum of the kernels that module launched. Complements `benchmarks.gpu`'s end-to-end timings.
+device time is the sum of the kernels that module launched; post-processing is split into its two steps (class
+scores, labels) and also profiled on outputs with segments (`benchmarks.run.smooth_outputs`), since a random-weight
+model's maps are one class everywhere. Complements `benchmarks.gpu`'s end-to-end timings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+import modeling_mrovseg.image_processing_mrovseg as image_processing
 from benchmarks.gpu import build, image_size, inputs_for
+from benchmarks.run import smooth_outputs
+
+POST_PREFIX = ["postprocess"]  # which post-processing run the step ranges below belong to
 
 
 def module_groups(model) -> dict[str, list[torch.nn.Module]]:
@@ -38,15 +44,33 @@ def annotate(model) -> list:
     return handles
 
 
+def annotate_postprocessing() -> None:
+    """Range the two steps of post-processing (module functions it looks up at each call)."""
+    for step, name in (("scores", "semantic_scores"), ("labels", "label_scores")):
+        function = getattr(image_processing, name)
+        if getattr(function, "profiled", False):
+            continue
+
+        def ranged(*args, function=function, step=step, **kwargs):
+            with record_function(f"stage:{POST_PREFIX[0]}:{step}"):
+                return function(*args, **kwargs)
+
+        ranged.profiled = True
+        setattr(image_processing, name, ranged)
+
+
 def profile_size(model, size, device, runs: int = 3) -> dict:
     processor, inputs = inputs_for(model, size, device)
+    segments = smooth_outputs(size, model.config.num_labels, model.config.num_queries, device, torch.bfloat16)
 
     def run():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             with record_function("stage:forward"):
                 outputs = model(**inputs)
-            with record_function("stage:postprocess"):
-                processor.post_process_semantic_segmentation(outputs, target_sizes=[size])
+            for name, source in (("postprocess", outputs), ("postprocess_segments", segments)):
+                POST_PREFIX[0] = name
+                with record_function(f"stage:{name}"):
+                    processor.post_process_semantic_segmentation(source, target_sizes=[size])
 
     for _ in range(3):
         run()
@@ -64,7 +88,10 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
             stages[event.key[6:]] = {"device_ms": event.device_time_total / 1000 / runs,
                                      "cpu_ms": event.cpu_time_total / 1000 / runs}
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    segment_scores = image_processing.semantic_scores(segments)[0]
+    boundary = 1 - float(image_processing.uniform_cells(segment_scores.argmax(dim=0)).float().mean())
     return {"size": list(size), "stages": stages, "kernels_per_run": len(kernels) / runs,
+            "segments_boundary_cell_fraction": boundary,
             "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs}
 
 
@@ -80,14 +107,16 @@ def main(argv=None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build(preset, 150, device, dtype=torch.bfloat16, slice_batch_size=None)
     annotate(model)
+    annotate_postprocessing()
     results = []
     for size in args.sizes or sizes:
         result = profile_size(model, size, device)
         results.append(result)
         print(f"{size[0]} x {size[1]}: {result['kernels_per_run']:.0f} kernels, {result['kernel_ms_per_run']:.2f} ms "
-              "of kernels per forward + post-processing")
+              "of kernels per forward + post-processing (of the model's outputs and of outputs with segments, "
+              f"{100 * result['segments_boundary_cell_fraction']:.0f}% boundary cells)")
         for name, stage in sorted(result["stages"].items(), key=lambda item: -item[1]["device_ms"]):
-            print(f"  {name:18s} {stage['device_ms']:8.2f} ms kernels {stage['cpu_ms']:8.2f} ms host")
+            print(f"  {name:28s} {stage['device_ms']:8.2f} ms kernels {stage['cpu_ms']:8.2f} ms host")
     return results
 
 

@@ -42,8 +42,9 @@ def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
 
 def test_gpu_profile_times_every_stage_of_the_pipeline():
     (result,) = gpu_profile.main(["--smoke"])
-    assert set(result["stages"]) == set(gpu_profile.module_groups(gpu.build("tiny", 2, "cpu"))) | {
-        "forward", "postprocess"}
+    post = {f"{run}{step}" for run in ("postprocess", "postprocess_segments") for step in ("", ":scores", ":labels")}
+    assert set(result["stages"]) == set(gpu_profile.module_groups(gpu.build("tiny", 2, "cpu"))) | {"forward"} | post
+    assert 0 < result["segments_boundary_cell_fraction"] < 0.5
     assert all(stage["cpu_ms"] > 0 for stage in result["stages"].values())
     assert result["stages"]["forward"]["cpu_ms"] >= result["stages"]["clip"]["cpu_ms"]
 
