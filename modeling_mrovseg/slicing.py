@@ -82,8 +82,6 @@ def slice_windows(canvas, grid: SliceGrid):
 
 def stitch_windows(windows: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
     """Exact inverse of `slice_windows` for torch (B, K, ch, S, S) -> (B, ch, H, W), overlapping values averaged.
-    Without overlap the result has channels-last strides: each position's channel vector is contiguous, as in CLIP's
-    tokens, so the copy moves whole vectors and the adapters' convolutions and upsampling run in one layout.
 
     Windows `p = ceil(S / stride)` apart along an axis never overlap, so the windows fall into p x p groups that each
     tile the canvas by reshaping alone; the groups' canvases are summed and divided by the window count. Without
@@ -97,8 +95,8 @@ def stitch_windows(windows: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
     stride, height, width = grid.stride, grid.height, grid.width
     tiles = windows.reshape(batch, grid.rows, grid.cols, channels, window, window)
     phases = -(-window // stride)
-    if phases == 1:  # no overlap: the windows tile the canvas; channels-last, CLIP's token-major layout
-        return tiles.permute(0, 1, 4, 2, 5, 3).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    if phases == 1:  # no overlap: the windows tile the canvas
+        return tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
     cell = phases * stride
     dtype = tiles.dtype if tiles.is_floating_point() else torch.float32  # averaged integers (pixels) are not
     summed = tiles.new_zeros(batch, channels, height, width, dtype=dtype)

@@ -23,11 +23,7 @@ LARGE_IDS = [i for i in range(len(CLASS_NAMES)) if i not in SMALL_IDS]
 # So this test asserts what the architecture is for: the large classes learned and the small squares found (the
 # union of the small classes) where the single-resolution ablation cannot see them. Telling the small classes apart
 # is measured where it is stable, over many scenes: the main job and `python -m benchmarks.fidelity`.
-# Measured again 2026-11-27 (seeds 0-4, 2 threads), before and after the adapters went channels-last, which changed
-# no forward value and moved gradients by float rounding alone (7e-7 relative at most): the small squares' union IoU
-# was 0.89 0.81 0.90 0.84 0.82 before and 0.85 0.68 0.79 0.82 0.84 after, the small classes told apart in 5 of 5 and
-# 3 of 5 runs. Seed 1 (the earlier choice) fell to 0.68; seed 0 is the best of both sets.
-SEED = 0
+SEED = 1
 
 
 def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
