@@ -12,6 +12,7 @@ model's maps are one class everywhere. Complements `benchmarks.gpu`'s end-to-end
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -19,9 +20,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import modeling_mrovseg.image_processing_mrovseg as image_processing
 from benchmarks.gpu import build, image_size, inputs_for
 from benchmarks.run import smooth_outputs
-
-POST_PREFIX = ["postprocess"]  # which post-processing run the step ranges below belong to
-
 
 def module_groups(model) -> dict[str, list[torch.nn.Module]]:
     """The pipeline's stages, in order. CLIP is hooked layer by layer: `_run_clip` calls its parts directly."""
@@ -44,19 +42,25 @@ def annotate(model) -> list:
     return handles
 
 
-def annotate_postprocessing() -> None:
-    """Range the two steps of post-processing (module functions it looks up at each call)."""
-    for step, name in (("scores", "semantic_scores"), ("labels", "label_scores")):
-        function = getattr(image_processing, name)
-        if getattr(function, "profiled", False):
-            continue
+@contextlib.contextmanager
+def ranged_postprocessing(run: str):
+    """Within it, post-processing's two steps (module functions it looks up at each call) run inside ranges named
+    `stage:<run>:scores` and `stage:<run>:labels`; the functions are restored on leaving."""
+    originals = {name: getattr(image_processing, name) for name in ("semantic_scores", "label_scores")}
 
-        def ranged(*args, function=function, step=step, **kwargs):
-            with record_function(f"stage:{POST_PREFIX[0]}:{step}"):
+    def ranged(function, step):
+        def call(*args, **kwargs):
+            with record_function(f"stage:{run}:{step}"):
                 return function(*args, **kwargs)
+        return call
 
-        ranged.profiled = True
-        setattr(image_processing, name, ranged)
+    try:
+        for (name, function), step in zip(originals.items(), ("scores", "labels")):
+            setattr(image_processing, name, ranged(function, step))
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(image_processing, name, function)
 
 
 def profile_size(model, size, device, runs: int = 3) -> dict:
@@ -68,8 +72,7 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
             with record_function("stage:forward"):
                 outputs = model(**inputs)
             for name, source in (("postprocess", outputs), ("postprocess_segments", segments)):
-                POST_PREFIX[0] = name
-                with record_function(f"stage:{name}"):
+                with record_function(f"stage:{name}"), ranged_postprocessing(name):
                     processor.post_process_semantic_segmentation(source, target_sizes=[size])
 
     for _ in range(3):
@@ -107,7 +110,6 @@ def main(argv=None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build(preset, 150, device, dtype=torch.bfloat16, slice_batch_size=None)
     annotate(model)
-    annotate_postprocessing()
     results = []
     for size in args.sizes or sizes:
         result = profile_size(model, size, device)

@@ -41,7 +41,12 @@ def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
 
 
 def test_gpu_profile_times_every_stage_of_the_pipeline():
+    from modeling_mrovseg import image_processing_mrovseg
+
+    post_processing = image_processing_mrovseg.semantic_scores, image_processing_mrovseg.label_scores
     (result,) = gpu_profile.main(["--smoke"])
+    # its ranges around post-processing's steps are gone afterwards
+    assert (image_processing_mrovseg.semantic_scores, image_processing_mrovseg.label_scores) == post_processing
     post = {f"{run}{step}" for run in ("postprocess", "postprocess_segments") for step in ("", ":scores", ":labels")}
     assert set(result["stages"]) == set(gpu_profile.module_groups(gpu.build("tiny", 2, "cpu"))) | {"forward"} | post
     assert 0 < result["segments_boundary_cell_fraction"] < 0.5
