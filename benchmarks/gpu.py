@@ -395,27 +395,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--compiled-sizes", nargs="*", type=image_size, default=None,
                         help="sizes to time compiled too (default: 640x640 2048x2048; each compiles anew)")
     args = parser.parse_args(argv)
-    sizes, compiled_sizes = args.sizes, args.compiled_sizes
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check of the same code paths")
     if args.smoke:
-        args.preset, args.num_labels, args.sizes, args.runs, args.crop = "tiny", 5, [(64, 64), (96, 160)], 2, 64
+        args.preset, args.num_labels, args.runs, args.crop = "tiny", 5, 2, 64
+        default_sizes = [(64, 64), (96, 160)]
         args.train_presets, args.full_res_max_pixels, args.compile = [("tiny", 2)], 10**9, False
         # one compiled row with its agreement check, traced (aot_eager) but not code-generated: inductor's C++ builds
         # take minutes on a CPU (tests/test_image_processing compiles post-processing's fused path with it)
-        args.compiled_sizes, args.compile_backend = [(64, 64)], "aot_eager"
+        default_compiled, args.compile_backend = [(64, 64)], "aot_eager"
         args.smoke_steps, args.smoke_precision = 4, "no"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        args.preset, args.num_labels, args.sizes, args.runs, args.crop = "vit-b-16", 150, SIZES, 10, 640
+        args.preset, args.num_labels, args.runs, args.crop = "vit-b-16", 150, 10, 640
+        default_sizes = SIZES
         args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
         args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
-        args.compiled_sizes = [(640, 640), (2048, 2048)] if args.compile else []
-        args.compile_backend = "inductor"
-    args.sizes = sizes or args.sizes
-    args.compiled_sizes = args.compiled_sizes if compiled_sizes is None else compiled_sizes
+        default_compiled, args.compile_backend = [(640, 640), (2048, 2048)] if args.compile else [], "inductor"
+    args.sizes = args.sizes or default_sizes
+    args.compiled_sizes = default_compiled if args.compiled_sizes is None else args.compiled_sizes
     from datetime import datetime, timezone
 
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke)",
