@@ -145,8 +145,8 @@ def latency_table(args, device) -> list[dict]:
 
 
 def postprocess_and_batch(args, device) -> dict:
-    from benchmarks.run import smooth_outputs
-    from modeling_mrovseg.image_processing_mrovseg import semantic_scores, uniform_cells
+    from benchmarks.run import boundary_cell_fraction, smooth_outputs
+    from modeling_mrovseg.image_processing_mrovseg import semantic_scores
 
     model, compiled = fast_model(args, device, compile=args.compile)
     size = args.sizes[min(2, len(args.sizes) - 1)]
@@ -167,7 +167,7 @@ def postprocess_and_batch(args, device) -> dict:
         smooth = smooth_outputs(size, args.num_labels, model.config.num_queries, device, torch.bfloat16)
         smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
             smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
-        boundary = 1 - float(uniform_cells(semantic_scores(smooth)[0].argmax(dim=0)).float().mean())
+        boundary = boundary_cell_fraction(semantic_scores(smooth)[0])
     processor, batch = inputs_for(model, args.sizes[0], device, batch=8)
     result = {"postprocess_size": list(size), "postprocess_ms": post_ms, "postprocess_compiled_ms": post_compiled_ms,
               "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,

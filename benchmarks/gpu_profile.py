@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import modeling_mrovseg.image_processing_mrovseg as image_processing
 from benchmarks.gpu import build, image_size, inputs_for
-from benchmarks.run import smooth_outputs
+from benchmarks.run import boundary_cell_fraction, smooth_outputs
 
 def module_groups(model) -> dict[str, list[torch.nn.Module]]:
     """The pipeline's stages, in order. CLIP is hooked layer by layer: `_run_clip` calls its parts directly."""
@@ -91,8 +91,7 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
             stages[event.key[6:]] = {"device_ms": event.device_time_total / 1000 / runs,
                                      "cpu_ms": event.cpu_time_total / 1000 / runs}
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    segment_scores = image_processing.semantic_scores(segments)[0]
-    boundary = 1 - float(image_processing.uniform_cells(segment_scores.argmax(dim=0)).float().mean())
+    boundary = boundary_cell_fraction(image_processing.semantic_scores(segments)[0])
     return {"size": list(size), "stages": stages, "kernels_per_run": len(kernels) / runs,
             "segments_boundary_cell_fraction": boundary,
             "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs}

@@ -341,6 +341,14 @@ def smooth_outputs(size, num_classes: int = 150, queries: int = 100, device="cpu
                            masks_queries_logits=masks.to(device, dtype))
 
 
+def boundary_cell_fraction(score: torch.Tensor) -> float:
+    """Share of an image's (C, h, w) mask-resolution cells whose corners disagree on the winning class: the cells
+    post-processing blends all classes in."""
+    from modeling_mrovseg.image_processing_mrovseg import uniform_cells
+
+    return 1 - float(uniform_cells(score.argmax(dim=0)).float().mean())
+
+
 def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 150, queries: int = 100,
                           runs: int = 3) -> list[dict]:
     """Post-processing alone at ViT-B/16's mask resolution (half the image side), 150 classes: labels from the
@@ -348,7 +356,7 @@ def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 1
     every class map resampled to full size, side by side on the same scores. The masks are smooth blobs (segments
     with boundaries, as a trained model gives; a random-weight model's maps are one class everywhere)."""
     from benchmarks.export import median_seconds
-    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores, uniform_cells
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
 
     rows = []
     for size in sizes:
@@ -363,7 +371,7 @@ def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 1
                      "full_resampling_seconds": median_seconds(
                          lambda: label_scores(score, None, size, keep_scores=True), runs),
                      "identical_fraction": float((ours == full).float().mean()),
-                     "boundary_cell_fraction": float(1 - uniform_cells(score.argmax(dim=0)).float().mean())})
+                     "boundary_cell_fraction": boundary_cell_fraction(score)})
         print(rows[-1], flush=True)
     return rows
 
