@@ -121,21 +121,52 @@ def count_flops(variant: str, size) -> float:
     return float(counter.get_total_flops())
 
 
+class DispatchTally:
+    """While active: ATen ops dispatched (a CPU proxy for GPU kernel launches) and the bytes they read and write (a
+    proxy for a memory-bound GPU step's time): views move nothing, gathers read what they write."""
+
+    VIEWS = {"view", "permute", "transpose", "select", "slice", "unsqueeze", "squeeze", "expand", "_unsafe_view",
+             "as_strided", "alias", "t", "detach", "unbind", "split", "reshape", "flatten", "unflatten"}
+    GATHERS = {"index", "index_select"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tally = self
+        self.ops, self.bytes = 0, 0
+
+        def size(values) -> int:
+            return sum(t.numel() * t.element_size() for t in tree_leaves(values) if isinstance(t, torch.Tensor))
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tally.ops += 1
+                name = func.__name__.split(".")[0]
+                if name in tally.GATHERS:  # the gathered elements read and written, and the indices
+                    tally.bytes += 2 * size(out) + size(args[1:])
+                elif name in ("index_put", "index_put_"):  # the values read and written, and the indices
+                    tally.bytes += 2 * size(args[2]) + size(args[1])
+                elif name not in tally.VIEWS:
+                    tally.bytes += size(args) + size(kwargs) + size(out)
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self) -> "DispatchTally":
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
 def count_dispatched(fn) -> int:
     """ATen ops dispatched while `fn()` runs (a CPU proxy for GPU kernel launches)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    count = 0
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal count
-            count += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
+    with DispatchTally() as tally:
         fn()
-    return count
+    return tally.ops
 
 
 def op_count_model(slice_batch_size: int | None = 32, num_classes: int = 150, narrow_decoder: bool = False):
@@ -371,9 +402,23 @@ def postprocess_benchmark(sizes=((640, 640), (2048, 2048)), num_classes: int = 1
                      "full_resampling_seconds": median_seconds(
                          lambda: label_scores(score, None, size, keep_scores=True), runs),
                      "identical_fraction": float((ours == full).float().mean()),
+                     "traffic_gb": postprocess_traffic(outputs, size),
                      "boundary_cell_fraction": boundary_cell_fraction(score)})
         print(rows[-1], flush=True)
     return rows
+
+
+def postprocess_traffic(outputs, size) -> dict:
+    """GB read and written by the default post-processing's two steps (`DispatchTally`) on the outputs in bfloat16,
+    as the GPU recipe's model gives them: on a GPU these steps are bound by memory bandwidth."""
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
+
+    half = type(outputs)(**{name: value.bfloat16() for name, value in vars(outputs).items()})
+    with DispatchTally() as scores_tally:
+        score = semantic_scores(half)[0]
+    with DispatchTally() as labels_tally:
+        label_scores(score, None, size)
+    return {"scores": scores_tally.bytes / 1e9, "labels": labels_tally.bytes / 1e9}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -532,12 +577,15 @@ def write_report(report: dict) -> None:
                       "all classes blended at segment boundaries only (the default), against the argmax of every "
                       f"class map resampled to full size, on the same scores{stamp(report, 'postprocess')}:", "",
                   "| image | class scores s | labels, boundary blending s | labels, full resampling s | speed-up | "
-                  "identical labels | boundary cells |", "|---|---|---|---|---|---|---|"]
+                  "identical labels | boundary cells | GB read + written (bf16 outputs): scores + labels |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["postprocess"]:
             lines.append(f"| {row['size'][0]} x {row['size'][1]} | {row['scores_seconds']:.3f} | "
                          f"{row['corners_seconds']:.3f} | {row['full_resampling_seconds']:.3f} | "
                          f"{row['full_resampling_seconds'] / row['corners_seconds']:.1f}x | "
-                         f"{100 * row['identical_fraction']:.4f}% | {100 * row['boundary_cell_fraction']:.1f}% |")
+                         f"{100 * row['identical_fraction']:.4f}% | {100 * row['boundary_cell_fraction']:.1f}% | "
+                         + (f"{row['traffic_gb']['scores']:.2f} + {row['traffic_gb']['labels']:.2f} |"
+                            if "traffic_gb" in row else "- |"))
     if "metric" in report:
         m = report["metric"]
         lines += ["", f"Metric: {m['maps']} maps of {m['size']} x {m['size']}, 150 classes: per-image numpy "

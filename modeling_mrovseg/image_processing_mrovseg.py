@@ -18,7 +18,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -497,11 +497,49 @@ def _bilinear_taps(low: int, out: int, scale: float) -> tuple[np.ndarray, np.nda
     return np.stack([first, second], axis=1), np.stack([1 - weight, weight], axis=1)
 
 
+def _pixel_groups(low: int, out: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `out` output pixels along one axis grouped by the two source pixels they blend: group 0 holds the pixels
+    before the first source pixel's centre (both taps on it), group i + 1 those whose first tap is i, so a group holds
+    about `scale` pixels. Returns (G = low + 1, K) output indices (K the most any group holds; a group's unused slots
+    hold -2^40, which stays negative through offset arithmetic), (G, K, 2) their tap weights and (G, 2) each group's
+    two source pixels."""
+    taps, weights = _bilinear_taps(low, out, scale)
+    raw = (np.arange(out, dtype=np.float32) + np.float32(0.5)) * np.float32(1.0 / scale) - np.float32(0.5)
+    group = np.where(raw < 0, 0, taps[:, 0] + 1)  # nondecreasing along the axis: groups are contiguous runs
+    counts = np.bincount(group, minlength=low + 1)
+    slot = np.arange(max(1, int(counts.max())))
+    index = (np.cumsum(counts) - counts)[:, None] + slot
+    unused = slot >= counts[:, None]
+    group_weights = weights[np.minimum(index, out - 1)]
+    first = np.maximum(np.arange(low + 1) - 1, 0)
+    return np.where(unused, -(1 << 40), index), group_weights, np.stack([first, np.minimum(first + 1, low - 1)], 1)
+
+
+class AxisTaps(NamedTuple):
+    """One axis's resampling tables on the device (`_device_taps`). Offsets are flat: source pixels times the
+    source's stride along the axis, output pixels times the output's."""
+
+    first: torch.Tensor  # (out,) each output pixel's first source pixel
+    offsets: torch.Tensor  # (out, 2) its two source pixels, as offsets
+    weights: torch.Tensor  # (out, 2) their weights
+    group_targets: torch.Tensor  # (G, K) each group's output pixels, as offsets; negative in unused slots
+    group_weights: torch.Tensor  # (G, K, 2) their weights
+    group_sources: torch.Tensor  # (G, 2) the group's two source pixels, as offsets
+    group_first: torch.Tensor  # (G,) its first source pixel
+    group_used: torch.Tensor  # (G,) it holds output pixels
+
+
 @functools.lru_cache(maxsize=32)
-def _device_taps(low: int, out: int, scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_bilinear_taps` on `device`, kept for the next image of the same size: a copy from the host to a GPU waits for
-    the GPU to finish its queue, so each uncached one stalls post-processing (a few hundred KB at most)."""
-    return tuple(torch.from_numpy(array).to(device) for array in _bilinear_taps(low, out, scale))
+def _device_taps(low: int, out: int, scale: float, device: torch.device, source_stride: int = 1,
+                 out_stride: int = 1) -> AxisTaps:
+    """`_bilinear_taps` and `_pixel_groups` on `device`, kept for the next image of the same size: a copy from the
+    host to a GPU waits for the GPU to finish its queue, so each uncached one stalls post-processing (a few hundred KB
+    at most)."""
+    taps, weights = _bilinear_taps(low, out, scale)
+    targets, group_weights, sources = _pixel_groups(low, out, scale)
+    arrays = (taps[:, 0], taps * source_stride, weights, targets * out_stride, group_weights, sources * source_stride,
+              sources[:, 0], targets[:, 0] >= 0)
+    return AxisTaps(*(torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in arrays))
 
 
 def uniform_cells(low_label: torch.Tensor) -> torch.Tensor:
@@ -521,30 +559,35 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     A resampled pixel is a convex combination of its four source pixels' class vectors; when those four share the
     winning class (first maximum included), every convex combination has the same winner. So a pixel inside a
     segment takes its label from the low-resolution argmax, and only pixels whose source pixels disagree (about
-    the segment boundaries) blend all C classes. Labels equal the full resampling's except where two classes tie
-    to float rounding (tests/test_image_processing.py). Returns (labels, best score or None, class sum or None).
+    the segment boundaries) blend all C classes: a group of output pixels sharing four source pixels at a time
+    (`_pixel_groups`), whose class vectors are read once for the group. Labels equal the full resampling's except
+    where two classes tie to float rounding (tests/test_image_processing.py). Returns (labels, best score or None,
+    class sum or None).
     """
     num_classes, low_h, low_w = score.shape
     device = score.device
     pixels = score.permute(1, 2, 0).reshape(low_h * low_w, num_classes)  # a view for semantic_scores' layout
     low_label = pixels.max(dim=1).indices.view(low_h, low_w)  # the first maximum, as argmax; faster on a CPU
-    uniform = uniform_cells(low_label)
-    row_taps, row_weights = _device_taps(low_h, out_h, scale[0], device)
-    col_taps, col_weights = _device_taps(low_w, out_w, scale[1], device)
-    first_row, first_col = row_taps[:, 0], col_taps[:, 0]
-    labels = low_label.index_select(0, first_row).index_select(1, first_col)
-    rows, cols = (~uniform.index_select(0, first_row).index_select(1, first_col)).nonzero(as_tuple=True)
-    row_taps = row_taps * low_w  # flat source offsets of the two taps of each output row (plus a column's tap)
-    # boundary pixels blended at once: on a GPU as many as the budget allows (fewest launches); on a CPU 16 MB of
-    # class vectors at a time, which stay in cache (30% faster than one large gather at 2048^2)
+    rows = _device_taps(low_h, out_h, scale[0], device, source_stride=low_w, out_stride=out_w)
+    cols = _device_taps(low_w, out_w, scale[1], device)
+    # every pixel's label from its first source pixel, in a buffer with a spare last slot that the groups' unused
+    # slots write to (their targets are negative, clamped to -1)
+    buffer = low_label.new_empty(out_h * out_w + 1)
+    labels = buffer[:-1].view(out_h, out_w)
+    torch.index_select(low_label.index_select(0, rows.first), 1, cols.first, out=labels)
+    uniform = uniform_cells(low_label).index_select(0, rows.group_first).index_select(1, cols.group_first)
+    group_rows, group_cols = (rows.group_used[:, None] & cols.group_used & ~uniform).nonzero(as_tuple=True)
+    # groups blended at once: on a GPU as many as the budget allows (fewest launches); on a CPU 16 MB of class
+    # vectors at a time, which stay in cache
     budget = POSTPROCESS_BUDGET_ELEMENTS if device.type != "cpu" else min(POSTPROCESS_BUDGET_ELEMENTS, 1 << 22)
-    chunk = max(1, budget // (4 * num_classes))
-    for start in range(0, rows.numel(), chunk):
-        r, c = rows[start : start + chunk], cols[start : start + chunk]
-        source = (row_taps[r][:, :, None] + col_taps[c][:, None, :]).flatten(1)  # (n, 4): the four corners
-        weight = (row_weights[r][:, :, None] * col_weights[c][:, None, :]).flatten(1)
-        blended = torch.bmm(weight[:, None], pixels[source])[:, 0]  # (n, 1, 4) @ (n, 4, C)
-        labels[r, c] = blended.argmax(dim=1)
+    chunk = max(1, budget // ((4 + rows.group_targets.shape[1] * cols.group_targets.shape[1]) * num_classes))
+    for start in range(0, group_rows.numel(), chunk):
+        gr, gc = group_rows[start : start + chunk], group_cols[start : start + chunk]
+        corners = (rows.group_sources[gr][:, :, None] + cols.group_sources[gc][:, None, :]).flatten(1)  # (n, 4)
+        weight = rows.group_weights[gr][:, :, None, :, None] * cols.group_weights[gc][:, None, :, None, :]
+        blended = torch.bmm(weight.flatten(3).flatten(1, 2), pixels[corners])  # (n, Ky * Kx, 4) @ (n, 4, C)
+        target = (rows.group_targets[gr][:, :, None] + cols.group_targets[gc][:, None, :]).flatten().clamp_(min=-1)
+        buffer[target] = blended.argmax(dim=2).flatten()
     best = total = None
     if with_best or with_total:
         flat_labels = labels.flatten()
@@ -552,8 +595,8 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
         total = torch.zeros(out_h * out_w, device=device) if with_total else None
         sums = pixels.sum(dim=1) if with_total else None
         for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            source = (row_taps[:, i, None] + col_taps[None, :, j]).flatten()
-            weight = (row_weights[:, i, None] * col_weights[None, :, j]).flatten()
+            source = (rows.offsets[:, i, None] + cols.offsets[None, :, j]).flatten()
+            weight = (rows.weights[:, i, None] * cols.weights[None, :, j]).flatten()
             best += pixels[source, flat_labels] * weight
             if with_total:
                 total += sums[source] * weight

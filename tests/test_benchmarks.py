@@ -68,6 +68,10 @@ def test_postprocess_benchmark_compares_the_two_labellings_on_the_same_scores():
     (row,) = postprocess_benchmark(sizes=((128, 192),), num_classes=12, queries=8, runs=1)
     assert row["identical_fraction"] == 1.0 and 0 < row["boundary_cell_fraction"] < 0.5
     assert row["corners_seconds"] > 0 and row["full_resampling_seconds"] > 0
+    # the scores' traffic: masks read in bf16 (8 x 64 x 96 x 2 B), cast, sigmoid, contraction, at least
+    masks = 8 * 64 * 96
+    assert row["traffic_gb"]["scores"] * 1e9 >= masks * (2 + 4) + masks * (4 + 4) + masks * 4 + 64 * 96 * 12 * 4
+    assert row["traffic_gb"]["labels"] * 1e9 >= 128 * 192 * 8  # the int64 label map written, at least
     # a section measured apart from the saved report names its own machine and date
     report = {"machine": "x, 2026-11-26", "measured": {"postprocess": "x, 2026-11-27", "aten": "x, 2026-11-26"}}
     assert "2026-11-27" in stamp(report, "postprocess") and stamp(report, "aten") == stamp(report, "metric") == ""

@@ -424,6 +424,27 @@ def test_labels_from_corners_many_images_and_ties():
     assert torch.equal(fast.segmentation, full.segmentation) and not (fast.segmentation == 2).any()
 
 
+@pytest.mark.parametrize("low,out,most", [(1024, 2048, 2), (320, 640, 2), (7, 61, 9), (20, 13, 1), (1, 5, 3),
+                                           (28, 28, 1), (80, 1000, 13)])
+def test_pixel_groups_partition_the_output_by_their_two_source_pixels(low, out, most):
+    """Boundary blending reads four class vectors per group of output pixels: the groups must hold every output pixel
+    once, each pixel with its own taps and weights, and be no larger than the scale needs (the pixels before the
+    first source pixel's centre get their own group, else the first group would hold half a scale more)."""
+    from modeling_mrovseg.image_processing_mrovseg import _bilinear_taps, _covering_scale, _pixel_groups
+
+    scale = _covering_scale(low, out / low, out)
+    taps, weights = _bilinear_taps(low, out, scale)
+    index, group_weights, sources = _pixel_groups(low, out, scale)
+    assert index.shape == group_weights.shape[:2] and index.shape[0] == low + 1 and index.shape[1] == most
+    valid = index >= 0
+    assert sorted(index[valid].tolist()) == list(range(out))  # every pixel exactly once
+    assert (index[~valid] * max(out, 4096) + out < 0).all()  # unused slots stay negative as flat offsets
+    group = np.broadcast_to(np.arange(low + 1)[:, None], index.shape)[valid]
+    pixels = index[valid]
+    assert np.array_equal(taps[pixels], sources[group])
+    assert np.array_equal(group_weights[valid], weights[pixels])
+
+
 def test_device_taps_are_reused_for_the_next_image_of_the_same_size_and_left_unchanged():
     """The bilinear taps of a size go to the device once (a host-to-GPU copy waits for the GPU's queue); reusing
     them must not change the labels of later images, so post-processing must never write into them."""
