@@ -3,6 +3,10 @@
 Each size runs in its own process so peak RSS is that run's alone:
     python -m benchmarks.memory --sizes 1024 2048 4096 --slice-batch-size 16
 Images are segmented at their own resolution (no downscaling: `shortest_edge` = the image side).
+
+    python -m benchmarks.memory --training
+traces one bf16 training step of ViT-B/16 (batch 8, 640 px crops) with fake tensors and reports what stays alive
+(`training_memory`), with CLIP's lean QuickGELU and with transformers' own side by side.
 """
 
 from __future__ import annotations
@@ -38,13 +42,97 @@ def run_one(size: int, slice_batch_size: int, labels: int) -> dict:
             "output_shape": list(segmentation.shape), "slice_batch_size": slice_batch_size}
 
 
+def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, num_labels: int = 150,
+                    plain_activation: bool = False) -> dict:
+    """
+    GB alive in one bf16-autocast training step (forward, backward, clipping, AdamW) of `preset` on `batch` crops,
+    traced on the CPU with fake tensors (shapes and dtypes, no compute, seconds for ViT-B/16): model and optimizer
+    state, what the forward leaves for the backward, and the step's peak. A proxy for a GPU's peak allocation (no
+    allocator caching, no library workspaces); the loss is the sum of every output, as the set-prediction loss's
+    matching needs values (its own tensors are point-sampled, a few MB). `plain_activation`: transformers'
+    QuickGELU in CLIP instead of the lean one, for the side-by-side figure.
+    """
+    import weakref
+
+    import numpy as np
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+    from transformers.activations import QuickGELUActivation
+
+    from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+
+    class Alive(TorchDispatchMode):
+        """Bytes of the storages that ops created and that are still referenced; the most at any point."""
+
+        def __init__(self):
+            super().__init__()
+            self.storages, self.now, self.peak = WeakIdKeyDictionary(), 0, 0
+
+        def released(self, size: int) -> None:
+            self.now -= size
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.storages:
+                    storage = tensor.untyped_storage()
+                    self.storages[storage] = True
+                    self.now += storage.nbytes()
+                    weakref.finalize(storage, self.released, storage.nbytes())
+                    self.peak = max(self.peak, self.now)
+            return out
+
+    names = [f"class {i}" for i in range(num_labels)]
+    config = MROVSegConfig.from_preset(preset, id2label=dict(enumerate(names)),
+                                       label2id={n: i for i, n in enumerate(names)})
+    processor = MROVSegImageProcessor.from_model_config(config)
+    images = list(np.zeros((batch, crop, crop, 3), dtype=np.uint8))
+    shapes = processor(images, do_resize=False, return_pixel_mask=True, return_tensors="pt")
+    with torch.device("meta"):
+        model = MROVSegForOpenVocabSegmentation(config).train()
+    if plain_activation:
+        for layer in model.mrovseg.vision_model.encoder.layers:
+            layer.mlp.activation_fn = QuickGELUActivation()
+    gb = 1024**3
+    alive = Alive()
+    with FakeTensorMode(allow_non_fake_inputs=True), alive:
+        model.to_empty(device="cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        inputs = {name: value if name == "slice_grid" else torch.empty(value.shape, dtype=value.dtype)
+                  for name, value in shapes.items()}
+        for step in range(2):  # the second step holds the optimizer's state from the start, as every later one
+            before, alive.peak = alive.now, alive.now
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = model(**inputs)
+                loss = sum(value.float().sum() for value in tree_leaves(
+                    [outputs.class_queries_logits, outputs.masks_queries_logits, outputs.auxiliary_logits]))
+            kept = alive.now - before
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.01)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del outputs, loss
+    return {"preset": preset, "batch": batch, "crop": crop, "plain_activation": plain_activation,
+            "model_and_optimizer_gb": before / gb, "kept_for_backward_gb": kept / gb, "peak_gb": alive.peak / gb}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--slice-batch-size", type=int, default=16)
     parser.add_argument("--labels", type=int, default=20)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--training", action="store_true", help="trace one ViT-B/16 training step's memory instead")
     args = parser.parse_args(argv)
+    if args.training:
+        for plain in (True, False):
+            row = training_memory(plain_activation=plain)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.slice_batch_size, args.labels)))
         return

@@ -29,6 +29,7 @@ from transformers.models.clip.modeling_clip import (
 from transformers.utils import ModelOutput
 
 from .configuration_mrovseg import MROVSegConfig
+from .layers import MROVSegQuickGELU
 from .loss_mrovseg import MROVSegLoss
 from .mask_decoder import MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder
 from .masked_attention import MROVSegAttentionBiasDecoder, MROVSegMultiGrainedMaskedAttention
@@ -256,6 +257,9 @@ class MROVSegModel(MROVSegPreTrainedModel):
     def __init__(self, config: MROVSegConfig):
         super().__init__(config)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        if config.vision_config.hidden_act == "quick_gelu":  # the backward to the position embeddings keeps less
+            for layer in self.vision_model.encoder.layers:
+                layer.mlp.activation_fn = MROVSegQuickGELU()
         self.adapters = nn.ModuleList(MROVSegMultiResAdapter(config) for _ in config.feature_layers)
         self.pixel_decoder = MROVSegPixelDecoder(config)
         self.query_decoder = MROVSegQueryDecoder(config)

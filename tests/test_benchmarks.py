@@ -75,3 +75,27 @@ def test_postprocess_benchmark_compares_the_two_labellings_on_the_same_scores():
     # a section measured apart from the saved report names its own machine and date
     report = {"machine": "x, 2026-11-26", "measured": {"postprocess": "x, 2026-11-27", "aten": "x, 2026-11-26"}}
     assert "2026-11-27" in stamp(report, "postprocess") and stamp(report, "aten") == stamp(report, "metric") == ""
+
+
+def test_training_memory_trace_sees_what_the_lean_quick_gelu_saves():
+    """The fake-tensor trace of a training step: the lean QuickGELU keeps one MLP-wide tensor per CLIP layer and token
+    less than transformers' (the sigmoid), and nothing else changes."""
+    import numpy as np
+
+    from benchmarks.memory import training_memory
+    from modeling_mrovseg import MROVSegConfig, MROVSegImageProcessor
+
+    plain, lean = (training_memory("tiny", batch=2, crop=96, num_labels=5, plain_activation=p) for p in (True, False))
+    assert 0 < lean["model_and_optimizer_gb"] == plain["model_and_optimizer_gb"]
+    assert 0 < lean["kept_for_backward_gb"] < lean["peak_gb"]
+    config = MROVSegConfig.from_preset("tiny")
+    vision = config.vision_config
+    slices = MROVSegImageProcessor.from_model_config(config)(
+        list(np.zeros((2, 96, 96, 3), np.uint8)), do_resize=False, return_tensors="pt")["pixel_values_slices"]
+    windows = slices.shape[0] * (1 + slices.shape[1])  # global views and slices, through the backbone's layers
+    backbone_layers = max(set(config.feature_layers) | set(range(config.query_layer, vision.num_hidden_layers)))
+    tokens = backbone_layers * windows * (1 + (vision.image_size // vision.patch_size) ** 2)
+    tokens += (vision.num_hidden_layers - config.query_layer) * 2 * config.num_queries  # the masked attention's
+    sigmoid_bytes = tokens * vision.intermediate_size * 2  # bf16
+    saved = (plain["kept_for_backward_gb"] - lean["kept_for_backward_gb"]) * 1024**3
+    assert saved == pytest.approx(sigmoid_bytes, rel=0.01)

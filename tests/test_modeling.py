@@ -149,6 +149,46 @@ def test_loss_backward_reaches_every_trainable_parameter():
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_quick_gelu_keeps_only_its_input_with_identical_values_and_gradients(dtype):
+    """Training backpropagates through frozen CLIP to its position embeddings; CLIP's QuickGELU (x * sigmoid(1.702 x))
+    made autograd keep the MLP's input and its sigmoid. The swapped-in activation keeps the input only and must give
+    bit-identical outputs and gradients."""
+    from transformers.activations import QuickGELUActivation
+
+    from modeling_mrovseg.layers import MROVSegQuickGELU
+
+    torch.manual_seed(0)
+    x = (torch.randn(6, 9, 40) * 4).to(dtype)
+    weight = torch.randn(6, 9, 40).to(dtype)
+    results = []
+    for activation in (QuickGELUActivation(), MROVSegQuickGELU()):
+        leaf = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            y = activation(leaf)
+        (y * weight).sum().backward()
+        results.append((y.detach(), leaf.grad, set(saved), leaf.untyped_storage().data_ptr()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert len(results[0][2]) == 2  # the input and the sigmoid
+    assert results[1][2] == {results[1][3]}  # the input alone
+    with torch.no_grad():  # inference: the plain expression, no autograd function
+        assert torch.equal(MROVSegQuickGELU()(x), QuickGELUActivation()(x))
+
+
+def test_model_uses_the_lean_quick_gelu_in_clip_and_keeps_its_checkpoint_keys():
+    from transformers import CLIPVisionModel
+
+    from modeling_mrovseg.layers import MROVSegQuickGELU
+
+    model = build()
+    layers = model.mrovseg.vision_model.encoder.layers
+    assert all(isinstance(layer.mlp.activation_fn, MROVSegQuickGELU) for layer in layers)
+    plain = CLIPVisionModel._from_config(model.config.vision_config)
+    assert set(model.mrovseg.vision_model.state_dict()) == set(plain.state_dict())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     inputs = inputs_for(tiny_config(), (96, 200), labels=True)
     grads = []
