@@ -474,13 +474,18 @@ def _label_scores_float32(score: torch.Tensor, scale: tuple[float, float], out_h
     return LabelledScores(segmentation=segmentation, best=best, class_shares=class_shares, scores=maps)
 
 
-def _resample_max(part: torch.Tensor, scale: tuple[float, float], out_h: int, out_w: int, with_sum: bool,
-                  keep: bool):
-    """(1, c, h, w) scores -> per-pixel best score and class (and the class sum, the resampled maps) at out_h x out_w."""
+def _resample(part: torch.Tensor, scale: tuple[float, float], out_h: int, out_w: int) -> torch.Tensor:
+    """(1, c, h, w) maps resampled bilinearly at `scale`, the first out_h x out_w pixels."""
     if part.shape[-2:] != (out_h, out_w) or scale != (1.0, 1.0):
         part = F.interpolate(part, scale_factor=scale, mode="bilinear", align_corners=False,
                              recompute_scale_factor=False)
-    part = part[0, :, :out_h, :out_w]
+    return part[..., :out_h, :out_w]
+
+
+def _resample_max(part: torch.Tensor, scale: tuple[float, float], out_h: int, out_w: int, with_sum: bool,
+                  keep: bool):
+    """(1, c, h, w) scores -> per-pixel best score and class (and the class sum, the resampled maps) at out_h x out_w."""
+    part = _resample(part, scale, out_h, out_w)[0]
     best, label = part.max(dim=0)
     return best, label, (part.sum(dim=0) if with_sum else None), (part if keep else None)
 
@@ -520,8 +525,6 @@ class AxisTaps(NamedTuple):
     source's stride along the axis, output pixels times the output's."""
 
     first: torch.Tensor  # (out,) each output pixel's first source pixel
-    offsets: torch.Tensor  # (out, 2) its two source pixels, as offsets
-    weights: torch.Tensor  # (out, 2) their weights
     group_targets: torch.Tensor  # (G, K) each group's output pixels, as offsets; negative in unused slots
     group_weights: torch.Tensor  # (G, K, 2) their weights
     group_sources: torch.Tensor  # (G, 2) the group's two source pixels, as offsets
@@ -535,10 +538,10 @@ def _device_taps(low: int, out: int, scale: float, device: torch.device, source_
     """`_bilinear_taps` and `_pixel_groups` on `device`, kept for the next image of the same size: a copy from the
     host to a GPU waits for the GPU to finish its queue, so each uncached one stalls post-processing (a few hundred KB
     at most)."""
-    taps, weights = _bilinear_taps(low, out, scale)
+    taps = _bilinear_taps(low, out, scale)[0]
     targets, group_weights, sources = _pixel_groups(low, out, scale)
-    arrays = (taps[:, 0], taps * source_stride, weights, targets * out_stride, group_weights, sources * source_stride,
-              sources[:, 0], targets[:, 0] >= 0)
+    arrays = (taps[:, 0], targets * out_stride, group_weights, sources * source_stride, sources[:, 0],
+              targets[:, 0] >= 0)
     return AxisTaps(*(torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in arrays))
 
 
@@ -567,14 +570,21 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     num_classes, low_h, low_w = score.shape
     device = score.device
     pixels = score.permute(1, 2, 0).reshape(low_h * low_w, num_classes)  # a view for semantic_scores' layout
-    low_label = pixels.max(dim=1).indices.view(low_h, low_w)  # the first maximum, as argmax; faster on a CPU
+    low_best, low_label = pixels.max(dim=1)  # the first maximum, as argmax; faster on a CPU
+    low_label = low_label.view(low_h, low_w)
     rows = _device_taps(low_h, out_h, scale[0], device, source_stride=low_w, out_stride=out_w)
     cols = _device_taps(low_w, out_w, scale[1], device)
-    # every pixel's label from its first source pixel, in a buffer with a spare last slot that the groups' unused
-    # slots write to (their targets are negative, clamped to -1)
+    # every pixel's label from its first source pixel (and its best score, with_best, from the resampled
+    # low-resolution maximum: a pixel whose four sources share the winner blends their maxima), in buffers with a
+    # spare last slot that the groups' unused slots write to (their targets are negative, clamped to -1)
     buffer = low_label.new_empty(out_h * out_w + 1)
     labels = buffer[:-1].view(out_h, out_w)
     torch.index_select(low_label.index_select(0, rows.first), 1, cols.first, out=labels)
+    best = total = best_buffer = None
+    if with_best or with_total:
+        best_buffer = low_best.new_empty(out_h * out_w + 1)
+        best = best_buffer[:-1].view(out_h, out_w)
+        best.copy_(_resample(low_best.view(1, 1, low_h, low_w), scale, out_h, out_w)[0, 0])
     uniform = uniform_cells(low_label).index_select(0, rows.group_first).index_select(1, cols.group_first)
     group_rows, group_cols = (rows.group_used[:, None] & cols.group_used & ~uniform).nonzero(as_tuple=True)
     # groups blended at once: on a GPU as many as the budget allows (fewest launches); on a CPU 16 MB of class
@@ -587,21 +597,14 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
         weight = rows.group_weights[gr][:, :, None, :, None] * cols.group_weights[gc][:, None, :, None, :]
         blended = torch.bmm(weight.flatten(3).flatten(1, 2), pixels[corners])  # (n, Ky * Kx, 4) @ (n, 4, C)
         target = (rows.group_targets[gr][:, :, None] + cols.group_targets[gc][:, None, :]).flatten().clamp_(min=-1)
-        buffer[target] = blended.argmax(dim=2).flatten()
-    best = total = None
-    if with_best or with_total:
-        flat_labels = labels.flatten()
-        best = torch.zeros(out_h * out_w, device=device)
-        total = torch.zeros(out_h * out_w, device=device) if with_total else None
-        sums = pixels.sum(dim=1) if with_total else None
-        for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            source = (rows.offsets[:, i, None] + cols.offsets[None, :, j]).flatten()
-            weight = (rows.weights[:, i, None] * cols.weights[None, :, j]).flatten()
-            best += pixels[source, flat_labels] * weight
-            if with_total:
-                total += sums[source] * weight
-        best = best.view(out_h, out_w)
-        total = None if total is None else total.view(out_h, out_w)
+        if best_buffer is None:
+            buffer[target] = blended.argmax(dim=2).flatten()
+        else:
+            winner = blended.max(dim=2)  # the first maximum, as argmax
+            buffer[target] = winner.indices.flatten()
+            best_buffer[target] = winner.values.flatten()
+    if with_total:  # every class's evidence, resampled
+        total = _resample(pixels.sum(dim=1).view(1, 1, low_h, low_w), scale, out_h, out_w)[0, 0]
     return labels, best, total
 
 
