@@ -32,10 +32,13 @@ class Segmenter:
     """One loaded zero-shot pipeline shared by all requests (one image at a time: requests queue, the page stays live)."""
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto"):
-        from modeling_mrovseg.cli import check_device, load_pipeline
+        from modeling_mrovseg.cli import check_device, emulated_precision_note, load_pipeline
 
         check_device(device)
         self.pipeline = load_pipeline(model, device, resolution=None, slice_batch_size=None, dtype=dtype)
+        note = emulated_precision_note(self.pipeline.model)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
