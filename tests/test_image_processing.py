@@ -379,6 +379,7 @@ def _blobs(classes=12, size=(20, 28), seed=0):
     ((20, 28), (70, 100, 80, 112), (13, 9)),  # downsampled
     ((20, 28), None, (20, 28)),  # the mask resolution itself
     ((1, 28), None, (5, 50)),  # one row: every vertical tap is clamped
+    ((6, 9), None, (301, 419)),  # ~50x: groups of 50 x 47 pixels
 ])
 def test_labels_from_corners_equal_full_resampling(size, geometry, out):
     """Inside a segment the label comes from the low-resolution winners; it must equal the argmax of the full
