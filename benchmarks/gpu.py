@@ -9,7 +9,8 @@ Every figure is measured in this run on this card, side by side:
    the CLIP passes alone (the floor), full-resolution CLIP feeding the same decoder (`high_res_encoding="full_image"`)
    and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`);
 2. post-processing alone at 2048^2 and batch-8 throughput at 640^2;
-3. training-step throughput (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8) and ViT-L/14 (batch 4);
+3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8; also
+   with transformers' QuickGELU in CLIP, and compiled) and ViT-L/14 (batch 4);
 4. bf16 autocast against fp32 on the same input (relative error of the logits, argmax agreement);
 5. a 60-step `accelerate launch --mixed_precision bf16` training run and `training.evaluate` on synthetic data.
 """
@@ -17,6 +18,7 @@ Every figure is measured in this run on this card, side by side:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.memory import plain_quick_gelu
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(640, 640), (1024, 2048), (2048, 2048), (4096, 4096)]
@@ -220,13 +224,17 @@ def training_throughput(args, device) -> list[dict]:
         # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
         # loss's matching stays eager: scipy on the host)
         variants = [("eager", model)]
+        if preset_index == 0:  # side by side: transformers' QuickGELU in CLIP, which keeps its sigmoid
+            variants.append(("eager_plain_quick_gelu", model))
         if args.compile and preset_index == 0:
             variants.append(("compiled", torch.compile(model, backend=args.compile_backend)))
         for name, forward in variants:
             step = training_step(forward, batch, seeds, params, optimizer, device)
+            activation = plain_quick_gelu(model) if name == "eager_plain_quick_gelu" else contextlib.nullcontext()
             reset_peak(device)
             try:
-                ms = timed(step, device, max(2, args.runs // 2), warmup=3 if name == "compiled" else 2)
+                with activation:
+                    ms = timed(step, device, max(2, args.runs // 2), warmup=3 if name == "compiled" else 2)
             except Exception as error:  # a compiler failure is a result to report, not the end of the run
                 rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name,
                              "error": repr(error)[:500]})
@@ -322,7 +330,9 @@ def report(results: dict) -> str:
         lines += ["", "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |",
                   "|---|---|---|---|---|"]
         for row in results["training"]:
-            label = f"{row['preset']}, {row['crop']} crops" + (", compiled" if row.get("variant") == "compiled" else "")
+            label = f"{row['preset']}, {row['crop']} crops" + {
+                "compiled": ", compiled", "eager_plain_quick_gelu": ", transformers' QuickGELU in CLIP"}.get(
+                row.get("variant"), "")
             if "error" in row:
                 lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | |")
                 continue

@@ -12,6 +12,7 @@ traces one bf16 training step of ViT-B/16 (batch 8, 640 px crops) with fake tens
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -42,6 +43,23 @@ def run_one(size: int, slice_batch_size: int, labels: int) -> dict:
             "output_shape": list(segmentation.shape), "slice_batch_size": slice_batch_size}
 
 
+@contextlib.contextmanager
+def plain_quick_gelu(model):
+    """Within it, CLIP's layers run transformers' QuickGELU (which keeps its sigmoid for the backward) instead of the
+    model's lean one: the other side of the side-by-side figures."""
+    from transformers.activations import QuickGELUActivation
+
+    layers = model.mrovseg.vision_model.encoder.layers
+    lean = [layer.mlp.activation_fn for layer in layers]
+    for layer in layers:
+        layer.mlp.activation_fn = QuickGELUActivation()
+    try:
+        yield model
+    finally:
+        for layer, activation in zip(layers, lean):
+            layer.mlp.activation_fn = activation
+
+
 def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, num_labels: int = 150,
                     plain_activation: bool = False) -> dict:
     """
@@ -60,8 +78,6 @@ def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, n
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     from torch.utils.weak import WeakIdKeyDictionary
-    from transformers.activations import QuickGELUActivation
-
     from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
 
     class Alive(TorchDispatchMode):
@@ -93,12 +109,10 @@ def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, n
     shapes = processor(images, do_resize=False, return_pixel_mask=True, return_tensors="pt")
     with torch.device("meta"):
         model = MROVSegForOpenVocabSegmentation(config).train()
-    if plain_activation:
-        for layer in model.mrovseg.vision_model.encoder.layers:
-            layer.mlp.activation_fn = QuickGELUActivation()
     gb = 1024**3
     alive = Alive()
-    with FakeTensorMode(allow_non_fake_inputs=True), alive:
+    activation = plain_quick_gelu(model) if plain_activation else contextlib.nullcontext()
+    with activation, FakeTensorMode(allow_non_fake_inputs=True), alive:
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)

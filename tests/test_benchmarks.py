@@ -29,6 +29,10 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert smoke["ok"], smoke.get("stderr")
     assert smoke["steps"] == 4 and 0 <= smoke["mean_iou"] <= 1
     assert "| 96 x 160 |" in gpu.report(results)
+    # eager training with the lean and with transformers' QuickGELU in CLIP, side by side; the model gets its own back
+    assert [row["variant"] for row in results["training"]] == ["eager", "eager_plain_quick_gelu"]
+    assert all(row["images_per_s"] > 0 for row in results["training"])
+    assert "transformers' QuickGELU in CLIP" in gpu.report(results)
 
 
 def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
@@ -99,3 +103,15 @@ def test_training_memory_trace_sees_what_the_lean_quick_gelu_saves():
     sigmoid_bytes = tokens * vision.intermediate_size * 2  # bf16
     saved = (plain["kept_for_backward_gb"] - lean["kept_for_backward_gb"]) * 1024**3
     assert saved == pytest.approx(sigmoid_bytes, rel=0.01)
+    # the side-by-side swap (benchmarks.gpu times eager training both ways) gives the model its own activations back
+    from transformers.activations import QuickGELUActivation
+
+    from benchmarks.memory import plain_quick_gelu
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+    from modeling_mrovseg.layers import MROVSegQuickGELU
+
+    model = MROVSegForOpenVocabSegmentation(config)
+    layers = model.mrovseg.vision_model.encoder.layers
+    with plain_quick_gelu(model):
+        assert all(type(layer.mlp.activation_fn) is QuickGELUActivation for layer in layers)
+    assert all(isinstance(layer.mlp.activation_fn, MROVSegQuickGELU) for layer in layers)
