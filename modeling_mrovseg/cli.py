@@ -75,7 +75,7 @@ def emulated_precision_note(model) -> str | None:
         return None
     name = str(model.dtype).removeprefix("torch.")
     return (f"{name} weights on this CPU ({torch.backends.cpu.get_cpu_capability()}, without {name} instructions) run "
-            f"emulated, several times slower than float32: leave --dtype out or use --dtype float32.")
+            f"emulated, several times slower than float32: --dtype float32 runs faster here.")
 
 
 def check_device(device: str | None) -> None:
