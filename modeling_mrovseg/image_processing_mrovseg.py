@@ -660,7 +660,9 @@ def semantic_scores(outputs) -> torch.Tensor:
 
 def _float32(device: torch.device):
     """Scores, their blends and maxima in float32 even inside a caller's autocast (evaluation runs under one), where
-    bmm would run in bfloat16 and swap classes whose scores lie within its rounding."""
+    bmm would run in bfloat16 and swap classes whose scores lie within its rounding. A caller's TF32 setting
+    (`torch.backends.cuda.matmul.allow_tf32`, which benchmarks.gpu turns on) still applies to the score contraction,
+    as to every float32 matmul: a global switch, left to the caller."""
     try:
         enabled = torch.is_autocast_enabled(device.type)
     except RuntimeError:  # a device type autocast does not know (meta): nothing to switch off
