@@ -21,6 +21,7 @@ import modeling_mrovseg.image_processing_mrovseg as image_processing
 from benchmarks.gpu import build, image_size, inputs_for
 from benchmarks.run import boundary_cell_fraction, smooth_outputs
 
+
 def module_groups(model) -> dict[str, list[torch.nn.Module]]:
     """The pipeline's stages, in order. CLIP is hooked layer by layer: `_run_clip` calls its parts directly."""
     core, vision = model.mrovseg, model.mrovseg.vision_model

@@ -78,6 +78,7 @@ def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, n
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     from torch.utils.weak import WeakIdKeyDictionary
+
     from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
 
     class Alive(TorchDispatchMode):

@@ -125,8 +125,9 @@ class DispatchTally:
     """While active: ATen ops dispatched (a CPU proxy for GPU kernel launches) and the bytes they read and write (a
     proxy for a memory-bound GPU step's time): views move nothing, gathers read what they write."""
 
+    # ops as dispatched: reshape, flatten and unflatten arrive as `view`, or as `clone` (counted) + `_unsafe_view`
     VIEWS = {"view", "permute", "transpose", "select", "slice", "unsqueeze", "squeeze", "expand", "_unsafe_view",
-             "as_strided", "alias", "t", "detach", "unbind", "split", "reshape", "flatten", "unflatten"}
+             "as_strided", "alias", "t", "detach", "unbind", "split"}
     GATHERS = {"index", "index_select"}
 
     def __init__(self):

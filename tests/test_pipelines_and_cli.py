@@ -180,7 +180,8 @@ def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("has_instructions", [False, True])
 def test_cli_notes_half_precision_emulated_on_this_cpu(checkpoint, tmp_path, monkeypatch, capsys, has_instructions):
     """bfloat16 on a CPU without bf16 instructions runs emulated, 6.5x slower than float32 on this project's AVX2
-    machine: the CLI says so (and how to avoid it) instead of leaving the user to wait; with them, or in float32, not."""
+    machine: the CLI says so (and how to avoid it) instead of leaving the user to wait; with them, or in float32,
+    not."""
     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
         monkeypatch.setattr(torch.cpu, check, lambda: has_instructions)
     image = tmp_path / "street.png"
