@@ -4,6 +4,7 @@ broken script: every table row, the bf16 comparison and the accelerate training 
 import json
 
 import pytest
+import torch
 
 from benchmarks import gpu, gpu_profile
 
@@ -64,6 +65,31 @@ def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():
     default = count_aten_ops((256, 256))
     bf16 = count_aten_ops((256, 256), bf16_weights=True)
     assert 300 < bf16 < default  # autocast's per-op casts of fp32 weights are part of the default's count
+
+
+def test_aten_op_count_splits_and_keeps_lazy_initialisations_out():
+    from benchmarks.run import count_aten_ops
+    from modeling_mrovseg.image_processing_mrovseg import _device_taps
+
+    _device_taps.cache_clear()  # the first count in a process pays for the resampling taps unless warmed up
+    first = count_aten_ops((256, 256), bf16_weights=True, slice_batch_size=None, detail=True)
+    second = count_aten_ops((256, 256), bf16_weights=True, slice_batch_size=None, detail=True)
+    assert first == second
+    assert 0 < first["after_clip_launching"] < first["after_clip"] < first["ops"]
+    assert first["after_clip_launching"] < first["launching"] < first["ops"]
+
+
+def test_moves_no_data_tells_views_from_kernels():
+    from benchmarks.run import DispatchTally
+
+    x = torch.randn(4, 6)
+    with torch.inference_mode():
+        for fn, free in ((lambda: x.view(6, 4), True), (lambda: x.t().reshape(24), False), (lambda: x + 1, False),
+                         (lambda: x.clone().add_(1), False), (lambda: x.to(torch.float32), True),
+                         (lambda: x[:, 1:].unsqueeze(0), True), (lambda: torch.zeros(3), False)):
+            with DispatchTally() as tally:
+                fn()
+            assert (tally.data_free == tally.ops) is free and tally.ops > 0
 
 
 def test_postprocess_benchmark_compares_the_two_labellings_on_the_same_scores():
