@@ -7,7 +7,8 @@
 Every figure is measured in this run on this card, side by side:
 1. latency (ms, median of CUDA-event-timed runs, post-processing of 150 classes included) and peak memory of MROVSeg,
    the CLIP passes alone (the floor), full-resolution CLIP feeding the same decoder (`high_res_encoding="full_image"`)
-   and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`);
+   and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`),
+   eager with `cudnn.benchmark`, and at the first compiled size compiled with CUDA graphs (`mode="reduce-overhead"`);
 2. post-processing alone at 2048^2 and batch-8 throughput at 640^2;
 3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8; also
    with transformers' QuickGELU in CLIP, and compiled) and ViT-L/14 (batch 4);
@@ -106,6 +107,17 @@ def fast_model(args, device, compile: bool):
     return model, (torch.compile(model, dynamic=False, backend=args.compile_backend) if compile else None)
 
 
+@contextlib.contextmanager
+def cudnn_benchmark():
+    """cuDNN times its algorithms for each new convolution shape and keeps the fastest, while inside."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def latency_table(args, device) -> list[dict]:
     rows = []
     base = build(args.preset, args.num_labels, device)
@@ -113,36 +125,51 @@ def latency_table(args, device) -> list[dict]:
     models = {"mrovseg": base, "mrovseg_bf16": bf16, "clip_floor": bf16,
               "full_resolution_clip": build(args.preset, args.num_labels, device, high_res_encoding="full_image"),
               "single_resolution": build(args.preset, args.num_labels, device, use_high_res=False)}
+    # on a GPU, two ways to fewer launches and better kernels, side by side with the rows above (README's question of
+    # what a user should turn on): CUDA graphs (compiled, mode="reduce-overhead") at the first compiled size, where
+    # the GPU waits for the host; cuDNN's own algorithm search (`cudnn.benchmark`) for the convolutions, eager
+    graphed = None
+    if device.type == "cuda" and compiled is not None and args.compiled_sizes:
+        graphed = torch.compile(bf16, dynamic=False, mode="reduce-overhead")
     for size in args.sizes:
         processor, inputs = inputs_for(base, size, device)
         compile_here = compiled is not None and tuple(size) in args.compiled_sizes
-        for variant in VARIANTS + (["mrovseg_compiled"] if compile_here else []):
+        extra = ["mrovseg_cudnn_benchmark"] if device.type == "cuda" else []
+        extra += ["mrovseg_compiled"] if compile_here else []
+        extra += ["mrovseg_cuda_graphs"] if graphed is not None and tuple(size) == tuple(args.compiled_sizes[0]) else []
+        for variant in VARIANTS + extra:
             if variant == "full_resolution_clip" and size[0] * size[1] > args.full_res_max_pixels:
                 continue
             model = models.get(variant, bf16)
+            forward = {"mrovseg_compiled": compiled, "mrovseg_cuda_graphs": graphed}.get(variant, model)
 
-            def step(model=model, variant=variant):
+            def step(model=model, variant=variant, forward=forward):
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                     if variant == "clip_floor":
                         images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
                         return model.mrovseg._run_clip(images, [model.config.vision_config.num_hidden_layers - 1])
-                    outputs = (compiled if variant == "mrovseg_compiled" else model)(**inputs)
+                    if variant == "mrovseg_cuda_graphs":  # this call's outputs may overwrite the last one's
+                        torch.compiler.cudagraph_mark_step_begin()
+                    outputs = forward(**inputs)
                     # the default post-processing after the compiled forward too: its fused `compiled=True` path
                     # was 3.5x slower on an H200 (postprocess_and_batch times both)
                     return processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0]
 
             reset_peak(device)
+            compiled_variant = variant in ("mrovseg_compiled", "mrovseg_cuda_graphs")
+            search = contextlib.nullcontext() if variant != "mrovseg_cudnn_benchmark" else cudnn_benchmark()
             try:
-                ms = timed(step, device, args.runs, warmup=3 if variant == "mrovseg_compiled" else 1)
+                with search:
+                    ms = timed(step, device, args.runs, warmup=3 if compiled_variant else 1)
             except Exception as error:  # a compiler failure is a result to report, not the end of the run
-                if variant != "mrovseg_compiled":
+                if not compiled_variant:
                     raise
                 print(json.dumps({"variant": variant, "size": list(size), "error": repr(error)[:500]}), flush=True)
                 continue
             rows.append({"variant": variant, "size": list(size), "ms": ms, "peak_gb": peak_gb(device)})
             if variant == "mrovseg_bf16":
                 eager_labels = step()
-            elif variant == "mrovseg_compiled":  # a compiler bug shows here first (CPU inductor's fold did)
+            elif compiled_variant:  # a compiler bug shows here first (CPU inductor's fold did)
                 rows[-1]["labels_agree_with_eager"] = float((step() == eager_labels).float().mean())
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -368,9 +395,20 @@ def latency_lines(rows: list[dict], sizes) -> list[str]:
             f"+{100 * (best / floor['ms'] - 1):.0f}% | {fmt(full)} | "
             f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | {gb(ours)} / {gb(half)} |")
     agreement = [f"{r['size'][0]} x {r['size'][1]} {100 * r['labels_agree_with_eager']:.3f}%"
+                 + (" (CUDA graphs)" if r["variant"] == "mrovseg_cuda_graphs" else "")
                  for r in rows if "labels_agree_with_eager" in r]
     if agreement:
         lines += ["", "Compiled labels equal to eager bf16 labels on: " + ", ".join(agreement) + " of pixels."]
+    variants = []
+    for size in map(tuple, sizes):
+        for variant, name, against in (("mrovseg_cudnn_benchmark", "bf16 eager with `cudnn.benchmark`", "mrovseg_bf16"),
+                                       ("mrovseg_cuda_graphs", "compiled with CUDA graphs (`mode=\"reduce-overhead\"`)",
+                                        "mrovseg_compiled")):
+            row, base = lat.get((variant, size)), lat.get((against, size))
+            if row and base:
+                variants.append(f"{size[0]} x {size[1]} {name} {row['ms']:.1f} ms against {base['ms']:.1f}")
+    if variants:
+        lines += ["", "Side by side: " + "; ".join(variants) + "."]
     return lines
 
 

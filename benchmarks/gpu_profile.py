@@ -6,7 +6,8 @@
 Each module of the pipeline runs inside a `record_function` range (forward hooks), so the profiler's per-range
 device time is the sum of the kernels that module launched; post-processing is split into its two steps (class
 scores, labels) and also profiled on outputs with segments (`benchmarks.run.smooth_outputs`), since a random-weight
-model's maps are one class everywhere. Complements `benchmarks.gpu`'s end-to-end timings.
+model's maps are one class everywhere. Each stage also lists its five costliest kernels (by name, summed per run), so a
+stage's time says which kernels to look at. Complements `benchmarks.gpu`'s end-to-end timings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,34 @@ def ranged_postprocessing(run: str):
             setattr(image_processing, name, function)
 
 
+def top_work(prof, runs: int, count: int = 5) -> dict[str, list[dict]]:
+    """Per stage, the kernels that took the most device time (by kernel name, per run), so a stage's time says which
+    kernels to look at; on a CPU, where nothing launches kernels, the innermost ops by host time instead."""
+    from collections import defaultdict
+
+    tallies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for event in prof.events():
+        if not event.name.startswith("stage:") or event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        tally, pending = tallies[event.name[6:]], list(event.cpu_children)
+        while pending:
+            child = pending.pop()
+            pending.extend(child.cpu_children)
+            for kernel in child.kernels:
+                tally[kernel.name][0] += kernel.duration
+                tally[kernel.name][1] += 1
+            if not child.cpu_children and not child.kernels:
+                tally["cpu:" + child.name][0] += child.cpu_time_total
+                tally["cpu:" + child.name][1] += 1
+    tops = {}
+    for stage, tally in tallies.items():
+        kernels = {name: value for name, value in tally.items() if not name.startswith("cpu:")}
+        ranked = sorted((kernels or tally).items(), key=lambda item: -item[1][0])[:count]
+        tops[stage] = [{"name": name[:120], "ms": total / 1000 / runs, "per_run": calls / runs}
+                       for name, (total, calls) in ranked]
+    return tops
+
+
 def profile_size(model, size, device, runs: int = 3) -> dict:
     processor, inputs = inputs_for(model, size, device)
     segments = smooth_outputs(size, model.config.num_labels, model.config.num_queries, device, torch.bfloat16)
@@ -85,12 +114,13 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     stages = {}
+    tops = top_work(prof, runs)
     for event in prof.key_averages():
         # host-side ranges only: their device time is the sum of the kernels launched inside them (the device-side
         # copies of a range span first to last kernel, idle gaps included)
         if event.key.startswith("stage:") and event.cpu_time_total > 0:
             stages[event.key[6:]] = {"device_ms": event.device_time_total / 1000 / runs,
-                                     "cpu_ms": event.cpu_time_total / 1000 / runs}
+                                     "cpu_ms": event.cpu_time_total / 1000 / runs, "top": tops.get(event.key[6:], [])}
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     boundary = boundary_cell_fraction(image_processing.semantic_scores(segments)[0])
     return {"size": list(size), "stages": stages, "kernels_per_run": len(kernels) / runs,
@@ -119,6 +149,8 @@ def main(argv=None) -> list[dict]:
               f"{100 * result['segments_boundary_cell_fraction']:.0f}% boundary cells)")
         for name, stage in sorted(result["stages"].items(), key=lambda item: -item[1]["device_ms"]):
             print(f"  {name:28s} {stage['device_ms']:8.2f} ms kernels {stage['cpu_ms']:8.2f} ms host")
+            for top in stage["top"][:3 if name in ("forward", "postprocess", "postprocess_segments") else 5]:
+                print(f"      {top['ms']:8.3f} ms {top['per_run']:5.0f}x {top['name'][:90]}")
     return results
 
 

@@ -57,6 +57,10 @@ def test_gpu_profile_times_every_stage_of_the_pipeline():
     assert 0 < result["segments_boundary_cell_fraction"] < 0.5
     assert all(stage["cpu_ms"] > 0 for stage in result["stages"].values())
     assert result["stages"]["forward"]["cpu_ms"] >= result["stages"]["clip"]["cpu_ms"]
+    # each stage names where its time went (on a CPU: its innermost ops by host time, largest first)
+    for stage in result["stages"].values():
+        assert stage["top"] and all(top["name"].startswith("cpu:aten::") for top in stage["top"])
+        assert [top["ms"] for top in stage["top"]] == sorted((top["ms"] for top in stage["top"]), reverse=True)
 
 
 def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():
@@ -141,3 +145,14 @@ def test_training_memory_trace_sees_what_the_lean_quick_gelu_saves():
     with plain_quick_gelu(model):
         assert all(type(layer.mlp.activation_fn) is QuickGELUActivation for layer in layers)
     assert all(isinstance(layer.mlp.activation_fn, MROVSegQuickGELU) for layer in layers)
+
+
+def test_gpu_report_sets_the_cuda_only_variants_beside_their_baselines():
+    rows = [{"variant": v, "size": [640, 640], "ms": ms, "peak_gb": 1.0} for v, ms in
+            (("mrovseg", 15.0), ("mrovseg_bf16", 14.0), ("clip_floor", 5.0), ("mrovseg_compiled", 9.0),
+             ("mrovseg_cudnn_benchmark", 12.5), ("mrovseg_cuda_graphs", 6.5))]
+    rows[-1]["labels_agree_with_eager"] = 1.0
+    text = "\n".join(gpu.latency_lines(rows, [(640, 640)]))
+    assert "| 640 x 640 | 15.0 | 14.0 | 9.0 | 5.0 | +80% |" in text  # the table's best is a supported path's
+    assert "`cudnn.benchmark` 12.5 ms against 14.0" in text and 'reduce-overhead"`) 6.5 ms against 9.0' in text
+    assert "640 x 640 100.000% (CUDA graphs)" in text
