@@ -1,6 +1,7 @@
 """Where the time goes: kernel time per module of one eager forward plus post-processing, and kernels per run.
 
-    python -m benchmarks.gpu_profile                 # on a CUDA device: ViT-B/16, bf16 weights, 640^2 and 2048^2
+    python -m benchmarks.gpu_profile                 # on a CUDA device: ViT-B/16, bf16 weights, 640^2 and 2048^2,
+                                                     # then the compiled forward's costliest kernels at 2048^2
     python -m benchmarks.gpu_profile --smoke         # the same code on the CPU with the tiny config (CPU times only)
 
 Each module of the pipeline runs inside a `record_function` range (forward hooks), so the profiler's per-range
@@ -128,10 +129,48 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
             "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs}
 
 
+def profile_compiled(model, size, device, backend: str, runs: int = 3, count: int = 10) -> dict:
+    """Kernels of the compiled forward (`torch.compile(dynamic=False)`, no post-processing), the costliest first:
+    inside one graph there are no modules to range over, but inductor's fused kernels name the ops they fuse. On a
+    CPU, the ops by host time instead."""
+    _, inputs = inputs_for(model, size, device)
+    compiled = torch.compile(model, dynamic=False, backend=backend)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            compiled(**inputs)
+
+    for _ in range(3):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        totals: dict[str, list[float]] = {}
+        for kernel in kernels:
+            total = totals.setdefault(kernel.name, [0.0, 0])
+            total[0] += kernel.device_time
+            total[1] += 1
+        ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    else:
+        ranked = sorted(((e.key, [e.self_cpu_time_total, e.count]) for e in prof.key_averages()
+                         if e.self_cpu_time_total > 0), key=lambda item: -item[1][0])
+    return {"size": list(size), "backend": backend, "kernels_per_run": len(kernels) / runs,
+            "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs,
+            "top": [{"name": name[:120], "ms": total / 1000 / runs, "per_run": calls / runs}
+                    for name, (total, calls) in ranked[:count]]}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
     parser.add_argument("--sizes", nargs="+", type=image_size, default=None)
+    parser.add_argument("--compiled-sizes", nargs="*", type=image_size, default=None,
+                        help="also profile the compiled forward at these sizes (default: 2048x2048; none: no compile)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -150,6 +189,18 @@ def main(argv=None) -> list[dict]:
         for name, stage in sorted(result["stages"].items(), key=lambda item: -item[1]["device_ms"]):
             print(f"  {name:28s} {stage['device_ms']:8.2f} ms kernels {stage['cpu_ms']:8.2f} ms host")
             for top in stage["top"][:3 if name in ("forward", "postprocess", "postprocess_segments") else 5]:
+                print(f"      {top['ms']:8.3f} ms {top['per_run']:5.0f}x {top['name'][:90]}")
+    # the smoke run traces (aot_eager) without code generation: inductor's C++ builds take minutes on a CPU
+    backend = "aot_eager" if args.smoke else "inductor"
+    compiled_sizes = args.compiled_sizes if args.compiled_sizes is not None else [sizes[-1]]
+    if compiled_sizes:
+        plain = build(preset, 150, device, dtype=torch.bfloat16, slice_batch_size=None)  # no ranges: one graph
+        for size in compiled_sizes:
+            result = profile_compiled(plain, size, device, backend)
+            results.append(result)
+            print(f"{size[0]} x {size[1]} compiled forward ({backend}): {result['kernels_per_run']:.0f} kernels, "
+                  f"{result['kernel_ms_per_run']:.2f} ms of kernels; the costliest:")
+            for top in result["top"]:
                 print(f"      {top['ms']:8.3f} ms {top['per_run']:5.0f}x {top['name'][:90]}")
     return results
 

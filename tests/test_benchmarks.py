@@ -49,7 +49,7 @@ def test_gpu_profile_times_every_stage_of_the_pipeline():
     from modeling_mrovseg import image_processing_mrovseg
 
     post_processing = image_processing_mrovseg.semantic_scores, image_processing_mrovseg.label_scores
-    (result,) = gpu_profile.main(["--smoke"])
+    result, compiled = gpu_profile.main(["--smoke"])
     # its ranges around post-processing's steps are gone afterwards
     assert (image_processing_mrovseg.semantic_scores, image_processing_mrovseg.label_scores) == post_processing
     post = {f"{run}{step}" for run in ("postprocess", "postprocess_segments") for step in ("", ":scores", ":labels")}
@@ -61,6 +61,9 @@ def test_gpu_profile_times_every_stage_of_the_pipeline():
     for stage in result["stages"].values():
         assert stage["top"] and all(top["name"].startswith("cpu:aten::") for top in stage["top"])
         assert [top["ms"] for top in stage["top"]] == sorted((top["ms"] for top in stage["top"]), reverse=True)
+    # then the compiled forward (traced by aot_eager on a CPU), whose costliest ops are listed without module ranges
+    assert compiled["backend"] == "aot_eager" and len(compiled["top"]) == 10
+    assert any("addmm" in top["name"] or "conv" in top["name"] for top in compiled["top"])
 
 
 def test_aten_op_count_proxy_sees_the_casts_that_bf16_weights_remove():
