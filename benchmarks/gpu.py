@@ -195,6 +195,14 @@ def postprocess_and_batch(args, device) -> dict:
             outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
         # a random-weight model's class maps are one class everywhere, so the lines above never blend a boundary:
         # the same two labellings on outputs with segments (as a trained model gives)
+        # the score contraction alone, side by side: class rows of C + 1 floats (the void column sliced off), as
+        # before semantic_scores padded them to a multiple of 8, and padded
+        with torch.autocast(device.type, enabled=False):
+            masks = outputs.masks_queries_logits.float().sigmoid().flatten(2).transpose(1, 2)
+            probs = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]
+            padded = torch.nn.functional.pad(probs, (0, -probs.shape[-1] % 8))
+            contraction = {f"rows_of_{probs.shape[-1] + 1}": timed(lambda: torch.bmm(masks, probs), device, args.runs),
+                           f"padded_to_{padded.shape[-1]}": timed(lambda: torch.bmm(masks, padded), device, args.runs)}
         smooth = smooth_outputs(size, args.num_labels, model.config.num_queries, device, torch.bfloat16)
         smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
             smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
@@ -203,6 +211,7 @@ def postprocess_and_batch(args, device) -> dict:
     result = {"postprocess_size": list(size), "postprocess_ms": post_ms, "postprocess_compiled_ms": post_compiled_ms,
               "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,
               "smooth_postprocess_full_resampling_ms": smooth_full_ms, "smooth_boundary_cell_fraction": boundary,
+              "contraction_ms": contraction,
               "batch8_size": list(args.sizes[0])}
     for name, forward in (("eager", model), ("compiled", compiled)):
         if forward is None:
@@ -426,6 +435,9 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
                f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default), "
                f"{extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)"
                if "smooth_postprocess_ms" in extra else "")
+            + ("; the score contraction alone: " + ", ".join(f"{ms:.2f} ms with {name.replace('_', ' ')}"
+                                                             for name, ms in extra["contraction_ms"].items())
+               if "contraction_ms" in extra else "")
             + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 

@@ -453,7 +453,7 @@ def _label_scores_float32(score: torch.Tensor, scale: tuple[float, float], out_h
     if keep_scores or compiled:
         resample = _compiled_resample_max() if compiled and not keep_scores else _resample_max
         # (1, C, h, w) with channels-last strides (score[None] would be ambiguous, and F.interpolate then copies it
-        # to channels-first and back: 10x slower on a CPU); no copy for semantic_scores' layout
+        # to channels-first and back: 10x slower on a CPU); semantic_scores' padded class rows are copied out once
         batched = score.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2)
         best, segmentation, total, maps = resample(batched, scale, out_h, out_w, with_shares, keep_scores)
     else:
@@ -651,11 +651,16 @@ def semantic_scores(outputs) -> torch.Tensor:
         raise ValueError("outputs need `class_queries_logits` and `masks_queries_logits` (an MROVSegOutput).")
     with _float32(class_logits.device):
         probs = class_logits.float().softmax(dim=-1)[..., :-1]
+        num_classes = probs.shape[-1]
+        # zero classes pad the class dimension to a multiple of 8 (150 -> 152; the void column left a row stride of
+        # 151): every pixel's class vector then starts at an aligned address, as GPU matrix kernels' fast paths
+        # want; sliced off again, values unchanged (each score sums over the queries alone)
+        probs = F.pad(probs, (0, -num_classes % 8))
         masks = outputs.masks_queries_logits.float().sigmoid()
         # computed pixel-major (channels-last strides): each pixel's class vector is contiguous for the class maximum
         batch, _, height, width = masks.shape
-        pixels = torch.bmm(masks.flatten(2).transpose(1, 2), probs)  # (B, h * w, C)
-    return pixels.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        pixels = torch.bmm(masks.flatten(2).transpose(1, 2), probs)[..., :num_classes]  # (B, h * w, C)
+    return pixels.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
 
 
 def _float32(device: torch.device):

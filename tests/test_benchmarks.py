@@ -23,6 +23,9 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     # on outputs with segments too, where boundaries are blended (random weights give one class everywhere)
     assert extra["smooth_postprocess_ms"] > 0 and 0 < extra["smooth_boundary_cell_fraction"] < 0.5
     assert extra["batch8_eager_images_per_s"] > 0
+    # the score contraction alone, with the smoke run's 5 classes in rows of 6 floats and padded to 8
+    assert set(extra["contraction_ms"]) == {"rows_of_6", "padded_to_8"} and min(extra["contraction_ms"].values()) > 0
+    assert "the score contraction alone: " in gpu.report(results)
     for name in ("autocast_bf16", "pure_bf16"):
         agreement = results["bf16_agreement"][name]
         assert agreement["argmax_agreement"] >= 0.99 and agreement["class_rel_err"] < 0.05, agreement

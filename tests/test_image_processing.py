@@ -462,6 +462,32 @@ def test_device_taps_are_reused_for_the_next_image_of_the_same_size_and_left_unc
     assert torch.equal(other.segmentation, label_scores(_blobs(seed=2), None, (61, 83), keep_scores=True).segmentation)
 
 
+def test_semantic_scores_pad_the_class_rows_without_changing_a_value():
+    """The contraction runs with the class dimension padded to a multiple of 8 (aligned rows for GPU matrix kernels):
+    the scores are bit-identical to the plain contraction, and labelling reads them in place."""
+    from benchmarks.run import DispatchTally
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
+
+    for classes in (3, 8, 150):
+        outputs = _outputs(batch=2, queries=16, classes=classes, size=(24, 32))
+        probs = outputs.class_queries_logits.softmax(dim=-1)[..., :-1]
+        masks = outputs.masks_queries_logits.sigmoid()  # the contraction as it was before the padding
+        plain = torch.bmm(masks.flatten(2).transpose(1, 2), probs).view(2, 24, 32, classes).permute(0, 3, 1, 2)
+        scores = semantic_scores(outputs)
+        assert scores.shape == plain.shape and torch.equal(scores, plain)
+        assert scores.stride()[1:] == (1, 32 * (-(-classes // 8) * 8), -(-classes // 8) * 8)  # pixel-major rows
+        # labelling reads the class vectors where they lie: no more traffic than from a compact copy of the scores,
+        # which copying them out first (read + write) would add
+        compact = scores[0].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        tallies = []
+        for score in (scores[0], compact):
+            with DispatchTally() as tally:
+                labels = label_scores(score, None, (24, 32)).segmentation
+            tallies.append(tally.bytes)
+        assert abs(tallies[0] - tallies[1]) < score.numel() * 4
+        assert torch.equal(labels, label_scores(scores[0], None, (24, 32)).segmentation)
+
+
 def test_post_processing_in_float32_inside_autocast():
     """Evaluation post-processes inside the accelerator's autocast: scores and labels must not drop to bfloat16."""
     processor = MROVSegImageProcessor()
