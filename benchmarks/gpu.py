@@ -193,8 +193,6 @@ def postprocess_and_batch(args, device) -> dict:
         # the labelling before boundary blending, side by side: every class map resampled to full size, then argmax
         post_full_ms = timed(lambda: processor.post_process_semantic_segmentation(
             outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
-        # a random-weight model's class maps are one class everywhere, so the lines above never blend a boundary:
-        # the same two labellings on outputs with segments (as a trained model gives)
         # the score contraction alone, side by side: class rows of C + 1 floats (the void column sliced off), as
         # before semantic_scores padded them to a multiple of 8, and padded
         with torch.autocast(device.type, enabled=False):
@@ -203,6 +201,8 @@ def postprocess_and_batch(args, device) -> dict:
             padded = torch.nn.functional.pad(probs, (0, -probs.shape[-1] % 8))
             contraction = {f"rows_of_{probs.shape[-1] + 1}": timed(lambda: torch.bmm(masks, probs), device, args.runs),
                            f"padded_to_{padded.shape[-1]}": timed(lambda: torch.bmm(masks, padded), device, args.runs)}
+        # a random-weight model's class maps are one class everywhere, so the lines above never blend a boundary:
+        # the same two labellings on outputs with segments (as a trained model gives)
         smooth = smooth_outputs(size, args.num_labels, model.config.num_queries, device, torch.bfloat16)
         smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
             smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
