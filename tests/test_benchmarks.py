@@ -13,10 +13,19 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     results = gpu.main(["--smoke", "--no-write", "--out", str(tmp_path / "gpu.json")])
     assert json.loads((tmp_path / "gpu.json").read_text())["smoke"] is True
     measured = {(row["variant"], tuple(row["size"])) for row in results["latency"]}
-    assert measured == {(variant, tuple(size)) for variant in gpu.VARIANTS for size in results["sizes"]} | {
+    every_size = gpu.VARIANTS + ["mrovseg_channels_last_stitching"]  # cudnn.benchmark and CUDA graphs: CUDA only
+    assert measured == {(variant, tuple(size)) for variant in every_size for size in results["sizes"]} | {
         ("mrovseg_compiled", (64, 64))}
     compiled = next(row for row in results["latency"] if row["variant"] == "mrovseg_compiled")
     assert compiled["labels_agree_with_eager"] > 0.99  # the check that would catch a miscompiled model on a GPU
+    # channels-last stitching: the same values in another layout, so the same labels up to rounding
+    assert all(row["labels_agree_with_eager"] > 0.99 for row in results["latency"]
+               if row["variant"] == "mrovseg_channels_last_stitching")
+    import modeling_mrovseg.modeling_mrovseg as modeling
+    from modeling_mrovseg.slicing import stitch_windows
+
+    assert modeling.stitch_windows is stitch_windows  # the library's own stitching is back
+    assert "with channels-last stitching" in gpu.report(results)
     assert all(row["ms"] > 0 for row in results["latency"])
     extra = results["postprocess_and_batch"]
     assert extra["postprocess_ms"] > 0 and extra["postprocess_full_resampling_ms"] > 0
@@ -41,7 +50,7 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
 
 def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
     results = gpu.main(["--smoke", "--no-write", "--sections", "latency", "--sizes", "48x64", "--compiled-sizes"])
-    assert {row["variant"] for row in results["latency"]} == set(gpu.VARIANTS)
+    assert {row["variant"] for row in results["latency"]} == set(gpu.VARIANTS) | {"mrovseg_channels_last_stitching"}
     text = gpu.report(results)
     assert "| 48 x 64 |" in text and "training" not in text and "Post-processing" not in text
     with pytest.raises(SystemExit):
