@@ -94,6 +94,19 @@ def top_work(prof, runs: int, count: int = 5) -> dict[str, list[dict]]:
     return tops
 
 
+def profiled(run, device, runs: int):
+    """The profiler's record of `runs` calls of `run()`, after three untimed ones (lazy initialisations, compiles)."""
+    for _ in range(3):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prof
+
+
 def profile_size(model, size, device, runs: int = 3) -> dict:
     processor, inputs = inputs_for(model, size, device)
     segments = smooth_outputs(size, model.config.num_labels, model.config.num_queries, device, torch.bfloat16)
@@ -106,14 +119,7 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
                 with record_function(f"stage:{name}"), ranged_postprocessing(name):
                     processor.post_process_semantic_segmentation(source, target_sizes=[size])
 
-    for _ in range(3):
-        run()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(runs):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    prof = profiled(run, device, runs)
     stages = {}
     tops = top_work(prof, runs)
     for event in prof.key_averages():
@@ -140,14 +146,7 @@ def profile_compiled(model, size, device, backend: str, runs: int = 3, count: in
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             compiled(**inputs)
 
-    for _ in range(3):
-        run()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(runs):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    prof = profiled(run, device, runs)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if kernels:
         totals: dict[str, list[float]] = {}
