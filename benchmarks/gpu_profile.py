@@ -88,10 +88,14 @@ def top_work(prof, runs: int, count: int = 5) -> dict[str, list[dict]]:
     tops = {}
     for stage, tally in tallies.items():
         kernels = {name: value for name, value in tally.items() if not name.startswith("cpu:")}
-        ranked = sorted((kernels or tally).items(), key=lambda item: -item[1][0])[:count]
-        tops[stage] = [{"name": name[:120], "ms": total / 1000 / runs, "per_run": calls / runs}
-                       for name, (total, calls) in ranked]
+        tops[stage] = costliest(kernels or tally, runs, count)
     return tops
+
+
+def costliest(totals: dict[str, list[float]], runs: int, count: int) -> list[dict]:
+    """The `count` largest of {name: [microseconds, calls]} over `runs` runs, as per-run milliseconds and calls."""
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name[:120], "ms": total / 1000 / runs, "per_run": calls / runs} for name, (total, calls) in ranked]
 
 
 def profiled(run, device, runs: int):
@@ -148,20 +152,16 @@ def profile_compiled(model, size, device, backend: str, runs: int = 3, count: in
 
     prof = profiled(run, device, runs)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    if kernels:
-        totals: dict[str, list[float]] = {}
-        for kernel in kernels:
-            total = totals.setdefault(kernel.name, [0.0, 0])
-            total[0] += kernel.device_time
-            total[1] += 1
-        ranked = sorted(totals.items(), key=lambda item: -item[1][0])
-    else:
-        ranked = sorted(((e.key, [e.self_cpu_time_total, e.count]) for e in prof.key_averages()
-                         if e.self_cpu_time_total > 0), key=lambda item: -item[1][0])
+    totals: dict[str, list[float]] = {}
+    for kernel in kernels:
+        total = totals.setdefault(kernel.name, [0.0, 0])
+        total[0] += kernel.device_time
+        total[1] += 1
+    if not kernels:
+        totals = {e.key: [e.self_cpu_time_total, e.count] for e in prof.key_averages() if e.self_cpu_time_total > 0}
     return {"size": list(size), "backend": backend, "kernels_per_run": len(kernels) / runs,
             "kernel_ms_per_run": sum(k.device_time for k in kernels) / 1000 / runs,
-            "top": [{"name": name[:120], "ms": total / 1000 / runs, "per_run": calls / runs}
-                    for name, (total, calls) in ranked[:count]]}
+            "top": costliest(totals, runs, count)}
 
 
 def main(argv=None) -> list[dict]:

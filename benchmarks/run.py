@@ -209,7 +209,7 @@ def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | Non
         model = model.to(torch.bfloat16)
     processor, image = prepare(size)
     inputs = processor(image, return_tensors="pt")
-    core, in_clip = model.mrovseg, {}
+    core, in_clip = model.mrovseg, {"ops": 0, "data_free": 0}
     run_clip = core._run_clip
 
     def counted_clip(*args, **kwargs):  # the tally at CLIP's start and end
@@ -217,8 +217,8 @@ def count_aten_ops(size, bf16_weights: bool = False, slice_batch_size: int | Non
         try:
             return run_clip(*args, **kwargs)
         finally:
-            in_clip["ops"] = in_clip.get("ops", 0) + tally.ops - start[0]
-            in_clip["data_free"] = in_clip.get("data_free", 0) + tally.data_free - start[1]
+            in_clip["ops"] += tally.ops - start[0]
+            in_clip["data_free"] += tally.data_free - start[1]
 
     def run():
         return processor.post_process_semantic_segmentation(model(**inputs), target_sizes=[size])
