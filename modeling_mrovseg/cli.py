@@ -40,7 +40,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def load_pipeline(model: str, device: str | None, resolution: int | None, slice_batch_size: int | None,
-                  compile: bool = False, dtype: str = "auto"):
+                  compile: bool | str = False, dtype: str = "auto"):
     """The zero-shot pipeline on `device` with weights in `dtype` ("auto": as saved); inputs follow the weights'
     dtype, post-processing runs in float32."""
     import torch
@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="leave pixels whose best class score is below this unlabelled")
     segment.add_argument("--dtype", choices=DTYPES, default="auto",
                          help="weights' dtype (default: as saved); bfloat16 is the fast choice on a GPU")
-    segment.add_argument("--compile", action="store_true",
-                         help="torch.compile the model: faster for many images of one size, slow for the first")
+    segment.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                         help="torch.compile the model: faster for many images of one size, slow for the first; "
+                              "MODE reduce-overhead adds CUDA graphs (the fastest on a GPU for small images)")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     args = parser.parse_args(argv)
     return segment_command(args)

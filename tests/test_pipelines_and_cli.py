@@ -380,3 +380,39 @@ def test_zero_shot_pipeline_compile_flag(checkpoint):
     assert compiled.compiled is True and compiled.model._compiled_call_impl is not None
     plain = pipeline("zero-shot-image-segmentation", model=str(checkpoint))
     assert plain.compiled is False and plain.model._compiled_call_impl is None
+
+
+def test_zero_shot_pipeline_compile_modes(checkpoint, zero_shot, monkeypatch):
+    """compile="reduce-overhead" (CUDA graphs): each model call begins a graph step and its outputs are copied out
+    before the next call, since a replay writes into the memory of the last one. A stand-in for the replay (outputs
+    written into the same tensors every call) over a batch of mixed sizes (several calls per `_forward`) gives the
+    plain pipeline's results; without the copies it would not. Unknown modes are a clear error."""
+    graphed = pipeline("zero-shot-image-segmentation", model=str(checkpoint), compile="reduce-overhead")
+    assert graphed.compiled and graphed.cuda_graphs and graphed.model._compiled_call_impl is not None
+    assert not pipeline("zero-shot-image-segmentation", model=str(checkpoint), compile=True).cuda_graphs
+    with pytest.raises(ValueError, match="one of torch.compile's modes"):
+        pipeline("zero-shot-image-segmentation", model=str(checkpoint), compile="fastest")
+
+    graphed.model._compiled_call_impl = None  # the graphs themselves need a GPU: an eager model that reuses memory
+    eager_forward, steps, replayed = graphed.model.forward, [], {}
+
+    def replay(*args, **kwargs):
+        outputs = eager_forward(*args, **kwargs)
+        for name in ("class_queries_logits", "masks_queries_logits"):
+            fresh = getattr(outputs, name)
+            static = replayed.setdefault(name, torch.empty(0))
+            static.resize_(fresh.shape).copy_(fresh)  # the same storage every call (grown where needed)
+            setattr(outputs, name, static)
+            outputs[name] = static
+        return outputs
+
+    monkeypatch.setattr(graphed.model, "forward", replay)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    mixed = [Image.fromarray(random_image(h, w, seed=h)) for h, w in ((90, 120), (60, 200), (150, 80))]
+    expected = [zero_shot(image, candidate_labels="cat; dog; sofa") for image in mixed]
+    results = graphed(mixed, candidate_labels="cat; dog; sofa", batch_size=3)
+    assert len(steps) == 3  # one graph step per model call: three sizes, three calls in one batch
+    for one, many in zip(expected, results, strict=True):
+        assert np.array_equal(one["label_map"], many["label_map"])
+        assert [(s["label"], round(s["score"], 5)) for s in one["segments"]] == \
+            [(s["label"], round(s["score"], 5)) for s in many["segments"]]
