@@ -208,7 +208,7 @@ def latency_table(args, device) -> list[dict]:
 
 def postprocess_and_batch(args, device) -> dict:
     from benchmarks.run import boundary_cell_fraction, smooth_outputs
-    from modeling_mrovseg.image_processing_mrovseg import semantic_scores
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
 
     model, compiled = fast_model(args, device, compile=args.compile)
     size = args.sizes[min(2, len(args.sizes) - 1)]
@@ -238,11 +238,15 @@ def postprocess_and_batch(args, device) -> dict:
         smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
             smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
         boundary = boundary_cell_fraction(semantic_scores(smooth)[0])
+        # the scores' layout, side by side on those outputs: class-major (the GPU default) and pixel-major (the CPU's)
+        layouts = {name: timed(lambda major=major: label_scores(semantic_scores(smooth, class_major=major)[0], None,
+                                                               size), device, args.runs)
+                   for name, major in (("class_major", True), ("pixel_major", False))}
     processor, batch = inputs_for(model, args.sizes[0], device, batch=8)
     result = {"postprocess_size": list(size), "postprocess_ms": post_ms, "postprocess_compiled_ms": post_compiled_ms,
               "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,
               "smooth_postprocess_full_resampling_ms": smooth_full_ms, "smooth_boundary_cell_fraction": boundary,
-              "contraction_ms": contraction,
+              "contraction_ms": contraction, "smooth_postprocess_layout_ms": layouts,
               "batch8_size": list(args.sizes[0])}
     for name, forward in (("eager", model), ("compiled", compiled)):
         if forward is None:
@@ -472,6 +476,9 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
             + ("; the score contraction alone: " + ", ".join(f"{ms:.2f} ms with {name.replace('_', ' ')}"
                                                              for name, ms in extra["contraction_ms"].items())
                if "contraction_ms" in extra else "")
+            + ("; scores and labels of the outputs with segments with the scores " + ", ".join(
+                f"{name.replace('_', '-')} {ms:.2f} ms" for name, ms in extra["smooth_postprocess_layout_ms"].items())
+               if "smooth_postprocess_layout_ms" in extra else "")
             + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 

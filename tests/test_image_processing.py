@@ -503,3 +503,26 @@ def test_post_processing_in_float32_inside_autocast():
         labels = processor.post_process_semantic_segmentation(outputs, target_sizes=[(70, 100)])[0]
     assert torch.equal(autocast.segmentation, plain.segmentation) and torch.equal(labels, plain.segmentation)
     assert torch.equal(autocast.segmentation_scores, plain.segmentation_scores)
+
+
+def test_semantic_scores_class_major_on_a_gpu_labels_as_pixel_major():
+    """On a GPU the scores are laid out class-major (the class maximum is 3x faster there), on a CPU pixel-major:
+    the same scores to float rounding, and labelling reads either in place (no copy of the maps) to the same labels,
+    best scores and class shares."""
+    from benchmarks.run import DispatchTally, boundary_cell_fraction, smooth_outputs
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
+
+    outputs = smooth_outputs((160, 224), num_classes=150, queries=20)
+    pixel_major, class_major = semantic_scores(outputs), semantic_scores(outputs, class_major=True)
+    assert pixel_major.stride(1) == 1 and class_major.is_contiguous()  # the CPU default is pixel-major
+    torch.testing.assert_close(class_major, pixel_major, rtol=1e-6, atol=1e-7)
+    assert boundary_cell_fraction(pixel_major[0]) > 0.02  # the scene has segments: boundary groups are blended
+    results, traffic = [], []
+    for scores in (pixel_major, class_major):
+        with DispatchTally() as tally:
+            results.append(label_scores(scores[0], None, (333, 450), with_shares=True))
+        traffic.append(tally.bytes)
+    assert abs(traffic[0] - traffic[1]) < scores[0].numel() * 4  # neither layout is copied first
+    assert torch.equal(results[0].segmentation, results[1].segmentation)
+    torch.testing.assert_close(results[1].best, results[0].best, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1].class_shares, results[0].class_shares, rtol=1e-5, atol=1e-6)
