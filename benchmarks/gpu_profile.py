@@ -92,6 +92,13 @@ def top_work(prof, runs: int, count: int = 5) -> dict[str, list[dict]]:
     return tops
 
 
+def device_kernels(events) -> list:
+    """The kernels among a profile's device events: a `record_function` range also appears there, as an annotation
+    spanning its first to last kernel, idle gaps included (counted in, they tripled the kernel time per run)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and not e.name.startswith("stage:")]
+
+
 def costliest(totals: dict[str, list[float]], runs: int, count: int) -> list[dict]:
     """The `count` largest of {name: [microseconds, calls]} over `runs` runs, as per-run milliseconds and calls."""
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
@@ -132,7 +139,7 @@ def profile_size(model, size, device, runs: int = 3) -> dict:
         if event.key.startswith("stage:") and event.cpu_time_total > 0:
             stages[event.key[6:]] = {"device_ms": event.device_time_total / 1000 / runs,
                                      "cpu_ms": event.cpu_time_total / 1000 / runs, "top": tops.get(event.key[6:], [])}
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = device_kernels(prof.events())
     boundary = boundary_cell_fraction(image_processing.semantic_scores(segments)[0])
     return {"size": list(size), "stages": stages, "kernels_per_run": len(kernels) / runs,
             "segments_boundary_cell_fraction": boundary,
@@ -151,7 +158,7 @@ def profile_compiled(model, size, device, backend: str, runs: int = 3, count: in
             compiled(**inputs)
 
     prof = profiled(run, device, runs)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = device_kernels(prof.events())
     totals: dict[str, list[float]] = {}
     for kernel in kernels:
         total = totals.setdefault(kernel.name, [0.0, 0])

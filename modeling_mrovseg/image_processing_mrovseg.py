@@ -381,7 +381,9 @@ class MROVSegImageProcessor(PilBackend):
         """
         from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
-        scores = semantic_scores(outputs)
+        # full-size maps (kept scores, the compiled path) are resampled channels-last, from pixel-major scores: a
+        # class-major layout would be transposed first (11.9 -> 14.2 ms at 2048^2 with 150 classes on an H200)
+        scores = semantic_scores(outputs, class_major=False if return_segmentation_scores or compiled else None)
         target_sizes = _check_target_sizes(target_sizes, scores.shape[0])
         image_sizes = getattr(outputs, "image_sizes", None)
         image_sizes = None if image_sizes is None else image_sizes.tolist()  # one host read for the whole batch

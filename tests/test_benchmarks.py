@@ -171,3 +171,17 @@ def test_gpu_report_sets_the_cuda_only_variants_beside_their_baselines():
     assert "| 640 x 640 | 15.0 | 14.0 | 9.0 | 5.0 | +80% |" in text  # the table's best is a supported path's
     assert "`cudnn.benchmark` 12.5 ms against 14.0" in text and 'reduce-overhead"`) 6.5 ms against 9.0' in text
     assert "640 x 640 100.000% (CUDA graphs)" in text
+
+
+def test_gpu_profile_counts_kernels_not_the_ranges_around_them():
+    """On a GPU a `record_function` range shows among the device events too, spanning its kernels and the gaps
+    between them: the kernel count and time per run leave it out (H200, 640^2: 45.8 ms "of kernels" with the ranges,
+    where the stages' kernels add up to 4.4)."""
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name="stage:forward", device_type=cuda, is_user_annotation=True, device_time=900.0),
+              SimpleNamespace(name="stage:clip", device_type=cuda, is_user_annotation=False, device_time=500.0),
+              SimpleNamespace(name="ampere_gemm", device_type=cuda, is_user_annotation=False, device_time=30.0),
+              SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False, device_time=0.0)]
+    assert [e.name for e in gpu_profile.device_kernels(events)] == ["ampere_gemm"]
