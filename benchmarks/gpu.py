@@ -1,6 +1,6 @@
 """GPU benchmark: latency, memory, throughput, bf16 agreement and an accelerate training smoke run, in one run.
 
-    python -m benchmarks.gpu            # on a CUDA device (about 7.5 minutes on an H200); writes the "gpu" section
+    python -m benchmarks.gpu            # on a CUDA device (about 7 minutes on an H200); writes the "gpu" section
     python -m benchmarks.gpu --sections latency --sizes 2048x2048 --compiled-sizes 2048x2048   # a part of it
     python -m benchmarks.gpu --smoke    # the same code on the CPU with the tiny config (CI runs this)
 
