@@ -8,9 +8,10 @@ Every figure is measured in this run on this card, side by side:
 1. latency (ms, median of CUDA-event-timed runs, post-processing of 150 classes included) and peak memory of MROVSeg,
    the CLIP passes alone (the floor), full-resolution CLIP feeding the same decoder (`high_res_encoding="full_image"`)
    and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`),
-   eager with `cudnn.benchmark` and with channels-last stitching (a candidate), and at the first compiled size
-   compiled with CUDA graphs (`mode="reduce-overhead"`);
-2. post-processing alone at 2048^2 and batch-8 throughput at 640^2;
+   eager with `cudnn.benchmark` and with two candidates (channels-last stitching; the 2-D LayerNorms' maps in bf16),
+   and at the first compiled size compiled with CUDA graphs (`mode="reduce-overhead"`);
+2. post-processing alone at 2048^2 (also with a candidate: contiguous boundary class vectors) and batch-8
+   throughput at 640^2;
 3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8; also
    with transformers' QuickGELU in CLIP, and compiled) and ViT-L/14 (batch 4);
 4. bf16 autocast against fp32 on the same input (relative error of the logits, argmax agreement);
@@ -143,6 +144,50 @@ def channels_last_stitching():
         modeling.stitch_windows = original
 
 
+@contextlib.contextmanager
+def map_norms_in_bf16():
+    """While inside, the 2-D LayerNorms (the adapters' projections, the pixel decoder's stages) turn bf16 maps into
+    bf16 maps under autocast (the kernel still accumulates their statistics in float32), where CUDA's autocast gives
+    float32 maps that the GELU, upsampling and concatenation after them then carry in float32 (on an H200 the pixel
+    decoder's three norms took 2.5 of its 5.3 ms at 2048^2, its float32 upsampling 1.5; run C). A candidate measured
+    side by side: it moves bf16 training's rounding too."""
+    import torch.nn.functional as F
+
+    from modeling_mrovseg.layers import MROVSegLayerNorm2d
+
+    original = MROVSegLayerNorm2d.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return original(self, x)
+        with torch.autocast(x.device.type, enabled=False):
+            normed = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight.to(x.dtype), self.bias.to(x.dtype),
+                                  self.eps)
+        return normed.permute(0, 3, 1, 2)
+
+    MROVSegLayerNorm2d.forward = forward
+    try:
+        yield
+    finally:
+        MROVSegLayerNorm2d.forward = original
+
+
+@contextlib.contextmanager
+def contiguous_class_vectors():
+    """While inside, boundary blending multiplies a contiguous copy of the class vectors it gathered from class-major
+    scores (the library's `class_vectors` hands the matrix product a strided view, which an H200 ran in a generic GEMM
+    kernel, 0.68 ms at 2048^2 with segments, against 0.40 ms for contiguous vectors in MAGMA's batched one). A
+    candidate measured side by side; same values."""
+    import modeling_mrovseg.image_processing_mrovseg as processing
+
+    original = processing.class_vectors
+    processing.class_vectors = lambda flat, index: original(flat, index).contiguous()
+    try:
+        yield
+    finally:
+        processing.class_vectors = original
+
+
 def latency_table(args, device) -> list[dict]:
     rows = []
     base = build(args.preset, args.num_labels, device)
@@ -159,7 +204,8 @@ def latency_table(args, device) -> list[dict]:
     for size in args.sizes:
         processor, inputs = inputs_for(base, size, device)
         compile_here = compiled is not None and tuple(size) in args.compiled_sizes
-        extra = ["mrovseg_channels_last_stitching"] + (["mrovseg_cudnn_benchmark"] if device.type == "cuda" else [])
+        extra = ["mrovseg_channels_last_stitching", "mrovseg_bf16_map_norms"]
+        extra += ["mrovseg_cudnn_benchmark"] if device.type == "cuda" else []
         extra += ["mrovseg_compiled"] if compile_here else []
         extra += ["mrovseg_cuda_graphs"] if graphed is not None and tuple(size) == tuple(args.compiled_sizes[0]) else []
         for variant in VARIANTS + extra:
@@ -182,11 +228,11 @@ def latency_table(args, device) -> list[dict]:
 
             reset_peak(device)
             compiled_variant = variant in ("mrovseg_compiled", "mrovseg_cuda_graphs")
-            setting = {"mrovseg_cudnn_benchmark": cudnn_benchmark,
+            setting = {"mrovseg_cudnn_benchmark": cudnn_benchmark, "mrovseg_bf16_map_norms": map_norms_in_bf16,
                        "mrovseg_channels_last_stitching": channels_last_stitching}.get(variant, contextlib.nullcontext)
-            # labels compared with eager bf16's: a compiler bug shows here first (CPU inductor's fold did); channels-
-            # last stitching gives the same values, rounded in another order
-            checked = compiled_variant or variant == "mrovseg_channels_last_stitching"
+            # labels compared with eager bf16's: a compiler bug shows here first (CPU inductor's fold did); the
+            # candidates give the same values, rounded in another order or place
+            checked = compiled_variant or variant in ("mrovseg_channels_last_stitching", "mrovseg_bf16_map_norms")
             try:
                 with setting():
                     ms = timed(step, device, args.runs, warmup=3 if compiled_variant else 1)
@@ -238,6 +284,12 @@ def postprocess_and_batch(args, device) -> dict:
         smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
             smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
         boundary = boundary_cell_fraction(semantic_scores(smooth)[0])
+        with contiguous_class_vectors():
+            smooth_contiguous_ms = timed(lambda: processor.post_process_semantic_segmentation(
+                smooth, target_sizes=[size]), device, args.runs)
+            contiguous_labels = processor.post_process_semantic_segmentation(smooth, target_sizes=[size])[0]
+        contiguous_agree = float((contiguous_labels == processor.post_process_semantic_segmentation(
+            smooth, target_sizes=[size])[0]).float().mean())
         # the scores' layout, side by side on those outputs: class-major (the GPU default) and pixel-major (the CPU's)
         layouts = {name: timed(lambda major=major: label_scores(semantic_scores(smooth, class_major=major)[0], None,
                                                                size), device, args.runs)
@@ -247,6 +299,8 @@ def postprocess_and_batch(args, device) -> dict:
               "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,
               "smooth_postprocess_full_resampling_ms": smooth_full_ms, "smooth_boundary_cell_fraction": boundary,
               "contraction_ms": contraction, "smooth_postprocess_layout_ms": layouts,
+              "smooth_postprocess_contiguous_vectors_ms": smooth_contiguous_ms,
+              "smooth_contiguous_vectors_labels_agree": contiguous_agree,
               "batch8_size": list(args.sizes[0])}
     for name, forward in (("eager", model), ("compiled", compiled)):
         if forward is None:
@@ -440,7 +494,8 @@ def latency_lines(rows: list[dict], sizes) -> list[str]:
             f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | {gb(ours)} / {gb(half)} |")
     agreement = [f"{r['size'][0]} x {r['size'][1]} {100 * r['labels_agree_with_eager']:.3f}%"
                  + {"mrovseg_cuda_graphs": " (CUDA graphs)",
-                    "mrovseg_channels_last_stitching": " (eager, channels-last stitching)"}.get(r["variant"], "")
+                    "mrovseg_channels_last_stitching": " (eager, channels-last stitching)",
+                    "mrovseg_bf16_map_norms": " (eager, 2-D LayerNorms in bf16)"}.get(r["variant"], "")
                  for r in rows if "labels_agree_with_eager" in r]
     if agreement:
         lines += ["", "Labels equal to eager bf16 labels on: " + ", ".join(agreement) + " of pixels."]
@@ -448,6 +503,8 @@ def latency_lines(rows: list[dict], sizes) -> list[str]:
     for size in map(tuple, sizes):
         for variant, name, against in (("mrovseg_cudnn_benchmark", "bf16 eager with `cudnn.benchmark`", "mrovseg_bf16"),
                                        ("mrovseg_channels_last_stitching", "bf16 eager with channels-last stitching",
+                                        "mrovseg_bf16"),
+                                       ("mrovseg_bf16_map_norms", "bf16 eager with the 2-D LayerNorms' maps in bf16",
                                         "mrovseg_bf16"),
                                        ("mrovseg_cuda_graphs", "compiled with CUDA graphs (`mode=\"reduce-overhead\"`)",
                                         "mrovseg_compiled")):
@@ -479,6 +536,11 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
             + ("; scores and labels of the outputs with segments with the scores " + ", ".join(
                 f"{name.replace('_', '-')} {ms:.2f} ms" for name, ms in extra["smooth_postprocess_layout_ms"].items())
                if "smooth_postprocess_layout_ms" in extra else "")
+            + (f"; with contiguous boundary class vectors (a candidate) "
+               f"{extra['smooth_postprocess_contiguous_vectors_ms']:.2f} ms against "
+               f"{extra['smooth_postprocess_ms']:.2f} ms, labels equal on "
+               f"{100 * extra['smooth_contiguous_vectors_labels_agree']:.3f}% of pixels"
+               if "smooth_postprocess_contiguous_vectors_ms" in extra else "")
             + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 
@@ -494,7 +556,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", nargs="+", type=image_size, default=None, help="image sizes, HxW (default: "
                         + ", ".join(f"{h}x{w}" for h, w in SIZES) + ")")
     parser.add_argument("--compiled-sizes", nargs="*", type=image_size, default=None,
-                        help="sizes to time compiled too (default: 640x640 2048x2048; each compiles anew)")
+                        help="sizes to time compiled too (default: 640x640 2048x2048 4096x4096; each compiles anew)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -514,7 +576,9 @@ def main(argv=None) -> dict:
         default_sizes = SIZES
         args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
         args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
-        default_compiled, args.compile_backend = [(640, 640), (2048, 2048)] if args.compile else [], "inductor"
+        # 4096^2 too: the speed-up target over full-resolution CLIP had only an eager row there (run C)
+        default_compiled = [(640, 640), (2048, 2048), (4096, 4096)] if args.compile else []
+        args.compile_backend = "inductor"
     args.sizes = args.sizes or default_sizes
     args.compiled_sizes = default_compiled if args.compiled_sizes is None else args.compiled_sizes
     from datetime import datetime, timezone

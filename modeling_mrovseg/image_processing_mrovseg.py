@@ -674,7 +674,9 @@ def semantic_scores(outputs, class_major: bool | None = None) -> torch.Tensor:
         probs = F.pad(probs, (0, -num_classes % 8))
         masks = outputs.masks_queries_logits.float().sigmoid()
         batch, _, height, width = masks.shape
-        if masks.device.type == "cuda" if class_major is None else class_major:
+        if class_major is None:
+            class_major = masks.device.type == "cuda"
+        if class_major:
             maps = torch.bmm(probs.transpose(1, 2), masks.flatten(2))[:, :num_classes]  # (B, C, h * w)
             return maps.view(batch, num_classes, height, width)
         pixels = torch.bmm(masks.flatten(2).transpose(1, 2), probs)[..., :num_classes]  # (B, h * w, C)

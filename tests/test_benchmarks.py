@@ -13,19 +13,20 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     results = gpu.main(["--smoke", "--no-write", "--out", str(tmp_path / "gpu.json")])
     assert json.loads((tmp_path / "gpu.json").read_text())["smoke"] is True
     measured = {(row["variant"], tuple(row["size"])) for row in results["latency"]}
-    every_size = gpu.VARIANTS + ["mrovseg_channels_last_stitching"]  # cudnn.benchmark and CUDA graphs: CUDA only
+    # cudnn.benchmark and CUDA graphs: CUDA only
+    every_size = gpu.VARIANTS + ["mrovseg_channels_last_stitching", "mrovseg_bf16_map_norms"]
     assert measured == {(variant, tuple(size)) for variant in every_size for size in results["sizes"]} | {
         ("mrovseg_compiled", (64, 64))}
     compiled = next(row for row in results["latency"] if row["variant"] == "mrovseg_compiled")
     assert compiled["labels_agree_with_eager"] > 0.99  # the check that would catch a miscompiled model on a GPU
-    # channels-last stitching: the same values in another layout, so the same labels up to rounding
+    # the candidates: the same values in another layout or rounded in another place, so the same labels up to rounding
     assert all(row["labels_agree_with_eager"] > 0.99 for row in results["latency"]
-               if row["variant"] == "mrovseg_channels_last_stitching")
+               if row["variant"] in ("mrovseg_channels_last_stitching", "mrovseg_bf16_map_norms"))
     import modeling_mrovseg.modeling_mrovseg as modeling
     from modeling_mrovseg.slicing import stitch_windows
 
     assert modeling.stitch_windows is stitch_windows  # the library's own stitching is back
-    assert "with channels-last stitching" in gpu.report(results)
+    assert "with channels-last stitching" in gpu.report(results) and "LayerNorms' maps in bf16" in gpu.report(results)
     assert all(row["ms"] > 0 for row in results["latency"])
     extra = results["postprocess_and_batch"]
     assert extra["postprocess_ms"] > 0 and extra["postprocess_full_resampling_ms"] > 0
@@ -35,6 +36,8 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     # the score contraction alone, with the smoke run's 5 classes in rows of 6 floats and padded to 8
     assert set(extra["contraction_ms"]) == {"rows_of_6", "padded_to_8"} and min(extra["contraction_ms"].values()) > 0
     assert "the score contraction alone: " in gpu.report(results)
+    assert extra["smooth_contiguous_vectors_labels_agree"] == 1.0
+    assert extra["smooth_postprocess_contiguous_vectors_ms"] > 0
     for name in ("autocast_bf16", "pure_bf16"):
         agreement = results["bf16_agreement"][name]
         assert agreement["argmax_agreement"] >= 0.99 and agreement["class_rel_err"] < 0.05, agreement
@@ -50,7 +53,8 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
 
 def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
     results = gpu.main(["--smoke", "--no-write", "--sections", "latency", "--sizes", "48x64", "--compiled-sizes"])
-    assert {row["variant"] for row in results["latency"]} == set(gpu.VARIANTS) | {"mrovseg_channels_last_stitching"}
+    assert {row["variant"] for row in results["latency"]} == set(gpu.VARIANTS) | {"mrovseg_channels_last_stitching",
+                                                                                 "mrovseg_bf16_map_norms"}
     text = gpu.report(results)
     assert "| 48 x 64 |" in text and "training" not in text and "Post-processing" not in text
     with pytest.raises(SystemExit):
@@ -185,3 +189,32 @@ def test_gpu_profile_counts_kernels_not_the_ranges_around_them():
               SimpleNamespace(name="ampere_gemm", device_type=cuda, is_user_annotation=False, device_time=30.0),
               SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False, device_time=0.0)]
     assert [e.name for e in gpu_profile.device_kernels(events)] == ["ampere_gemm"]
+
+
+def test_gpu_candidates_patch_in_and_out():
+    """The candidates benchmarks.gpu times beside the library: inside, the 2-D LayerNorms give bf16 maps of bf16 maps
+    under bf16 autocast (float32 maps unchanged) close to autocast's own, and boundary blending gets contiguous
+    class vectors of the same values; afterwards the library's own code is back."""
+    import modeling_mrovseg.image_processing_mrovseg as processing
+    from modeling_mrovseg.layers import MROVSegLayerNorm2d
+
+    norm = MROVSegLayerNorm2d(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    maps = torch.randn(2, 8, 5, 7).to(torch.bfloat16)
+    forward, vectors = MROVSegLayerNorm2d.forward, processing.class_vectors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = norm(maps)
+        with gpu.map_norms_in_bf16():
+            candidate = norm(maps)
+            assert norm(maps.float()).dtype == torch.float32  # float32 maps are left to the library
+    # (CPU autocast leaves layer_norm in bf16 already; CUDA's gives float32 maps, which the candidate avoids)
+    assert candidate.dtype == torch.bfloat16
+    torch.testing.assert_close(candidate.float(), reference.float(), rtol=0.02, atol=0.02)
+    flat, index = torch.randn(6, 40), torch.randint(0, 40, (9, 4))
+    with gpu.contiguous_class_vectors():
+        gathered = processing.class_vectors(flat, index)
+    assert gathered.is_contiguous() and torch.equal(gathered, vectors(flat, index))
+    assert not vectors(flat, index).is_contiguous()  # the library hands the product a strided view
+    assert MROVSegLayerNorm2d.forward is forward and processing.class_vectors is vectors
