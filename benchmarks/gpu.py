@@ -521,27 +521,28 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
                        for k in ("batch8_eager_images_per_s", "batch8_compiled_images_per_s") if k in extra)
     post_compiled = extra.get("postprocess_compiled_ms")
     post_size = " x ".join(map(str, extra["postprocess_size"]))
-    return (f"Post-processing alone ({num_labels} classes) at {post_size}: {extra['postprocess_ms']:.1f} ms (default)"
-            + (f", {post_compiled:.1f} ms (`compiled=True`, fused full resampling)" if post_compiled else "")
-            + (f", {extra['postprocess_full_resampling_ms']:.1f} ms (every class map resampled, eager)"
-               if "postprocess_full_resampling_ms" in extra else "")
-            + (f". On outputs with segments (`benchmarks.run.smooth_outputs`, "
-               f"{100 * extra['smooth_boundary_cell_fraction']:.0f}% of the mask cells at a boundary; the model's "
-               f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default), "
-               f"{extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)"
-               if "smooth_postprocess_ms" in extra else "")
-            + ("; the score contraction alone: " + ", ".join(f"{ms:.2f} ms with {name.replace('_', ' ')}"
-                                                             for name, ms in extra["contraction_ms"].items())
-               if "contraction_ms" in extra else "")
-            + ("; scores and labels of the outputs with segments with the scores " + ", ".join(
-                f"{name.replace('_', '-')} {ms:.2f} ms" for name, ms in extra["smooth_postprocess_layout_ms"].items())
-               if "smooth_postprocess_layout_ms" in extra else "")
-            + (f"; with contiguous boundary class vectors (a candidate) "
-               f"{extra['smooth_postprocess_contiguous_vectors_ms']:.2f} ms against "
-               f"{extra['smooth_postprocess_ms']:.2f} ms, labels equal on "
-               f"{100 * extra['smooth_contiguous_vectors_labels_agree']:.3f}% of pixels"
-               if "smooth_postprocess_contiguous_vectors_ms" in extra else "")
-            + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
+    text = f"Post-processing alone ({num_labels} classes) at {post_size}: {extra['postprocess_ms']:.1f} ms (default)"
+    if post_compiled:
+        text += f", {post_compiled:.1f} ms (`compiled=True`, fused full resampling)"
+    if "postprocess_full_resampling_ms" in extra:
+        text += f", {extra['postprocess_full_resampling_ms']:.1f} ms (every class map resampled, eager)"
+    if "smooth_postprocess_ms" in extra:
+        text += (f". On outputs with segments (`benchmarks.run.smooth_outputs`, "
+                 f"{100 * extra['smooth_boundary_cell_fraction']:.0f}% of the mask cells at a boundary; the model's "
+                 f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default), "
+                 f"{extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)")
+    if "contraction_ms" in extra:
+        text += "; the score contraction alone: " + ", ".join(
+            f"{ms:.2f} ms with {name.replace('_', ' ')}" for name, ms in extra["contraction_ms"].items())
+    if "smooth_postprocess_layout_ms" in extra:
+        text += "; scores and labels of the outputs with segments with the scores " + ", ".join(
+            f"{name.replace('_', '-')} {ms:.2f} ms" for name, ms in extra["smooth_postprocess_layout_ms"].items())
+    if "smooth_postprocess_contiguous_vectors_ms" in extra:
+        text += (f"; with contiguous boundary class vectors (a candidate) "
+                 f"{extra['smooth_postprocess_contiguous_vectors_ms']:.2f} ms against "
+                 f"{extra['smooth_postprocess_ms']:.2f} ms, labels equal on "
+                 f"{100 * extra['smooth_contiguous_vectors_labels_agree']:.3f}% of pixels")
+    return (text + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 
 
