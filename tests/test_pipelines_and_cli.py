@@ -292,6 +292,7 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     (["--slice-batch-size", "-1"], "--slice-batch-size"),
     (["--score-threshold", "nan"], "--score-threshold"),
     (["--dtype", "int8"], "--dtype"),
+    (["--compile", "fastest"], "--compile"),
 ])
 def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys, argv, message):
     image = tmp_path / "x.png"
@@ -416,3 +417,24 @@ def test_zero_shot_pipeline_compile_modes(checkpoint, zero_shot, monkeypatch):
         assert np.array_equal(one["label_map"], many["label_map"])
         assert [(s["label"], round(s["score"], 5)) for s in one["segments"]] == \
             [(s["label"], round(s["score"], 5)) for s in many["segments"]]
+
+
+@pytest.mark.parametrize("argv,mode", [([], False), (["--compile"], True), (["--compile", "reduce-overhead"],
+                                                                          "reduce-overhead")])
+def test_cli_compile_flag_takes_an_optional_mode(checkpoint, tmp_path, monkeypatch, argv, mode):
+    """`--compile` alone compiles in the default mode, `--compile reduce-overhead` with CUDA graphs; the mode reaches
+    the pipeline as its `compile=` argument."""
+    import modeling_mrovseg.cli as cli
+
+    seen = []
+
+    def record(model, device, resolution, slice_batch_size, compile, dtype):
+        seen.append(compile)
+        raise ValueError("stop here")  # the CLI reports it and exits 2: no model is loaded
+
+    monkeypatch.setattr(cli, "load_pipeline", record)
+    image = tmp_path / "x.png"
+    Image.fromarray(random_image(30, 30)).save(image)
+    assert cli_main(["segment", str(image), "--model", str(checkpoint), "--labels", "cat", "--out",
+                     str(tmp_path / "o"), *argv]) == 2
+    assert seen == [mode]
