@@ -4,7 +4,9 @@ Pure PIL/numpy (plus torch for the antialiased global-view downsampling), no tor
 
 Input conventions (documented fallbacks rather than errors):
 * any PIL mode becomes RGB: EXIF orientation is applied first; transparency (RGBA, LA, P with a transparent
-  index) is composited onto white; 16/32-bit integer images (I;16, I) are scaled from their 16-bit range;
+  index) is composited onto white; 16-bit images (I;16) are scaled from their 16-bit range; 32-bit integer
+  images (I) hold whatever range their maker stored (`convert("I")` keeps an 8-bit image's 0..255), so they are
+  read as 8-bit when all values lie in 0..255, else as 16-bit, and values outside 0..65535 are a `ValueError`;
   float images (F) and float arrays are read as [0, 1] when all values lie there, else as [0, 255]; integer arrays
   are 8-bit (0..255) unless their dtype is uint16; values outside those ranges are a `ValueError`, never clipped;
 * numpy arrays may be HWC or CHW (torch tensors CHW first), with 1 (grey), 2 (grey + alpha), 3 (RGB) or
@@ -51,6 +53,15 @@ class MROVSegImageProcessorKwargs(ImagesKwargs, total=False):
     return_pixel_mask: bool
 
 
+def _scale_32_bit(values: np.ndarray, where: str) -> np.ndarray:
+    """A PIL "I" image's values in [0, 1] by the range rule of the module docstring."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"{where} is a 32-bit integer image with values in {low}..{high}; expected 0..255 (8-bit) or "
+                         "0..65535 (16-bit): scale it to one of those ranges first.")
+    return values.astype(np.float64) / (255.0 if high <= 255 else 65535.0)
+
+
 def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
     """Turn one PIL image, numpy array or torch tensor into an H x W x 3 uint8 array (see module docstring)."""
     where = f"image {index}"
@@ -58,8 +69,10 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{where} is empty (size {image.width} x {image.height}).")
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             return to_rgb_uint8(np.asarray(image).astype(np.float64) / 65535.0, index)
+        if image.mode == "I":
+            return to_rgb_uint8(_scale_32_bit(np.asarray(image), where), index)
         if image.mode == "F":
             return to_rgb_uint8(np.asarray(image, dtype=np.float32), index)
         if image.mode == "P" and "transparency" in image.info:

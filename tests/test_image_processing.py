@@ -210,6 +210,22 @@ def test_transparency_composited_onto_white_and_16_bit_scaled():
     torch.testing.assert_close(_process(grey16)["pixel_values"], white["pixel_values"])
 
 
+def test_32_bit_images_read_by_their_range(tmp_path):
+    """A 32-bit "I" image keeps whatever range it was made with: convert("I") of an 8-bit photo stores 0..255 (it
+    read almost black when scaled as 16-bit), of a 16-bit one 0..65535; a TIFF round trip keeps the mode."""
+    photo = Image.fromarray(random_image(16, 16)).convert("L")
+    reference = _process(photo)["pixel_values"]
+    photo.convert("I").save(tmp_path / "eight.tif")
+    sixteen = Image.fromarray(np.asarray(photo).astype(np.uint16) * 257)
+    with Image.open(tmp_path / "eight.tif") as eight:
+        assert eight.mode == "I"
+        torch.testing.assert_close(_process(eight)["pixel_values"], reference)
+    torch.testing.assert_close(_process(sixteen.convert("I"))["pixel_values"], reference)
+    for values in (-1, 70000):
+        with pytest.raises(ValueError, match=f"32-bit integer image with values in .*{values}"):
+            _process(Image.fromarray(np.full((8, 8), values, dtype=np.int32), mode="I"))
+
+
 def test_exif_orientation_applied():
     image = Image.fromarray(random_image(20, 40))
     exif = image.getexif()
