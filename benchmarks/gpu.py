@@ -1,19 +1,24 @@
 """GPU benchmark: latency, memory, throughput, bf16 agreement and an accelerate training smoke run, in one run.
 
-    python -m benchmarks.gpu            # on a CUDA device (about 9 minutes on an H200); writes the "gpu" section
+    python -m benchmarks.gpu            # on a CUDA device: the figures the targets need; writes the "gpu" section
+    python -m benchmarks.gpu --studies  # and the side-by-side studies (about twice as long)
     python -m benchmarks.gpu --sections latency --sizes 2048x2048 --compiled-sizes 2048x2048   # a part of it
-    python -m benchmarks.gpu --smoke    # the same code on the CPU with the tiny config (CI runs this)
+    python -m benchmarks.gpu --smoke [--studies]   # the same code on the CPU with the tiny config (CI runs both)
 
-Every figure is measured in this run on this card, side by side:
+The default run is sized for the issue's five minutes on an H100: each compiled input size is a build of tens of
+seconds, so it compiles the two target sizes only, and the report ends with each section's seconds. Every figure is
+measured in this run on this card, side by side:
 1. latency (ms, median of CUDA-event-timed runs, post-processing of 150 classes included) and peak memory of MROVSeg,
    the CLIP passes alone (the floor), full-resolution CLIP feeding the same decoder (`high_res_encoding="full_image"`)
-   and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled (`torch.compile`),
-   eager with `cudnn.benchmark` and with two candidates (channels-last stitching; the 2-D LayerNorms' maps in bf16),
-   and at every compiled size compiled with CUDA graphs (`mode="reduce-overhead"`, the pipeline's and CLI's fastest);
-2. post-processing alone at 2048^2 (also with a candidate: contiguous boundary class vectors) and batch-8
-   throughput at 640^2;
-3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8; also
-   with transformers' QuickGELU in CLIP, and compiled) and ViT-L/14 (batch 4);
+   and the single-resolution ablation, 640^2 to 4096^2, bf16 autocast; MROVSeg also compiled with CUDA graphs
+   (`mode="reduce-overhead"`, the README's recipe and the pipeline's fastest) at 640^2 and 2048^2;
+   `--studies`: every size compiled, `torch.compile`'s default mode beside the graphs, eager with `cudnn.benchmark`
+   and with two candidates (channels-last stitching; the 2-D LayerNorms' maps in bf16);
+2. post-processing alone at 2048^2, on the model's outputs and on outputs with segments (`--studies`: the fused
+   `compiled=True` path, every class map resampled, the score contraction, both score layouts and a candidate,
+   contiguous boundary class vectors), and batch-8 throughput at 640^2, eager and compiled;
+3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8, eager
+   and compiled; `--studies`: with transformers' QuickGELU in CLIP) and ViT-L/14 (batch 4);
 4. bf16 autocast against fp32 on the same input (relative error of the logits, argmax agreement);
 5. a 60-step `accelerate launch --mixed_precision bf16` training run and `training.evaluate` on synthetic data.
 """
@@ -60,7 +65,8 @@ def build(preset: str, num_labels: int, device, dtype=None, **overrides):
     config = MROVSegConfig.from_preset(preset, id2label=dict(enumerate(names)),
                                        label2id={n: i for i, n in enumerate(names)}, **overrides)
     torch.manual_seed(0)
-    model = MROVSegForOpenVocabSegmentation(config).to(device).eval()
+    with torch.device(device):  # initialised where it runs: a ViT-B/16's random init takes seconds on a CPU
+        model = MROVSegForOpenVocabSegmentation(config).eval()
     return model.to(dtype) if dtype is not None else model
 
 
@@ -102,11 +108,32 @@ def peak_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None
 
 
-def fast_model(args, device, compile: bool):
-    """The GPU inference recipe: weights in bf16 (autocast then casts almost nothing), every slice in one CLIP call,
-    compiled for one input shape (`dynamic=False`)."""
-    model = build(args.preset, args.num_labels, device, dtype=torch.bfloat16, slice_batch_size=None)
-    return model, (torch.compile(model, dynamic=False, backend=args.compile_backend) if compile else None)
+def fast_model(args, device):
+    """The GPU inference recipe, built once per run: weights in bf16 (autocast then casts almost nothing), every
+    slice in one CLIP call."""
+    if args.fast is None:
+        args.fast = build(args.preset, args.num_labels, device, dtype=torch.bfloat16, slice_batch_size=None)
+    return args.fast
+
+
+def compiled_forward(args, device, mode: str | None = None):
+    """`fast_model` compiled for one input shape at a time (`dynamic=False`: each new shape compiles anew) in `mode`
+    (None: the run's own, CUDA graphs on a GPU as in the README's recipe). One per mode per run, so the latency
+    table and the batch of 8 share its builds. With CUDA graphs each call begins a graph step, as the zero-shot
+    pipeline's do: a call's outputs may overwrite the last one's."""
+    mode = mode or args.compile_mode
+    cache = args.compiled
+    if mode not in cache:
+        options = {} if mode == "default" else {"mode": mode}
+        compiled = torch.compile(fast_model(args, device), dynamic=False, backend=args.compile_backend, **options)
+
+        def forward(**inputs):
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(**inputs)
+
+        cache[mode] = forward
+    return cache[mode]
 
 
 @contextlib.contextmanager
@@ -194,124 +221,115 @@ CANDIDATES = {"mrovseg_channels_last_stitching": (channels_last_stitching, "chan
               "mrovseg_bf16_map_norms": (map_norms_in_bf16, "the 2-D LayerNorms' maps in bf16")}
 
 
+# compiled rows: variant -> torch.compile mode
+COMPILED = {"mrovseg_compiled": "default", "mrovseg_cuda_graphs": "reduce-overhead"}
+
+
+def compiled_variants(args, device) -> list[str]:
+    """The compiled rows at each compiled size: the run's own mode (CUDA graphs on a GPU), and with `--studies` on a
+    GPU the default mode beside it."""
+    own = "mrovseg_cuda_graphs" if args.compile_mode == "reduce-overhead" else "mrovseg_compiled"
+    return [own] + (["mrovseg_compiled"] if args.studies and own != "mrovseg_compiled" else [])
+
+
+def first_call_s(fn, device) -> float:
+    """Seconds of one call, synchronised: a compiled forward's first call is its build."""
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def latency_table(args, device) -> list[dict]:
     rows = []
     base = build(args.preset, args.num_labels, device)
-    bf16, compiled = fast_model(args, device, compile=bool(args.compiled_sizes))
+    bf16 = fast_model(args, device)
     models = {"mrovseg": base, "mrovseg_bf16": bf16, "clip_floor": bf16,
               "full_resolution_clip": build(args.preset, args.num_labels, device, high_res_encoding="full_image"),
               "single_resolution": build(args.preset, args.num_labels, device, use_high_res=False)}
-    # on a GPU, two ways to fewer launches and better kernels, side by side with the rows above (README's question of
-    # what a user should turn on): CUDA graphs (compiled, mode="reduce-overhead") at every compiled size (3.6 against
-    # 7.8 ms at 640^2, where the GPU waits for the host; 17.3 against 18.1 at 2048^2, run C); cuDNN's own algorithm
-    # search (`cudnn.benchmark`) for the convolutions, eager
-    graphed = None
-    if device.type == "cuda" and compiled is not None and args.compiled_sizes:
-        graphed = torch.compile(bf16, dynamic=False, mode="reduce-overhead")
+    # `--studies`, side by side with the rows above: the candidates kept out of the library, and cuDNN's own
+    # algorithm search (`cudnn.benchmark`) for the convolutions (no gain at any size on an H200, run C), eager
+    studies = []
+    if args.studies:
+        studies = list(CANDIDATES) + (["mrovseg_cudnn_benchmark"] if device.type == "cuda" else [])
     for size in args.sizes:
         processor, inputs = inputs_for(base, size, device)
-        compile_here = compiled is not None and tuple(size) in args.compiled_sizes
-        extra = list(CANDIDATES)
-        extra += ["mrovseg_cudnn_benchmark"] if device.type == "cuda" else []
-        extra += ["mrovseg_compiled"] if compile_here else []
-        extra += ["mrovseg_cuda_graphs"] if graphed is not None and compile_here else []
-        for variant in VARIANTS + extra:
+        compiled_here = compiled_variants(args, device) if tuple(size) in args.compiled_sizes else []
+        for variant in VARIANTS + studies + compiled_here:
             if variant == "full_resolution_clip" and size[0] * size[1] > args.full_res_max_pixels:
                 continue
             model = models.get(variant, bf16)
-            forward = {"mrovseg_compiled": compiled, "mrovseg_cuda_graphs": graphed}.get(variant, model)
+            forward = compiled_forward(args, device, COMPILED[variant]) if variant in COMPILED else model
 
             def step(model=model, variant=variant, forward=forward):
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
                     if variant == "clip_floor":
                         images = torch.cat([inputs["pixel_values"], inputs["pixel_values_slices"].flatten(0, 1)])
                         return model.mrovseg._run_clip(images, [model.config.vision_config.num_hidden_layers - 1])
-                    if variant == "mrovseg_cuda_graphs":  # this call's outputs may overwrite the last one's
-                        torch.compiler.cudagraph_mark_step_begin()
                     outputs = forward(**inputs)
                     # the default post-processing after the compiled forward too: its fused `compiled=True` path
-                    # was 3.5x slower on an H200 (postprocess_and_batch times both)
+                    # was 3.5x slower on an H200 (postprocess_and_batch times both with --studies)
                     return processor.post_process_semantic_segmentation(outputs, target_sizes=[size])[0]
 
             reset_peak(device)
-            compiled_variant = variant in ("mrovseg_compiled", "mrovseg_cuda_graphs")
             setting = cudnn_benchmark if variant == "mrovseg_cudnn_benchmark" else CANDIDATES.get(
                 variant, (contextlib.nullcontext,))[0]
             # labels compared with eager bf16's: a compiler bug shows here first (CPU inductor's fold did); the
             # candidates give the same values, rounded in another order or place
-            checked = compiled_variant or variant in CANDIDATES
+            checked = variant in COMPILED or variant in CANDIDATES
+            row = {"variant": variant, "size": list(size)}
             try:
                 with setting():
-                    ms = timed(step, device, args.runs, warmup=3 if compiled_variant else 1)
-                    peak = peak_gb(device)
+                    if variant in COMPILED:
+                        row["first_call_s"] = first_call_s(step, device)
+                    row["ms"] = timed(step, device, args.runs, warmup=2 if variant in COMPILED else 1)
+                    row["peak_gb"] = peak_gb(device)
                     labels = step() if checked or variant == "mrovseg_bf16" else None
             except Exception as error:  # a compiler failure is a result to report, not the end of the run
-                if not compiled_variant:
+                if variant not in COMPILED:
                     raise
-                print(json.dumps({"variant": variant, "size": list(size), "error": repr(error)[:500]}), flush=True)
+                print(json.dumps({**row, "error": repr(error)[:500]}), flush=True)
                 continue
-            rows.append({"variant": variant, "size": list(size), "ms": ms, "peak_gb": peak})
+            rows.append(row)
             if variant == "mrovseg_bf16":
                 eager_labels = labels
             elif checked:
-                rows[-1]["labels_agree_with_eager"] = float((labels == eager_labels).float().mean())
-            print(json.dumps(rows[-1]), flush=True)
+                row["labels_agree_with_eager"] = float((labels == eager_labels).float().mean())
+            print(json.dumps(row), flush=True)
     return rows
 
 
 def postprocess_and_batch(args, device) -> dict:
+    """Post-processing alone at the third size (2048^2 by default), on the model's outputs and on outputs with
+    segments; batch-8 throughput at the first size, eager and compiled. `--studies`: the labellings and layouts
+    side by side."""
     from benchmarks.run import boundary_cell_fraction, smooth_outputs
-    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
+    from modeling_mrovseg.image_processing_mrovseg import semantic_scores
 
-    model, compiled = fast_model(args, device, compile=args.compile)
+    model = fast_model(args, device)
     size = args.sizes[min(2, len(args.sizes) - 1)]
     processor, inputs = inputs_for(model, size, device)
+    result = {"postprocess_size": list(size)}
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         outputs = model(**inputs)
-        post_ms = timed(lambda: processor.post_process_semantic_segmentation(outputs, target_sizes=[size]), device,
-                        args.runs)
-        post_compiled_ms = None
-        if compiled is not None:
-            post_compiled_ms = timed(lambda: processor.post_process_semantic_segmentation(
-                outputs, target_sizes=[size], compiled=True), device, args.runs, warmup=3)
-        # the labelling before boundary blending, side by side: every class map resampled to full size, then argmax
-        post_full_ms = timed(lambda: processor.post_process_semantic_segmentation(
-            outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
-        # the score contraction alone, side by side: class rows of C + 1 floats (the void column sliced off), as
-        # before semantic_scores padded them to a multiple of 8, and padded
-        with torch.autocast(device.type, enabled=False):
-            masks = outputs.masks_queries_logits.float().sigmoid().flatten(2).transpose(1, 2)
-            probs = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]
-            padded = torch.nn.functional.pad(probs, (0, -probs.shape[-1] % 8))
-            contraction = {f"rows_of_{probs.shape[-1] + 1}": timed(lambda: torch.bmm(masks, probs), device, args.runs),
-                           f"padded_to_{padded.shape[-1]}": timed(lambda: torch.bmm(masks, padded), device, args.runs)}
-        # a random-weight model's class maps are one class everywhere, so the lines above never blend a boundary:
-        # the same two labellings on outputs with segments (as a trained model gives)
+        result["postprocess_ms"] = timed(lambda: processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[size]), device, args.runs)
+        # a random-weight model's class maps are one class everywhere, so the line above never blends a boundary:
+        # outputs with segments too (as a trained model gives)
         smooth = smooth_outputs(size, args.num_labels, model.config.num_queries, device, torch.bfloat16)
-        smooth_ms, smooth_full_ms = (timed(lambda keep=keep: processor.post_process_semantic_segmentation(
-            smooth, target_sizes=[size], return_segmentation_scores=keep), device, args.runs) for keep in (False, True))
-        boundary = boundary_cell_fraction(semantic_scores(smooth)[0])
-        with contiguous_class_vectors():
-            smooth_contiguous_ms = timed(lambda: processor.post_process_semantic_segmentation(
-                smooth, target_sizes=[size]), device, args.runs)
-            contiguous_labels = processor.post_process_semantic_segmentation(smooth, target_sizes=[size])[0]
-        contiguous_agree = float((contiguous_labels == processor.post_process_semantic_segmentation(
-            smooth, target_sizes=[size])[0]).float().mean())
-        # the scores' layout, side by side on those outputs: class-major (the GPU default) and pixel-major (the CPU's)
-        layouts = {name: timed(lambda major=major: label_scores(semantic_scores(smooth, class_major=major)[0], None,
-                                                               size), device, args.runs)
-                   for name, major in (("class_major", True), ("pixel_major", False))}
+        result["smooth_postprocess_ms"] = timed(lambda: processor.post_process_semantic_segmentation(
+            smooth, target_sizes=[size]), device, args.runs)
+        result["smooth_boundary_cell_fraction"] = boundary_cell_fraction(semantic_scores(smooth)[0])
+        if args.studies:
+            result.update(postprocess_studies(args, device, processor, outputs, smooth, size))
     processor, batch = inputs_for(model, args.sizes[0], device, batch=8)
-    result = {"postprocess_size": list(size), "postprocess_ms": post_ms, "postprocess_compiled_ms": post_compiled_ms,
-              "postprocess_full_resampling_ms": post_full_ms, "smooth_postprocess_ms": smooth_ms,
-              "smooth_postprocess_full_resampling_ms": smooth_full_ms, "smooth_boundary_cell_fraction": boundary,
-              "contraction_ms": contraction, "smooth_postprocess_layout_ms": layouts,
-              "smooth_postprocess_contiguous_vectors_ms": smooth_contiguous_ms,
-              "smooth_contiguous_vectors_labels_agree": contiguous_agree,
-              "batch8_size": list(args.sizes[0])}
-    for name, forward in (("eager", model), ("compiled", compiled)):
-        if forward is None:
-            continue
+    result["batch8_size"] = list(args.sizes[0])
+    forwards = [("eager", model)]
+    if args.compile:
+        forwards.append(("compiled", compiled_forward(args, device)))
+        result["batch8_compile_mode"] = args.compile_mode
+    for name, forward in forwards:
 
         def batch_step(forward=forward):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
@@ -326,6 +344,43 @@ def postprocess_and_batch(args, device) -> dict:
             result["batch8_compiled_error"] = repr(error)[:500]
             continue
         result[f"batch8_{name}_images_per_s"] = 8000 / ms
+    return result
+
+
+def postprocess_studies(args, device, processor, outputs, smooth, size) -> dict:
+    """Side by side with the default post-processing: the fused `compiled=True` path, every class map resampled,
+    the score contraction alone padded and not, the scores' two layouts and contiguous boundary class vectors."""
+    from modeling_mrovseg.image_processing_mrovseg import label_scores, semantic_scores
+
+    post = processor.post_process_semantic_segmentation
+    result = {}
+    if args.compile:
+        result["postprocess_compiled_ms"] = timed(lambda: post(outputs, target_sizes=[size], compiled=True), device,
+                                                  args.runs, warmup=3)
+    # the labelling before boundary blending: every class map resampled to full size, then argmax
+    result["postprocess_full_resampling_ms"] = timed(lambda: post(
+        outputs, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
+    result["smooth_postprocess_full_resampling_ms"] = timed(lambda: post(
+        smooth, target_sizes=[size], return_segmentation_scores=True), device, args.runs)
+    # the score contraction alone: class rows of C + 1 floats (the void column sliced off), as before
+    # semantic_scores padded them to a multiple of 8, and padded
+    with torch.autocast(device.type, enabled=False):
+        masks = outputs.masks_queries_logits.float().sigmoid().flatten(2).transpose(1, 2)
+        probs = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]
+        padded = torch.nn.functional.pad(probs, (0, -probs.shape[-1] % 8))
+        result["contraction_ms"] = {
+            f"rows_of_{probs.shape[-1] + 1}": timed(lambda: torch.bmm(masks, probs), device, args.runs),
+            f"padded_to_{padded.shape[-1]}": timed(lambda: torch.bmm(masks, padded), device, args.runs)}
+    with contiguous_class_vectors():
+        result["smooth_postprocess_contiguous_vectors_ms"] = timed(lambda: post(smooth, target_sizes=[size]), device,
+                                                                   args.runs)
+        contiguous_labels = post(smooth, target_sizes=[size])[0]
+    result["smooth_contiguous_vectors_labels_agree"] = float(
+        (contiguous_labels == post(smooth, target_sizes=[size])[0]).float().mean())
+    # the scores' layout: class-major (the GPU default) and pixel-major (the CPU's)
+    result["smooth_postprocess_layout_ms"] = {
+        name: timed(lambda major=major: label_scores(semantic_scores(smooth, class_major=major)[0], None, size),
+                    device, args.runs) for name, major in (("class_major", True), ("pixel_major", False))}
     return result
 
 
@@ -356,7 +411,7 @@ def training_throughput(args, device) -> list[dict]:
         # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
         # loss's matching stays eager: scipy on the host)
         variants = [("eager", model)]
-        if preset_index == 0:  # side by side: transformers' QuickGELU in CLIP, which keeps its sigmoid
+        if preset_index == 0 and args.studies:  # side by side: transformers' QuickGELU in CLIP (keeps its sigmoid)
             variants.append(("eager_plain_quick_gelu", model))
         if args.compile and preset_index == 0:
             variants.append(("compiled", torch.compile(model, backend=args.compile_backend)))
@@ -418,11 +473,15 @@ def training_smoke(args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        started = time.perf_counter()
+        # the data and the tiny CLIP in this process (two interpreter starts fewer); the run and the evaluation as
+        # a user launches them
+        from processing.synthetic import write_parquet
+        from processing.tiny_clip import build_tiny_clip
+
+        write_parquet(tmp / "data", num_train=16, num_val=4, height=256, width=256)
+        build_tiny_clip(str(tmp / "clip"))
         commands = [
-            [sys.executable, "-m", "processing.synthetic", "--out", str(tmp / "data"), "--num-train", "16",
-             "--num-val", "4", "--height", "256", "--width", "256"],
-            [sys.executable, "-c",
-             f"from processing.tiny_clip import build_tiny_clip; build_tiny_clip({str(tmp / 'clip')!r})"],
             [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
              "--mixed_precision", args.smoke_precision, "--dynamo_backend", "no", "-m", "training.train",
              "--model", str(tmp / "clip"), "--dataset", str(tmp / "data"), "--output_dir", str(tmp / "run"),
@@ -435,7 +494,6 @@ def training_smoke(args) -> dict:
              str(tmp / "data"), "--eval_size", "256", "--no_progress", "--output", str(tmp / "eval.json"),
              "--mixed_precision", args.smoke_precision],
         ]
-        started = time.perf_counter()
         for command in commands:
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             if result.returncode != 0:
@@ -454,8 +512,9 @@ def report(results: dict) -> str:
              f"{' --smoke' if results['smoke'] else ''}`, {results['date']})."]
     if "latency" in results:
         lines += ["", "MROVSeg: fp32 weights under autocast; bf16: weights in bf16, all slices in one CLIP call; "
-                  f"compiled: that, `torch.compile(dynamic=False)`, then the {post} post-processing. The CLIP floor "
-                  "is the bf16 model's CLIP passes alone.", "", *latency_lines(results["latency"], results["sizes"])]
+                  f"compiled: that, `torch.compile(dynamic=False)` (graphs: `mode=\"reduce-overhead\"`, CUDA "
+                  f"graphs), then the {post} post-processing. The CLIP floor is the bf16 model's CLIP passes alone.",
+                  "", *latency_lines(results["latency"], results["sizes"])]
     if "postprocess_and_batch" in results:
         lines += ["", postprocess_line(results["postprocess_and_batch"], results["num_labels"], post)]
     if "training" in results:
@@ -480,6 +539,10 @@ def report(results: dict) -> str:
             f"{smoke['steps']} steps + evaluation in {smoke['seconds']} s, loss {smoke['first_loss']:.2f} -> "
             f"{smoke['last_loss']:.2f}, mIoU {smoke['mean_iou']:.3f}." if smoke["ok"] else
             f"FAILED at `{smoke['failed']}`: {smoke['stderr'][-300:]}"))]
+    if "section_seconds" in results:
+        lines += ["", f"Run time {results['seconds']:.0f} s" + (" with `--studies`" if results.get("studies") else "")
+                  + ": " + ", ".join(f"{name} {sec:.0f} s" for name, sec in results["section_seconds"].items())
+                  + "."]
     return "\n".join(lines)
 
 
@@ -492,11 +555,14 @@ def latency_lines(rows: list[dict], sizes) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for size in map(tuple, sizes):
         ours, floor = lat.get(("mrovseg", size)), lat.get(("clip_floor", size))
-        half, comp = lat.get(("mrovseg_bf16", size)), lat.get(("mrovseg_compiled", size))
+        half = lat.get(("mrovseg_bf16", size))
+        # the faster compiled row: CUDA graphs where timed (the README's recipe), marked
+        comp = min((lat[v, size] for v in COMPILED if (v, size) in lat), key=lambda r: r["ms"], default=None)
         full, single = lat.get(("full_resolution_clip", size)), lat.get(("single_resolution", size))
         best = min(r["ms"] for r in (ours, half, comp) if r)
+        graphs = " (graphs)" if comp and comp["variant"] == "mrovseg_cuda_graphs" else ""
         lines.append(
-            f"| {size[0]} x {size[1]} | {fmt(ours)} | {fmt(half)} | {fmt(comp)} | {floor['ms']:.1f} | "
+            f"| {size[0]} x {size[1]} | {fmt(ours)} | {fmt(half)} | {fmt(comp)}{graphs} | {floor['ms']:.1f} | "
             f"+{100 * (best / floor['ms'] - 1):.0f}% | {fmt(full)} | "
             f"{(full['ms'] / best if full else float('nan')):.2f}x | {fmt(single)} | {gb(ours)} / {gb(half)} |")
     agreement = [f"{r['size'][0]} x {r['size'][1]} {100 * r['labels_agree_with_eager']:.3f}%"
@@ -516,6 +582,11 @@ def latency_lines(rows: list[dict], sizes) -> list[str]:
                 variants.append(f"{size[0]} x {size[1]} {name} {row['ms']:.1f} ms against {base['ms']:.1f}")
     if variants:
         lines += ["", "Side by side: " + "; ".join(variants) + "."]
+    builds = [f"{r['size'][0]} x {r['size'][1]} {r['first_call_s']:.0f} s"
+              + (" (CUDA graphs)" if r["variant"] == "mrovseg_cuda_graphs" else "")
+              for r in rows if "first_call_s" in r]
+    if builds:
+        lines += ["", "First compiled call (the build): " + ", ".join(builds) + "."]
     return lines
 
 
@@ -532,8 +603,9 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
     if "smooth_postprocess_ms" in extra:
         text += (f". On outputs with segments (`benchmarks.run.smooth_outputs`, "
                  f"{100 * extra['smooth_boundary_cell_fraction']:.0f}% of the mask cells at a boundary; the model's "
-                 f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default), "
-                 f"{extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)")
+                 f"random weights give one class everywhere): {extra['smooth_postprocess_ms']:.1f} ms (default)")
+    if "smooth_postprocess_full_resampling_ms" in extra:
+        text += f", {extra['smooth_postprocess_full_resampling_ms']:.1f} ms (every class map resampled)"
     if "contraction_ms" in extra:
         text += "; the score contraction alone: " + ", ".join(
             f"{ms:.2f} ms with {name.replace('_', ' ')}" for name, ms in extra["contraction_ms"].items())
@@ -545,7 +617,8 @@ def postprocess_line(extra: dict, num_labels: int, compiled_rows_post: str) -> s
                  f"{extra['smooth_postprocess_contiguous_vectors_ms']:.2f} ms against "
                  f"{extra['smooth_postprocess_ms']:.2f} ms, labels equal on "
                  f"{100 * extra['smooth_contiguous_vectors_labels_agree']:.3f}% of pixels")
-    return (text + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward then the "
+    mode = {"reduce-overhead": " with CUDA graphs"}.get(extra.get("batch8_compile_mode"), "")
+    return (text + f". Batch of 8 at {extra['batch8_size'][0]}^2 (bf16 weights; the compiled forward{mode} then the "
             f"{compiled_rows_post} post-processing): {batch8}.")
 
 
@@ -560,7 +633,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", nargs="+", type=image_size, default=None, help="image sizes, HxW (default: "
                         + ", ".join(f"{h}x{w}" for h, w in SIZES) + ")")
     parser.add_argument("--compiled-sizes", nargs="*", type=image_size, default=None,
-                        help="sizes to time compiled too (default: 640x640 2048x2048 4096x4096; each compiles anew)")
+                        help="sizes to time compiled too (default: 640x640 2048x2048, with --studies every size; "
+                        "each compiles anew)")
+    parser.add_argument("--studies", action="store_true",
+                        help="also the side-by-side studies: candidates kept out of the library, cudnn.benchmark, "
+                        "torch.compile's default mode beside CUDA graphs, every size compiled, post-processing's "
+                        "labellings and layouts, transformers' QuickGELU in training (about twice as long)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -571,7 +649,7 @@ def main(argv=None) -> dict:
         args.train_presets, args.full_res_max_pixels, args.compile = [("tiny", 2)], 10**9, False
         # one compiled row with its agreement check, traced (aot_eager) but not code-generated: inductor's C++ builds
         # take minutes on a CPU (tests/test_image_processing compiles post-processing's fused path with it)
-        default_compiled, args.compile_backend = [(64, 64)], "aot_eager"
+        default_compiled, args.compile_backend, args.compile_mode = [(64, 64)], "aot_eager", "default"
         args.smoke_steps, args.smoke_precision = 4, "no"
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -580,9 +658,12 @@ def main(argv=None) -> dict:
         default_sizes = SIZES
         args.train_presets, args.full_res_max_pixels = [("vit-b-16", 8), ("vit-l-14", 4)], 4096 * 4096
         args.compile, args.smoke_steps, args.smoke_precision = not args.no_compile, 60, "bf16"
-        # 4096^2 too: the speed-up target over full-resolution CLIP had only an eager row there (run C)
-        default_compiled = [(640, 640), (2048, 2048), (4096, 4096)] if args.compile else []
-        args.compile_backend = "inductor"
+        # the sizes of the 640^2 latency and the 2048^2 overhead targets; each compiled size costs a build (about
+        # 20 s on an H200); the studies compile every size
+        default_compiled = (SIZES if args.studies else [(640, 640), (2048, 2048)]) if args.compile else []
+        # CUDA graphs: the README's recipe and the pipeline's fastest (3.6 against 7.8 ms at 640^2, run C)
+        args.compile_backend, args.compile_mode = "inductor", "reduce-overhead"
+    args.fast, args.compiled = None, {}  # built on first use (fast_model, compiled_forward)
     args.sizes = args.sizes or default_sizes
     args.compiled_sizes = default_compiled if args.compiled_sizes is None else args.compiled_sizes
     from datetime import datetime, timezone
@@ -595,8 +676,11 @@ def main(argv=None) -> dict:
     sections = {"bf16_agreement": bf16_agreement, "latency": latency_table,
                 "postprocess_and_batch": postprocess_and_batch, "training": training_throughput,
                 "training_smoke": lambda args, device: training_smoke(args)}
+    results["studies"], results["section_seconds"] = args.studies, {}
     for name in args.sections:
+        begun = time.perf_counter()
         results[name] = sections[name](args, device)
+        results["section_seconds"][name] = round(time.perf_counter() - begun, 1)
         results["seconds"] = round(time.perf_counter() - started, 1)
         if args.out:  # after every section: a run cut off by a time limit keeps what it measured
             Path(args.out).write_text(json.dumps(results, indent=2))
