@@ -384,10 +384,23 @@ def postprocess_studies(args, device, processor, outputs, smooth, size) -> dict:
     return result
 
 
+def release_inference(args, device) -> None:
+    """Drop the inference sections' bf16 model and compiled forwards (with their CUDA graphs' memory pools), so a
+    training step's peak memory counts the training step only."""
+    import gc
+
+    args.fast, args.compiled = None, {}
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def training_throughput(args, device) -> list[dict]:
     from training.data import SegmentationAugment
     from training.train import adamw
 
+    release_inference(args, device)
     rows = []
     for preset_index, (preset, batch_size) in enumerate(args.train_presets):
         model = build(preset, args.num_labels, device).train()

@@ -90,6 +90,8 @@ def test_gpu_benchmark_compiles_once_per_mode_and_begins_a_graph_step_per_call(m
         assert steps == ["step", "step"]
         gpu.compiled_forward(args, device, "default")(**inputs)
     assert steps == ["step", "step"] and len(builds) == 2 and "mode" not in builds[1]
+    gpu.release_inference(args, device)  # before training: its peak memory then counts training only
+    assert args.fast is None and args.compiled == {}
 
 
 def test_gpu_benchmark_runs_a_part_and_reports_only_that(tmp_path):
