@@ -90,7 +90,9 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
         gr.Markdown("# MROVSeg\nOpen-vocabulary semantic segmentation at full resolution: type any class names.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
+                # image_mode=None: the uploaded file itself, read as the CLI reads it (EXIF orientation, transparency
+                # onto white, 16-bit range); gradio's default "RGB" re-saves a converted copy that drops both
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
                 labels = gr.Textbox(value=EXAMPLE_LABELS, label="Class names",
                                     info='comma separated; synonyms of one class: "sofa, couch; lamp"')
                 resolution = gr.Slider(64, 2048, value=segmenter.default_resolution, step=32,

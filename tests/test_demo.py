@@ -76,6 +76,29 @@ def test_page_result_equals_the_cli(server, photo, checkpoint, tmp_path):
     assert summary.startswith("140 x 90 px, 3 classes, resolution 96:")
 
 
+@pytest.mark.parametrize("kind", ["transparent", "16-bit grey"])
+def test_page_reads_images_as_the_cli_does(server, checkpoint, tmp_path, kind):
+    """Uploads reach the model as the file itself: gradio's own RGB conversion would drop transparency (the library
+    composites onto white) and clip 16-bit values to white, so the page's overlay would differ from the CLI's."""
+    pixels = random_image(90, 140, seed=6)
+    if kind == "transparent":
+        alpha = np.full((90, 140, 1), 255, np.uint8)
+        alpha[:, :70] = 0
+        image = Image.fromarray(np.concatenate([pixels, alpha], axis=-1))
+    else:
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    path = tmp_path / "upload.png"
+    image.save(path)
+    client = gradio_client.Client(server, verbose=False)
+    overlay, _, label_png, _ = client.predict(gradio_client.handle_file(str(path)), LABELS, 96, 0, api_name="/segment")
+    assert cli_main(["segment", str(path), "--model", str(checkpoint), "--labels", LABELS, "--out",
+                     str(tmp_path / "cli"), "--resolution", "96", "--quiet"]) == 0
+    cli = tmp_path / "cli"
+    assert np.array_equal(np.asarray(Image.open(label_png)), np.asarray(Image.open(cli / "upload_labels.png")))
+    assert np.array_equal(np.asarray(Image.open(overlay).convert("RGB")),
+                          np.asarray(Image.open(cli / "upload_overlay.png").convert("RGB")))
+
+
 def test_bad_input_is_a_message_not_a_trace(server, photo, tmp_path):
     from gradio_client.exceptions import AppError
 
