@@ -10,6 +10,10 @@ run as one batch; others run one by one, so a batched result equals the one-at-a
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -17,7 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import ImageSegmentationPipeline, Pipeline
-from transformers.image_utils import load_image
+
+try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer huggingface_hub
+    from huggingface_hub.utils import httpx
+except ImportError:
+    import httpx
 
 from .text_classifier import parse_class_names
 
@@ -30,27 +38,58 @@ def parse_candidate_labels(candidate_labels: str | Sequence[str] | None, fallbac
 
 def open_image(image, timeout: float | None = None) -> Image.Image:
     """
-    A path opens with PIL as it is (16-bit, alpha and EXIF orientation are left to the image processor, which
-    handles them; `load_image` would flatten them to 8-bit RGB first); URLs and base64 go through `load_image`.
-    Unreadable files and decompression bombs raise a `ValueError` naming the file.
+    A path, URL (`http://`, `https://`), data URL or base64 string opens with PIL as it is: 16-bit, alpha and EXIF
+    orientation are left to the image processor, which handles them (transformers' `load_image` would flatten them
+    to 8-bit RGB first). Unreadable inputs and decompression bombs raise a `ValueError` naming the input.
     """
-    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                return opened.copy()
-        except Image.DecompressionBombError as error:
-            raise ValueError(f"{image}: {error} Resize it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
-                             "it.") from None
-        except (OSError, SyntaxError) as error:
-            raise ValueError(f"{image} cannot be read as an image: {error}") from None
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
-    return load_image(image, timeout=timeout)
+    if not isinstance(image, str):
+        raise TypeError(f"expected a path, URL, base64 string, PIL image, numpy array or tensor, got {type(image)}")
+    name = image if len(image) <= 200 else image[:60] + f"... ({len(image)} characters)"
+    not_a_source = f"{name} is not an existing file, an http(s) URL or a base64-encoded image."
+    bare_base64 = False
+    try:
+        if image.startswith(("http://", "https://")):
+            source = io.BytesIO(download(image, timeout))
+        elif image.startswith("data:") or not os.path.exists(image):
+            bare_base64 = not image.startswith("data:")
+            source = io.BytesIO(decode_base64_image(image, not_a_source))
+        else:
+            source = image
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name}: {error} Resize it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
+                         "it.") from None
+    except (OSError, SyntaxError) as error:
+        if bare_base64:  # most likely a mistyped path that happens to be valid base64
+            raise ValueError(not_a_source) from None
+        raise ValueError(f"{name} cannot be read as an image: {error}") from None
+
+
+def download(url: str, timeout: float | None) -> bytes:
+    """The body of `url` (with transformers' own HTTP client), or a `ValueError` naming the URL."""
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise ValueError(f"{url} cannot be downloaded: {error}") from None
+    return response.content
+
+
+def decode_base64_image(text: str, message: str) -> bytes:
+    """The bytes of a data URL (`data:image/png;base64,...`) or a bare base64 string, else a `ValueError(message)`."""
+    payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(message) from None
 
 
 def read_rgb(image, timeout: float | None = None) -> np.ndarray:
-    """Any image input (path, URL, PIL image, array, tensor) as the H x W x 3 uint8 array the model sees: EXIF
+    """Any image input (path, URL, base64, PIL image, array, tensor) as the H x W x 3 uint8 array the model sees: EXIF
     orientation applied, 16-bit scaled, transparency on white. The one reading of the pipeline, CLI, demo and export."""
     from .image_processing_mrovseg import to_rgb_uint8
 

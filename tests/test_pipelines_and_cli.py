@@ -88,6 +88,40 @@ def test_both_pipelines_read_paths_as_the_processor_does(checkpoint, zero_shot, 
         assert np.array_equal(zero_shot(path)["label_map"], stock_label_map(from_path))
 
 
+def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
+    """A URL, a data URL and a bare base64 string of a 16-bit, transparent or EXIF-rotated file read to the same
+    array as the file's path (transformers' load_image flattened them to 8-bit RGB first); bad sources are a
+    ValueError naming them."""
+    import base64
+
+    from modeling_mrovseg.pipelines import httpx, open_image
+
+    served, requests = {}, []
+
+    def get(url, timeout=None, follow_redirects=False):
+        requests.append((url, timeout))
+        if url not in served:
+            raise httpx.ConnectError("offline", request=httpx.Request("GET", url))
+        return httpx.Response(200, content=served[url], request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", get)
+    for path, rgb in _awkward_files(tmp_path).items():
+        data = open(path, "rb").read()
+        url = "https://example.com/" + path.rsplit("/", 1)[-1]
+        served[url] = data
+        encoded = base64.b64encode(data).decode()
+        for source in (url, "data:image/png;base64," + encoded, encoded):
+            assert np.array_equal(read_rgb(source, timeout=5), rgb), source[:40]
+    assert requests[0][1] == 5  # the pipeline's timeout reaches the download
+    with pytest.raises(ValueError, match="https://example.com/gone.png cannot be downloaded"):
+        open_image("https://example.com/gone.png")
+    for source in ("photos/missing.jpg", "catt", base64.b64encode(b"not an image").decode()):
+        with pytest.raises(ValueError, match="is not an existing file, an http\\(s\\) URL or a base64-encoded image"):
+            open_image(source)
+    with pytest.raises(ValueError, match="cannot be read as an image"):
+        open_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())
+
+
 def stock_label_map(segments) -> np.ndarray:
     label_map = np.full(np.asarray(segments[0]["mask"]).shape, -1)
     for segment in segments:
