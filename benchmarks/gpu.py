@@ -66,7 +66,7 @@ def build(preset: str, num_labels: int, device, dtype=None, **overrides):
                                        label2id={n: i for i, n in enumerate(names)}, **overrides)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a ViT-B/16's random init takes seconds on a CPU
-        model = MROVSegForOpenVocabSegmentation(config).eval()
+        model = MROVSegForOpenVocabSegmentation(config).to(device).eval()  # .to: any tensor made on the host
     return model.to(dtype) if dtype is not None else model
 
 
