@@ -11,6 +11,7 @@ nothing (the Hub reports every file unchanged and no commit is made).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -65,7 +66,26 @@ def main(argv=None) -> None:
     parser.add_argument("--results", nargs="*", default=None, help="evaluation results JSON files for the card")
     parser.add_argument("--token", default=None, help="default: the saved login / HF_TOKEN")
     args = parser.parse_args(argv)
-    push(args.checkpoint, args.repo_id, args.private, args.results, args.token)
+    try:
+        check_checkpoint(Path(args.checkpoint))
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    with hub_errors_exit(parser, "nothing was uploaded"):
+        push(args.checkpoint, args.repo_id, args.private, args.results, args.token)
+
+
+@contextlib.contextmanager
+def hub_errors_exit(parser: argparse.ArgumentParser, outcome: str):
+    """A Hub that cannot be reached (offline, no network), refuses the token or the repo, or rejects the card, or a
+    results file that cannot be read: one line naming the problem and exit status 1, not a traceback through the
+    HTTP client."""
+    from huggingface_hub.utils import httpx
+
+    try:
+        yield
+    except (OSError, ValueError, httpx.HTTPError) as error:  # huggingface_hub's errors are OSErrors or ValueErrors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+        parser.exit(1, f"error: {reason} ({type(error).__name__}); {outcome}.\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .push import hub_errors_exit
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0", "pillow>=10",
                 "numpy>=1.24", "scipy>=1.10", "tqdm", "gradio>=5"]
@@ -24,7 +26,10 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
     from huggingface_hub import SpaceCard, SpaceCardData
 
     out = Path(out)
-    if out.exists():
+    if out.exists():  # rebuilt in place only if this tool built it: `--out .` must never empty a project
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "mrovseg_space.json").is_file()):
+            raise FileExistsError(f"{out} exists and is not a Space folder built by this tool (it has no "
+                                  "mrovseg_space.json); give a new or empty folder as --out.")
         shutil.rmtree(out)
     shutil.copytree(ROOT / "modeling_mrovseg", out / "modeling_mrovseg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "app.py", out / "app.py")
@@ -60,10 +65,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no-push", action="store_true", help="only build the folder")
     parser.add_argument("--token", default=None)
     args = parser.parse_args(argv)
-    folder = build_space(args.model, args.out)
+    try:
+        folder = build_space(args.model, args.out)
+    except FileExistsError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"built {folder}")
     if not args.no_push:
-        url = push_space(folder, args.repo_id, args.private, args.token)
+        with hub_errors_exit(parser, f"the Space folder {folder} is built, nothing was uploaded"):
+            url = push_space(folder, args.repo_id, args.private, args.token)
         print(f"pushed to {args.repo_id}" + (f": {url}" if url else " (no change)"))
 
 

@@ -146,6 +146,44 @@ def test_push_refuses_a_folder_without_safetensors(tmp_path):
         check_checkpoint(tmp_path)
 
 
+def test_publishing_tools_fail_with_one_line_and_lose_nothing(checkpoint, tmp_path):
+    """An unreachable Hub, a folder that is no checkpoint and a Space --out that holds someone's files: one line
+    naming the problem and a non-zero exit, never a traceback, and no file touched."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: the Hub cannot be reached
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=closed, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+
+    def run(*command):
+        return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    result = run("hub_cards.push", "--checkpoint", str(checkpoint), "--repo-id", "acme/x")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and result.stderr.strip().endswith("nothing was uploaded.")
+    assert (checkpoint / "model.safetensors").read_bytes() == weights
+    result = run("hub_cards.push", "--checkpoint", str(tmp_path), "--repo-id", "acme/x")
+    assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    result = run("hub_cards.space", "--model", "acme/x", "--repo-id", "acme/demo", "--out", str(project))
+    assert result.returncode == 2 and "not a Space folder built by this tool" in result.stderr
+    assert [p.name for p in project.iterdir()] == ["notes.txt"]
+    result = run("hub_cards.space", "--model", "acme/x", "--repo-id", "acme/demo", "--out", str(tmp_path / "space"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is built, nothing was uploaded" in result.stderr
+    # its own folder is rebuilt in place
+    result = run("hub_cards.space", "--model", "acme/y", "--repo-id", "acme/demo", "--out", str(tmp_path / "space"),
+                 "--no-push")
+    assert result.returncode == 0 and json.loads((tmp_path / "space" / "mrovseg_space.json").read_text()) == {
+        "model": "acme/y"}
+
+
 def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
     from huggingface_hub import SpaceCard
 
