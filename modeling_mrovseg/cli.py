@@ -32,8 +32,14 @@ def output_stems(images: list[Path], source: Path) -> list[str]:
 
 
 def is_hub_id(name: str) -> bool:
-    """ORG/NAME that is not a local path: the one rule of the CLI, the demo and the training scripts."""
+    """ORG/NAME that is not a local path: the one rule of the CLI, the demo, the training scripts and the card."""
     return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
+def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: str) -> None:
+    """A usage error (exit 2) when `value` is neither an existing path nor shaped like a Hub id ORG/NAME."""
+    if not is_hub_id(value) and not Path(value).expanduser().exists():
+        parser.error(f"{flag} {value!r} not found (give {kind} or a Hub id ORG/NAME)")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -309,8 +309,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
-    with staged_output(out) as staging:
-        written = _convert(args, staging)
+    try:
+        with staged_output(out) as staging:
+            written = _convert(args, staging)
+    except (OSError, ValueError) as error:  # a missing or unreadable source: one line, and --out as it was
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.exit(1, f"error: {reason}; {out} is unchanged.\n")
     for path in written:
         print(f"wrote {out / path.name}")
 

@@ -105,9 +105,20 @@ def test_pascal_voc(tmp_path, variant, expected, names):
     assert got == names and label[0].tolist() == expected
 
 
-def test_cli_and_missing_source(tmp_path):
-    with pytest.raises(FileNotFoundError, match="split list"):
-        convert.main(["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")])
+def fails_with(capsys, argv, message: str) -> None:
+    """A conversion that cannot run ends with one line naming the problem (exit status 1), not a traceback."""
+    with pytest.raises(SystemExit) as error:
+        convert.main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
+    assert error.value.code == 1 and last.startswith("error: ") and message in last and "is unchanged." in last, last
+
+
+def test_cli_and_missing_source(tmp_path, capsys):
+    fails_with(capsys, ["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")],
+               "split list")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "nowhere"), "--class-names", "a,b", "--out",
+                        str(tmp_path / "o")], "No such file or directory")
+    assert not (tmp_path / "o").exists()
 
 
 def own_folder(root, suffix: str):
@@ -119,7 +130,7 @@ def own_folder(root, suffix: str):
         Image.fromarray(np.full((8, 10), i % 3, dtype=np.uint8)).save(root / "mine" / "labels" / f"img{i}.png")
 
 
-def test_own_folder_of_images_and_label_pngs(tmp_path):
+def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     own_folder(tmp_path, "jpg")
     convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "background, crack, rust",
                   "--val-fraction", "0.2", "--out", str(tmp_path / "out")])
@@ -128,12 +139,11 @@ def test_own_folder_of_images_and_label_pngs(tmp_path):
     assert names == ["background", "crack", "rust"] and len(train) == 4 and len(validation) == 1
     (tmp_path / "mine" / "labels" / "img0.png").unlink()
     Image.fromarray(np.full((8, 10), 7, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / "img0.png")
-    with pytest.raises(ValueError, match="outside 0..2"):
-        convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
-                      str(tmp_path / "bad")])
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
+                        str(tmp_path / "bad")], "outside 0..2")
 
 
-def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path):
+def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
     """Validation is written first; a bad train label then fails the run: the old folder must be exactly as it was."""
     own_folder(tmp_path, "png")
     out = tmp_path / "out"
@@ -146,8 +156,7 @@ def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path):
     for i in range(5):  # new pixels everywhere; every train label also gets a value outside the 4 classes
         value = 1 if i == validation_index else 9
         Image.fromarray(np.full((8, 10), value, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
-    with pytest.raises(ValueError, match="outside 0..3"):
-        convert.main([*args, "--class-names", "a, b, c, d"])
+    fails_with(capsys, [*args, "--class-names", "a, b, c, d"], "outside 0..3")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []  # no scratch folder left behind
 

@@ -185,7 +185,37 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
         train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", max_steps=0))
     assert error.value.code == 2 and "--max_steps must be >= 1" in capsys.readouterr().err
 
+    # a dataset or model that cannot be loaded: one line naming it, and the earlier run --overwrite_output_dir would
+    # replace is still there (it is deleted only once both have loaded)
+    for flags, message in (({"dataset": "acme/not-downloadable"}, "cannot load --dataset acme/not-downloadable: "),
+                           ({"model": "acme/no-such-clip"}, "cannot load --model acme/no-such-clip: "),
+                           ({"dataset": tmp_path / "missing"}, "not found (give a folder of parquet files")):
+        values = {"clip": tiny_clip_dir, "data": synthetic} | {
+            {"dataset": "data", "model": "clip"}[k]: v for k, v in flags.items()}
+        with pytest.raises(SystemExit) as error:
+            train.main(args(values["clip"], values["data"], tmp_path, max_steps=2, overwrite_output_dir=None))
+        assert message in str(error.value.code) + capsys.readouterr().err
+        assert (tmp_path / "checkpoints" / "step_4").is_dir() and (tmp_path / "model").is_dir()
+
     results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
                               overwrite_output_dir=None))
     assert results["stopped_at"] == 2 and not (tmp_path / "checkpoints" / "step_4").exists()
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_clip_dir, synthetic, tmp_path,
+                                                                           capsys):
+    from training import evaluate as evaluate_script
+
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "run", max_steps=1, checkpointing_steps=1))
+    model = tmp_path / "run" / "model"
+    base = ["--model", str(model), "--dataset", str(synthetic), "--eval_size", "128", "--no_progress"]
+    results = evaluate_script.main([*base, "--output", str(tmp_path / "eval.json")])
+    assert 0 <= results["mean_iou"] <= 1 and json.loads((tmp_path / "eval.json").read_text())["num_images"] == 2
+    with pytest.raises(SystemExit) as error:  # a local path that is not there: a usage error, before anything loads
+        evaluate_script.main(["--model", str(tmp_path / "nowhere"), *base[2:]])
+    assert error.value.code == 2 and "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot load --dataset acme/offline-dataset: "):  # offline in the tests
+        evaluate_script.main([*base[:2], "--dataset", "acme/offline-dataset", *base[4:]])
+    with pytest.raises(SystemExit, match=f"cannot load --model {tmp_path}: "):  # a folder that is no checkpoint
+        evaluate_script.main(["--model", str(tmp_path), *base[2:]])

@@ -8,6 +8,7 @@ wherever it is resumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,18 @@ from PIL import Image, ImageEnhance
 
 from modeling_mrovseg.configuration_mrovseg import IGNORE_INDEX
 from modeling_mrovseg.text_classifier import parse_class_names
+
+
+@contextlib.contextmanager
+def loading(flag: str, value: str):
+    """Around what a script loads from its arguments (dataset, model): a folder or Hub id that cannot be loaded
+    (offline, not found, not a dataset or checkpoint, no class names) ends the run with one line naming the argument,
+    not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: cannot load {flag} {value}: {reason}") from None
 
 
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):

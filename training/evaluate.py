@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
+from modeling_mrovseg.cli import check_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (inductor); pays off for many images of one size")
     parser.add_argument("--no_progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_source(parser, "--model", args.model, "an MROVSeg checkpoint folder")
+    check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -43,13 +47,15 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
-    from training.data import load_segmentation_dataset, shard_indices
+    from training.data import load_segmentation_dataset, loading, shard_indices
     from training.evaluation import evaluate_segmentation
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               dynamo_backend="inductor" if args.compile else "no")
-    dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
-    model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
+    with loading("--dataset", args.dataset):
+        dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
+    with loading("--model", args.model):
+        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
     if args.slice_batch_size:
         model.config.slice_batch_size = args.slice_batch_size
     if model.vocabulary != list(class_names):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
+from modeling_mrovseg.cli import check_source
 
 import torch
 
@@ -75,6 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0 or args.weight_decay < 0 or args.max_grad_norm < 0 or args.eval_steps < 0 or args.lora_rank < 0:
         parser.error("--lr must be > 0; --weight_decay, --max_grad_norm, --eval_steps and --lora_rank >= 0")
+    try:
+        overrides = json.loads(args.config)
+    except ValueError as error:
+        parser.error(f"--config is not JSON: {error}")
+    if not isinstance(overrides, dict):
+        parser.error(f'--config must be a JSON object of MROVSegConfig fields, e.g. {{"num_queries": 50}}, '
+                     f"got {args.config}")
+    check_source(parser, "--model", args.model, "a CLIP or MROVSeg checkpoint folder")
+    check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
     return args
 
 
@@ -136,19 +146,27 @@ def latest_checkpoint(output_dir: Path, log=print) -> Path | None:
     return None
 
 
+def earlier_run(output_dir: Path, args) -> list[str]:
+    """What an earlier run left in `output_dir` that this one would replace: a new run is refused there (like
+    transformers' Trainer) unless it resumes or `--overwrite_output_dir` asks to start over."""
+    if args.resume_from_checkpoint:
+        return []
+    earlier = [name for name in ("checkpoints", "model", "adapter", "log.jsonl") if (output_dir / name).exists()]
+    if earlier and not args.overwrite_output_dir:
+        raise SystemExit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}). Continue it with "
+                         "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose "
+                         "another --output_dir.")
+    return earlier
+
+
 def prepare_output_dir(output_dir: Path, args) -> None:
-    """Refuse to mix a new run into an earlier one's folder (like transformers' Trainer) unless asked."""
+    """Delete the earlier run `--overwrite_output_dir` replaces; called once the dataset and model have loaded, so a
+    mistyped argument never costs the earlier run."""
     import shutil
 
-    earlier = [name for name in ("checkpoints", "model", "adapter", "log.jsonl") if (output_dir / name).exists()]
-    if earlier and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise SystemExit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}). Continue it with "
-                             "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose "
-                             "another --output_dir.")
-        for name in earlier:
-            target = output_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in earlier_run(output_dir, args):
+        target = output_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -161,19 +179,21 @@ def main(argv=None) -> dict:
     import evaluate
 
     from modeling_mrovseg import MROVSegImageProcessor
-    from training.data import SegmentationAugment, StepBatches, load_segmentation_dataset, shard_indices
+    from training.data import SegmentationAugment, StepBatches, load_segmentation_dataset, loading, shard_indices
     from training.evaluation import evaluate_segmentation
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else "no")
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    earlier_run(output_dir, args)  # refused before anything loads
+    with loading("--dataset", args.dataset):
+        train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
+    with loading("--model", args.model):
+        model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, args)
     accelerator.wait_for_everyone()
-
-    train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
-    model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     config = model.config
