@@ -15,6 +15,8 @@ import contextlib
 import json
 from pathlib import Path
 
+from modeling_mrovseg.cli import one_line
+
 ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "*.py", "README.md", "results.json"]
@@ -84,8 +86,7 @@ def hub_errors_exit(parser: argparse.ArgumentParser, outcome: str):
     try:
         yield
     except (OSError, ValueError, httpx.HTTPError) as error:  # huggingface_hub's errors are OSErrors or ValueErrors
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
-        parser.exit(1, f"error: {reason} ({type(error).__name__}); {outcome}.\n")
+        parser.exit(1, f"error: {one_line(error)} ({type(error).__name__}); {outcome}.\n")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ def is_hub_id(name: str) -> bool:
     return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line for a script's `error: ...` message: its first line, or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: str) -> None:
     """A usage error (exit 2) when `value` is neither an existing path nor shaped like a Hub id ORG/NAME."""
     if not is_hub_id(value) and not Path(value).expanduser().exists():

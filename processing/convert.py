@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.text_classifier import parse_class_names
 
 from .class_names import (
@@ -313,8 +314,7 @@ def main(argv=None) -> None:
         with staged_output(out) as staging:
             written = _convert(args, staging)
     except (OSError, ValueError) as error:  # a missing or unreadable source: one line, and --out as it was
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.exit(1, f"error: {reason}; {out} is unchanged.\n")
+        parser.exit(1, f"error: {one_line(error)}; {out} is unchanged.\n")
     for path in written:
         print(f"wrote {out / path.name}")
 

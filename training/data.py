@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from modeling_mrovseg.configuration_mrovseg import IGNORE_INDEX
+from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.text_classifier import parse_class_names
 
 
@@ -29,8 +30,7 @@ def loading(flag: str, value: str):
     try:
         yield
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: cannot load {flag} {value}: {reason}") from None
+        raise SystemExit(f"error: cannot load {flag} {value}: {one_line(error)}") from None
 
 
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
