@@ -143,7 +143,17 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path):
                 "--max_steps", "3", "--batch_size", "2", "--crop_size", "128", "--eval_size", "128",
                 "--checkpointing_steps", "3", "--lora_rank", "4", "--config", json.dumps(TINY), "--no_progress"])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
-    merged_dir = merge_script.main(["--adapter", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "re")])
+    adapter = str(tmp_path / "run" / "adapter")
+    merged_dir = merge_script.main(["--adapter", adapter, "--out", str(tmp_path / "re")])
+    # never onto the adapter, the base or (unasked) a used folder; a folder that is no adapter is named
+    for out in (adapter, str(tiny_clip_dir), str(tmp_path / "re")):
+        with pytest.raises(SystemExit) as error:
+            merge_script.main(["--adapter", adapter, "--out", out])
+        assert error.value.code == 2
+    with pytest.raises(SystemExit):
+        merge_script.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
+    assert merge_script.main(["--adapter", adapter, "--out", str(tmp_path / "re"), "--overwrite"]) == merged_dir
     a = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path / "run" / "model")
     b = MROVSegForOpenVocabSegmentation.from_pretrained(merged_dir)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

@@ -18,15 +18,25 @@ def main(argv=None) -> Path:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--base", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     args = parser.parse_args(argv)
+    from training.data import loading
     from training.lora import load_lora, merge_lora
     from training.train import build_model
 
-    adapter = Path(args.adapter)
+    adapter, out = Path(args.adapter), Path(args.out)
+    if not (adapter / "mrovseg_base.json").is_file():
+        parser.error(f"--adapter {adapter} is not an adapter folder saved by training.train (no mrovseg_base.json)")
     recipe = json.loads((adapter / "mrovseg_base.json").read_text())
-    base, tokenizer = build_model(args.base or recipe["model"], recipe["config"], recipe["class_names"])
+    base_source = args.base or recipe["model"]
+    # the merged files never land on the adapter or the base they are made from, nor unasked on anything else
+    if out.exists() and out.resolve() in {adapter.resolve(), Path(base_source).expanduser().resolve()}:
+        parser.error(f"--out {out} is the adapter or the base model itself; give a new folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        parser.error(f"--out {out} exists and is not empty; give a new folder, or --overwrite to replace its files")
+    with loading("--base", base_source):
+        base, tokenizer = build_model(base_source, recipe["config"], recipe["class_names"])
     merged = merge_lora(load_lora(base, str(adapter)))
-    out = Path(args.out)
     merged.save_pretrained(out, tokenizer=tokenizer)
     print(f"merged {adapter} into {out}")
     return out
