@@ -46,6 +46,16 @@ def make_scene(height: int = 1024, width: int = 1024, seed: int = 0, small_size:
     return image, label
 
 
+def _check_not_another_dataset(out: Path) -> None:
+    """A folder holding another dataset (other class names, or parquet splits without class names) is refused: the
+    synthetic splits would replace its train and validation files."""
+    names = out / "class_names.json"
+    other = (names.is_file() and json.loads(names.read_text()) != CLASS_NAMES) or (
+        not names.is_file() and any((out / f"{split}.parquet").exists() for split in ("train", "validation")))
+    if other:
+        raise FileExistsError(f"{out} holds another dataset; give a new folder for the synthetic one.")
+
+
 def write_parquet(out: str | Path, num_train: int, num_val: int, height: int, width: int, seed: int = 0) -> Path:
     """Write train/validation parquet files (`image` as PNG bytes, `label` as PNG bytes) and class_names.json."""
     import datasets
@@ -53,6 +63,7 @@ def write_parquet(out: str | Path, num_train: int, num_val: int, height: int, wi
     from .convert import encode_png
 
     out = Path(out)
+    _check_not_another_dataset(out)
     out.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
 
@@ -76,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_parquet(args.out, args.num_train, args.num_val, args.height, args.width, args.seed)
+    try:
+        path = write_parquet(args.out, args.num_train, args.num_val, args.height, args.width, args.seed)
+    except FileExistsError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"wrote {args.num_train} train / {args.num_val} validation scenes of {args.height}x{args.width} to {path}")
 
 

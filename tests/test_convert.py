@@ -168,3 +168,19 @@ def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
     assert names == ["a", "b", "c", "d"] and validation[0].min() == validation[0].max() == 3
     with pytest.raises(SystemExit):
         convert.main([*args[:-1], str(out / "class_names.json"), "--class-names", "a"])
+
+
+def test_synthetic_generator_never_replaces_another_dataset(tmp_path, capsys):
+    from processing import synthetic
+
+    own_folder(tmp_path, "png")
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out", str(tmp_path / "d")])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    with pytest.raises(SystemExit) as error:
+        synthetic.main(["--out", str(tmp_path / "d"), "--num-train", "1", "--num-val", "1", "--height", "32",
+                        "--width", "32"])
+    assert error.value.code == 2 and "holds another dataset" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    for _ in range(2):  # its own folder is written again
+        synthetic.main(["--out", str(tmp_path / "s"), "--num-train", "1", "--num-val", "1", "--height", "32",
+                        "--width", "32"])
