@@ -48,6 +48,20 @@ def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: s
         parser.error(f"{flag} {value!r} not found (give {kind} or a Hub id ORG/NAME)")
 
 
+def check_is_mrovseg(model: str) -> None:
+    """A ValueError naming the model type when `model` is another kind of checkpoint: a CLIP folder (what training
+    starts from) would otherwise fail deep in the pipeline with "Can't load image processor"."""
+    from transformers import AutoConfig
+
+    local = Path(model).expanduser()
+    if not is_hub_id(model) and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{model} has no config.json: not a saved checkpoint")
+    model_type = AutoConfig.from_pretrained(model if is_hub_id(model) else str(local)).model_type
+    if model_type != "mrovseg":
+        raise ValueError(f"{model} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
+                         "training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained.")
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -64,6 +78,7 @@ def load_pipeline(model: str, device: str | None, resolution: int | None, slice_
     register_pipelines()
     if not is_hub_id(model) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
+    check_is_mrovseg(model)
     segmenter = pipeline("zero-shot-image-segmentation", model=model if is_hub_id(model) else str(Path(model).expanduser()),
                          device=device, compile=compile, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     if resolution is not None:

@@ -259,12 +259,15 @@ def test_cli_dtype_loads_reduced_precision_weights(checkpoint, tmp_path):
     (["--labels", ""], "empty"),
     (["--labels", "cat,cat"], "Duplicate"),
     (["--model", "/no/such/model"], "not found"),
+    (["--model", "TMP"], "has no config.json: not a saved checkpoint"),
+    (["--model", "CLIP"], "is a 'clip' checkpoint, not an MROVSeg model"),  # what training starts from
 ])
-def test_cli_argument_errors(checkpoint, tmp_path, capsys, argv, message):
+def test_cli_argument_errors(checkpoint, tiny_clip_dir, tmp_path, capsys, argv, message):
     image = tmp_path / "x.png"
     Image.fromarray(random_image(30, 30)).save(image)
     args = {"--model": str(checkpoint), "--labels": "cat,dog", "--out": str(tmp_path / "o")}
     args.update(dict(zip(argv[::2], argv[1::2])))
+    args["--model"] = {"TMP": str(tmp_path), "CLIP": str(tiny_clip_dir)}.get(args["--model"], args["--model"])
     assert cli_main(["segment", str(image), *sum(args.items(), ())]) == 2
     assert message in capsys.readouterr().err
 
