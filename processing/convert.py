@@ -272,6 +272,9 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
         def rows():
             for image_path, label_path in items:
                 label = np.asarray(Image.open(label_path), dtype=np.int64)
+                if label.ndim != 2:  # 0 and 255 in every channel would pass the value check below
+                    raise ValueError(f"{label_path} has {label.shape[-1]} channels (a colour mask?); labels must be "
+                                     "one channel of class ids (an L or P PNG)")
                 bad = np.setdiff1d(np.unique(label), [*range(len(class_names)), IGNORE])
                 if bad.size:
                     raise ValueError(f"{label_path} has values {bad.tolist()} outside 0..{len(class_names) - 1} and 255")

@@ -141,6 +141,11 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     Image.fromarray(np.full((8, 10), 7, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / "img0.png")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                         str(tmp_path / "bad")], "outside 0..2")
+    colour = np.zeros((8, 10, 3), dtype=np.uint8)
+    colour[:4] = 255  # white on black: 0 and 255 only, as a colour mask of one class often is
+    Image.fromarray(colour).save(tmp_path / "mine" / "labels" / "img0.png")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
+                        str(tmp_path / "bad")], "has 3 channels (a colour mask?)")
 
 
 def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
