@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.memory import plain_quick_gelu
+from modeling_mrovseg.pipelines import uses_cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(640, 640), (1024, 2048), (2048, 2048), (4096, 4096)]
@@ -127,8 +128,10 @@ def compiled_forward(args, device, mode: str | None = None):
         options = {} if mode == "default" else {"mode": mode}
         compiled = torch.compile(fast_model(args, device), dynamic=False, backend=args.compile_backend, **options)
 
+        graphs = uses_cuda_graphs(mode)
+
         def forward(**inputs):
-            if mode == "reduce-overhead":
+            if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             return compiled(**inputs)
 
@@ -225,10 +228,10 @@ CANDIDATES = {"mrovseg_channels_last_stitching": (channels_last_stitching, "chan
 COMPILED = {"mrovseg_compiled": "default", "mrovseg_cuda_graphs": "reduce-overhead"}
 
 
-def compiled_variants(args, device) -> list[str]:
+def compiled_variants(args) -> list[str]:
     """The compiled rows at each compiled size: the run's own mode (CUDA graphs on a GPU), and with `--studies` on a
     GPU the default mode beside it."""
-    own = "mrovseg_cuda_graphs" if args.compile_mode == "reduce-overhead" else "mrovseg_compiled"
+    own = "mrovseg_cuda_graphs" if uses_cuda_graphs(args.compile_mode) else "mrovseg_compiled"
     return [own] + (["mrovseg_compiled"] if args.studies and own != "mrovseg_compiled" else [])
 
 
@@ -255,7 +258,7 @@ def latency_table(args, device) -> list[dict]:
         studies = list(CANDIDATES) + (["mrovseg_cudnn_benchmark"] if device.type == "cuda" else [])
     for size in args.sizes:
         processor, inputs = inputs_for(base, size, device)
-        compiled_here = compiled_variants(args, device) if tuple(size) in args.compiled_sizes else []
+        compiled_here = compiled_variants(args) if tuple(size) in args.compiled_sizes else []
         for variant in VARIANTS + studies + compiled_here:
             if variant == "full_resolution_clip" and size[0] * size[1] > args.full_res_max_pixels:
                 continue

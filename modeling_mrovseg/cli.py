@@ -49,11 +49,14 @@ def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: s
 
 
 def check_is_mrovseg(model: str) -> None:
-    """A ValueError naming the model type when `model` is another kind of checkpoint: a CLIP folder (what training
-    starts from) would otherwise fail deep in the pipeline with "Can't load image processor"."""
+    """A missing folder, a folder without config.json, or another kind of checkpoint (a CLIP folder, what training
+    starts from, which would otherwise fail deep in the pipeline with "Can't load image processor"): an error
+    naming it."""
     from transformers import AutoConfig
 
     local = Path(model).expanduser()
+    if not is_hub_id(model) and not local.is_dir():
+        raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
     if not is_hub_id(model) and not (local / "config.json").is_file():
         raise FileNotFoundError(f"{model} has no config.json: not a saved checkpoint")
     model_type = AutoConfig.from_pretrained(model if is_hub_id(model) else str(local)).model_type
@@ -76,8 +79,6 @@ def load_pipeline(model: str, device: str | None, resolution: int | None, slice_
     from .image_processing_mrovseg import MROVSegImageProcessor
 
     register_pipelines()
-    if not is_hub_id(model) and not Path(model).expanduser().is_dir():
-        raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
     check_is_mrovseg(model)
     segmenter = pipeline("zero-shot-image-segmentation", model=model if is_hub_id(model) else str(Path(model).expanduser()),
                          device=device, compile=compile, dtype=dtype if dtype == "auto" else getattr(torch, dtype))

@@ -39,9 +39,15 @@ def checkpoint(tiny_clip_dir, tiny_tokenizer, tmp_path_factory):
     return folder
 
 
-def push(checkpoint, hub, *extra):
+def hub_env(endpoint: str) -> dict:
+    """The environment of a publishing command against the Hub at `endpoint` (online, a test token)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(HF_ENDPOINT=endpoint, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
+def push(checkpoint, hub, *extra):
+    env = hub_env(hub.url)
     command = [sys.executable, "-m", "hub_cards.push", "--checkpoint", str(checkpoint), "--repo-id",
                "acme/mrovseg-test", "--results", str(checkpoint / "ade150.json"), str(checkpoint / "pc59.json"), *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -154,8 +160,7 @@ def test_publishing_tools_fail_with_one_line_and_lose_nothing(checkpoint, tmp_pa
     with socket.socket() as sock:  # a port nothing listens on: the Hub cannot be reached
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT=closed, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    env = hub_env(closed)
 
     def run(*command):
         return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -197,8 +202,7 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
     assert "gradio" in (folder / "requirements.txt").read_text()
     assert json.loads((folder / "mrovseg_space.json").read_text()) == {"model": "acme/mrovseg-test"}
     with FakeHub() as hub:
-        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+        env = hub_env(hub.url)
         result = subprocess.run([sys.executable, "-m", "hub_cards.space", "--model", "acme/mrovseg-test", "--repo-id",
                                  "acme/mrovseg-demo", "--out", str(tmp_path / "built")], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=300)
