@@ -400,6 +400,8 @@ class MROVSegImageProcessor(PilBackend):
         target_sizes = _check_target_sizes(target_sizes, scores.shape[0])
         image_sizes = getattr(outputs, "image_sizes", None)
         image_sizes = None if image_sizes is None else image_sizes.tolist()  # one host read for the whole batch
+        if target_sizes is not None and image_sizes is not None and "shortest_edge" in (self.size or {}):
+            _check_not_turned(target_sizes, image_sizes)
         results = []
         for i in range(scores.shape[0]):
             geometry = None if image_sizes is None else image_sizes[i]
@@ -666,6 +668,25 @@ def _check_target_sizes(target_sizes, batch: int) -> list[tuple[int, int]] | Non
     if any(len(size) != 2 or min(size) < 1 for size in sizes):
         raise ValueError(f"target_sizes must be (height, width) pairs of positive sizes, got {target_sizes}.")
     return sizes
+
+
+def _fits(size: Sequence[int], height: int, width: int) -> bool:
+    """Whether an aspect-preserving resize of `size` (rounded, as `resized_size`) can give height x width."""
+    low = max((height - 1) / size[0], (width - 1) / size[1])
+    return low <= min((height + 1) / size[0], (width + 1) / size[1])
+
+
+def _check_not_turned(target_sizes: list[tuple[int, int]], image_sizes: list[list[int]]) -> None:
+    """A target size that fits the processed image only turned by 90 degrees is (width, height), or the size of a
+    photo before its EXIF orientation: the labels would come back stretched across the wrong axes."""
+    for i, (size, geometry) in enumerate(zip(target_sizes, image_sizes)):
+        height, width = int(geometry[0]), int(geometry[1])
+        if not _fits(size, height, width) and _fits(size, width, height):
+            raise ValueError(
+                f"target_sizes[{i}] = {tuple(size)} fits the processed image ({height} x {width}) only turned by "
+                "90 degrees: give (height, width) of the image as the processor read it (PIL's image.size is "
+                "(width, height), so image.size[::-1]; the processor applies a photo's EXIF orientation, so for a "
+                "PIL image PIL.ImageOps.exif_transpose(image).size[::-1]).")
 
 
 def semantic_scores(outputs, class_major: bool | None = None) -> torch.Tensor:

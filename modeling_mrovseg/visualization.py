@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .image_processing_mrovseg import to_rgb_uint8
+
 
 def palette(num_classes: int) -> np.ndarray:
     """(C, 3) uint8 colours, well separated in hue (golden-ratio steps) with alternating brightness."""
@@ -36,10 +38,11 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
     Blend class colours over `image` and add a legend panel (colour swatch, class name, pixel share) to the right.
 
     `segmentation` is an (H, W) array or tensor of class ids matching the image size; by default the legend lists
-    only the classes present.
+    only the classes present. The image is read as the image processor reads it (`to_rgb_uint8`: a photo's EXIF
+    orientation, 16-bit, transparency, float arrays), so the colours land on the pixels the model labelled.
     """
     seg = segmentation.cpu().numpy() if hasattr(segmentation, "cpu") else np.asarray(segmentation)
-    base = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    base = Image.fromarray(to_rgb_uint8(image))
     if seg.shape != (base.height, base.width):
         raise ValueError(f"segmentation has shape {seg.shape} but the image is {base.height} x {base.width}.")
     colors = palette(len(labels))

@@ -12,6 +12,12 @@ indices, 255 = unlabelled) and OUT/class_names.json. One sub-command per source 
 
 `folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
 index, 255 = unlabelled); a seeded `--val-fraction` of the images becomes the validation split.
+
+Images are stored as everyone shows them: a photo's EXIF orientation applies (JPEG bytes are kept with their EXIF,
+which `datasets` applies when decoding; other formats are stored rotated), 16-bit images are scaled and transparency
+is composited onto white, as the image processor reads them at inference. A `folder` label is taken as drawn over the
+image as shown; one that fits only the stored, unrotated pixels (a 90-degree EXIF rotation, a non-square photo) is
+turned with its image, and the run says how many labels it turned.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 from modeling_mrovseg.cli import one_line
+from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
 
 from .class_names import (
@@ -91,10 +99,29 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 def _encoded(image: Image.Image) -> dict:
-    """Keep JPEG sources as JPEG bytes (no re-encoding loss, smaller files); anything else as PNG."""
+    """Keep JPEG sources as JPEG bytes (no re-encoding loss, smaller files; `datasets` applies their EXIF orientation
+    when decoding); anything else as the RGB PNG the image processor would read (orientation, 16-bit, alpha)."""
     if image.format == "JPEG" and getattr(image, "filename", None):
         return {"bytes": Path(image.filename).read_bytes(), "path": None}
-    return encode_png(image.convert("RGB"))
+    return encode_png(to_rgb_uint8(image))
+
+
+# EXIF orientation -> the PIL transpose that shows the image upright (2..4 keep the size, 5..8 swap it)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, also when absent or unknown)."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in ORIENTATIONS else 1
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as shown (and as `datasets` and the image processor decode it)."""
+    swapped = exif_orientation(image) >= 5
+    return (image.width, image.height) if swapped else (image.height, image.width)
 
 
 def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.Image, np.ndarray]]],
@@ -104,8 +131,8 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
 
     def generate():
         for image, label in rows():
-            if (image.height, image.width) != label.shape:
-                raise ValueError(f"image {image.size[::-1]} and label {label.shape} differ in size")
+            if shown_size(image) != label.shape:
+                raise ValueError(f"image {shown_size(image)} and label {label.shape} differ in size")
             yield {"image": _encoded(image), "label": encode_png(label.astype(np.uint8))}
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
@@ -268,6 +295,8 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     num_val = int(round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
     splits = {"validation": [pairs[i] for i in order[:num_val]], "train": [pairs[i] for i in order[num_val:]]}
 
+    turned = []
+
     def reader(items):
         def rows():
             for image_path, label_path in items:
@@ -278,10 +307,20 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                 bad = np.setdiff1d(np.unique(label), [*range(len(class_names)), IGNORE])
                 if bad.size:
                     raise ValueError(f"{label_path} has values {bad.tolist()} outside 0..{len(class_names) - 1} and 255")
-                yield Image.open(image_path), label
+                image = Image.open(image_path)
+                if label.shape != shown_size(image) and label.shape == (image.height, image.width):
+                    # drawn over the stored pixels of a rotated photo: turn it as the photo is turned
+                    transpose = ORIENTATIONS[exif_orientation(image)]
+                    label = np.asarray(Image.fromarray(label.astype(np.int32)).transpose(transpose), dtype=np.int64)
+                    turned.append(label_path.name)
+                yield image, label
         return rows
 
-    return [write_split(out, split, reader(items), class_names) for split, items in splits.items() if items]
+    written = [write_split(out, split, reader(items), class_names) for split, items in splits.items() if items]
+    if turned:
+        print(f"note: {len(turned)} label(s) fit the unrotated pixels of a photo with an EXIF rotation and were turned "
+              f"with it (e.g. {turned[0]})", file=sys.stderr)
+    return written
 
 
 def _split_ids(root: Path, split: str) -> list[str]:

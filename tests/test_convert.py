@@ -189,3 +189,42 @@ def test_synthetic_generator_never_replaces_another_dataset(tmp_path, capsys):
     for _ in range(2):  # its own folder is written again
         synthetic.main(["--out", str(tmp_path / "s"), "--num-train", "1", "--num-val", "1", "--height", "32",
                         "--width", "32"])
+
+
+def test_photos_are_stored_as_shown_and_their_labels_follow(tmp_path, capsys):
+    """A phone photo (EXIF orientation 6: stored on its side) trains on what every viewer, `datasets` and the image
+    processor show; its label counts as drawn over the photo as shown, or, when it fits only the stored pixels (the
+    size says so), is turned with the photo. A 16-bit PNG is scaled, not clipped to white."""
+    shown = np.zeros((40, 30, 3), dtype=np.uint8)
+    shown[...] = (0, 0, 255)
+    shown[:20, :15] = (255, 0, 0)  # red top-left corner of the upright photo: class 1
+    shown_label = np.where(shown[..., 0] > 128, 1, 0).astype(np.uint8)
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back (ROTATE_270)
+    assert stored.size == (40, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "mine" / "images").mkdir(parents=True)
+    (tmp_path / "mine" / "labels").mkdir()
+    for name, suffix in (("drawn_shown", "jpg"), ("drawn_stored", "jpg"), ("png_photo", "png")):
+        stored.save(tmp_path / "mine" / "images" / f"{name}.{suffix}", exif=exif, quality=95)
+    label_image = Image.fromarray(shown_label)
+    label_image.save(tmp_path / "mine" / "labels" / "drawn_shown.png")
+    label_image.save(tmp_path / "mine" / "labels" / "png_photo.png")
+    label_image.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "mine" / "labels" / "drawn_stored.png")
+    deep = (np.linspace(0, 65535, 40 * 30).reshape(40, 30)).astype(np.uint16)  # a 16-bit grey ramp
+    Image.fromarray(deep).save(tmp_path / "mine" / "images" / "deep.png")
+    label_image.save(tmp_path / "mine" / "labels" / "deep.png")
+
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "sky, roof", "--val-fraction", "0",
+                  "--out", str(tmp_path / "out")])
+    assert "1 label(s) fit the unrotated pixels" in capsys.readouterr().err
+    dataset, _ = load_segmentation_dataset(str(tmp_path / "out"), "train")
+    rows = [as_arrays(row) for row in dataset]
+    assert len(rows) == 4
+    for pixels, label in rows:
+        assert label.shape == (40, 30) and np.array_equal(label, shown_label)
+        if pixels[..., 0].std() > 0 and not np.array_equal(pixels[..., 0], pixels[..., 2]):  # a photo
+            assert np.abs(pixels.astype(int) - shown).mean() < 8  # upright, and JPEG-close (edges blur)
+            assert pixels[5, 5].tolist()[0] > 200 and pixels[30, 25].tolist()[2] > 200
+        else:  # the 16-bit ramp, scaled to 8 bits: dark to bright, not clipped to white
+            assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255 and 100 < pixels.mean() < 155

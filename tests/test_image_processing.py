@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from modeling_mrovseg import MROVSegImageProcessor, SliceGrid, slice_windows, stitch_windows
 from modeling_mrovseg.image_processing_mrovseg import resized_size
@@ -235,6 +235,30 @@ def test_exif_orientation_applied():
     loaded = Image.open(io.BytesIO(buffer.getvalue()))
     out = MROVSegImageProcessor(slice_size=32, do_resize=False)(loaded, return_tensors="pt")
     assert out["image_sizes"][0, :2].tolist() == [40, 20]  # now portrait
+
+
+def test_post_processing_refuses_a_target_size_turned_by_90_degrees():
+    """`image.size` of a PIL image is (width, height), and of a phone photo the size before its EXIF orientation:
+    either as `target_sizes` would stretch the labels across the wrong axes."""
+    stored = Image.fromarray(random_image(300, 400))  # a landscape sensor image, shown portrait
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    photo = Image.open(buffer)
+    processor = MROVSegImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}, slice_size=32)
+    sizes = processor(photo, return_tensors="pt")["image_sizes"]
+    assert sizes[0, :2].tolist() == [85, 64]
+    outputs = _outputs(batch=1, size=(32, 32), image_sizes=sizes)
+    for wrong in (photo.size[::-1], ImageOps.exif_transpose(photo).size):
+        with pytest.raises(ValueError, match=r"only turned by 90 degrees.*exif_transpose\(image\).size\[::-1\]"):
+            processor.post_process_semantic_segmentation(outputs, target_sizes=[wrong])
+    right = ImageOps.exif_transpose(photo).size[::-1]
+    assert processor.post_process_semantic_segmentation(outputs, target_sizes=[right])[0].shape == (400, 300)
+    for other in [(85, 64), (86, 64), (1, 1), (640, 480)]:  # rounding of the resize, or another aspect: no error
+        assert processor.post_process_semantic_segmentation(outputs, target_sizes=[other])[0].shape == other
+    exact = MROVSegImageProcessor(size={"height": 64, "width": 48}, slice_size=32)  # squashes: no aspect to keep
+    assert exact.post_process_semantic_segmentation(outputs, target_sizes=[(64, 85)])[0].shape == (64, 85)
 
 
 @pytest.mark.parametrize("array", [

@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -299,6 +300,26 @@ def test_palette_is_distinct_and_legend_is_drawn():
     with pytest.raises(ValueError, match="segmentation has shape"):
         draw_segmentation(Image.fromarray(random_image(10, 10)), segmentation, ["a"])
 
+
+
+def test_overlay_reads_the_image_as_the_model_does():
+    """The labels the model gives a photo stored upside down (EXIF orientation 3: same size, so no shape error would
+    catch it) land on the upright photo, and a float image in [0, 1] is not truncated to black."""
+    upright = np.zeros((20, 30, 3), dtype=np.uint8)
+    upright[:10] = 255  # white top half, labelled 1 by a model that saw it upright
+    segmentation = np.zeros((20, 30), dtype=np.int64)
+    segmentation[:10] = 1
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    buffer = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_180).save(buffer, format="PNG", exif=exif)
+    photo = Image.open(buffer)
+    picture = np.asarray(draw_segmentation(photo, segmentation, ["dark", "light"], alpha=0.5))[:, :30].astype(int)
+    expected_top = np.rint(0.5 * 255 + 0.5 * palette(2)[1])  # white blended with class 1's colour
+    assert np.abs(picture[:10] - expected_top).max() <= 1
+    floats = draw_segmentation(upright.astype(np.float32) / 255, segmentation, ["dark", "light"])
+    assert np.array_equal(np.asarray(floats)[:, :30], np.asarray(draw_segmentation(upright, segmentation,
+                                                                                    ["dark", "light"]))[:, :30])
 
 def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, capsys):
     """An EXIF-rotated JPEG, a PNG declaring 50000 x 50000 and photo.jpg beside photo.png: all handled, none lost."""

@@ -19,6 +19,7 @@ from PIL import Image, ImageEnhance
 
 from modeling_mrovseg.configuration_mrovseg import IGNORE_INDEX
 from modeling_mrovseg.cli import one_line
+from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
 
 
@@ -76,14 +77,19 @@ def _hub_class_names(repo_id: str, dataset):
 
 
 def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row."""
-    image = example["image"]
-    image = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)).convert("RGB")
+    """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row.
+
+    The image reads as the image processor reads it at inference (`to_rgb_uint8`: EXIF orientation, 16-bit scaled,
+    transparency on white), so a model trains on what it will see. A label stored with three equal channels (a grey
+    map saved as RGB) is read from one; a colour mask is an error, not its red channel."""
+    image = to_rgb_uint8(example["image"])
     label = example["label"]
     label = np.asarray(label if not isinstance(label, Image.Image) else label, dtype=np.int64)
     if label.ndim == 3:
+        if (label[..., 1:] != label[..., :1]).any():
+            raise ValueError(f"a label has {label.shape[-1]} different channels (a colour mask?); labels must be one "
+                             "channel of class ids")
         label = label[..., 0]
-    image = np.asarray(image)
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     return image, label
