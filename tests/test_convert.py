@@ -228,3 +228,13 @@ def test_photos_are_stored_as_shown_and_their_labels_follow(tmp_path, capsys):
             assert pixels[5, 5].tolist()[0] > 200 and pixels[30, 25].tolist()[2] > 200
         else:  # the 16-bit ramp, scaled to 8 bits: dark to bright, not clipped to white
             assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255 and 100 < pixels.mean() < 155
+
+
+def test_training_reads_one_channel_of_a_grey_label_saved_as_rgb_and_refuses_a_colour_mask():
+    grey = np.repeat(np.array([[0, 1], [2, 255]], dtype=np.uint8)[..., None], 3, axis=2)
+    _, label = as_arrays({"image": image(2, 2), "label": Image.fromarray(grey)})
+    assert label.tolist() == [[0, 1], [2, 255]]
+    colour = grey.copy()
+    colour[0, 0] = (200, 30, 30)  # a palette colour: its red channel is no class id
+    with pytest.raises(ValueError, match="3 different channels"):
+        as_arrays({"image": image(2, 2), "label": Image.fromarray(colour)})
