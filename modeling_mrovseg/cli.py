@@ -16,19 +16,34 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def collect_images(source: Path) -> list[Path]:
+def collect_images(source: Path, out: Path | None = None) -> list[Path]:
+    """The image files of `source` (a file, or a folder searched recursively), leaving out anything under `out`: an
+    output folder inside the source would otherwise have its overlays segmented on the next run."""
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        skip = out.resolve() if out is not None else None
+        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                      and not (skip is not None and p.resolve().is_relative_to(skip)))
     if source.is_file():
         return [source]
     raise FileNotFoundError(f"{source} does not exist")
 
 
 def output_stems(images: list[Path], source: Path) -> list[str]:
-    """One output name per image: its path below `source`; `photo.jpg` and `photo.png` become photo_jpg / photo_png."""
+    """One distinct output name per image: its path below `source` (`a/b.jpg` -> `a__b`); `photo.jpg` beside
+    `photo.png` become photo_jpg / photo_png, and names that still meet (`photo.JPG` beside `photo.jpg`, `a__b.jpg`
+    beside `a/b.jpg`) are numbered, so no image's outputs overwrite another's."""
     stems = [p.stem if len(images) == 1 else str(p.relative_to(source).with_suffix("")).replace("/", "__") for p in images]
     taken = {stem: stems.count(stem) for stem in stems}
-    return [f"{stem}_{p.suffix.lstrip('.').lower()}" if taken[stem] > 1 else stem for stem, p in zip(stems, images)]
+    names, used = [], set()
+    for stem, path in zip(stems, images):
+        name = f"{stem}_{path.suffix.lstrip('.').lower()}" if taken[stem] > 1 else stem
+        candidate, number = name, 1
+        while candidate in used:
+            number += 1
+            candidate = f"{name}_{number}"
+        used.add(candidate)
+        names.append(candidate)
+    return names
 
 
 def is_hub_id(name: str) -> bool:
@@ -148,11 +163,10 @@ def segment_command(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     try:
         labels = parse_class_names(args.labels)
-        source = Path(args.source)
-        images = collect_images(source)
+        source, out = Path(args.source), Path(args.out)
+        images = collect_images(source, out)
         if not images:
             raise ValueError(f"no images found in {args.source}")
-        out = Path(args.out)
         prepare_output(out)
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,

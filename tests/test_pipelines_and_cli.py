@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,6 +344,24 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     assert (out / "photo_jpg_labels.png").exists() and (out / "photo_png_labels.png").exists()
     assert json.loads((out / "photo_png.json").read_text())["image"].endswith("photo.png")
 
+
+
+def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp_path, capsys):
+    """`--out photos/segmented` run twice segments the photos, never the last run's overlays; photo.JPG beside
+    photo.jpg and a/b.jpg beside a__b.jpg each keep their own outputs."""
+    source = tmp_path / "photos"
+    (source / "a").mkdir(parents=True)
+    for seed, name in enumerate(["photo.jpg", "photo.JPG", "a/b.jpg", "a__b.jpg"]):
+        Image.fromarray(random_image(30, 40, seed=seed)).save(source / name, format="JPEG")
+    out = source / "segmented"
+    for _ in range(2):
+        code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out",
+                         str(out), "--quiet"])
+        assert code == 0 and "segmented 4 of 4" in capsys.readouterr().out
+    summaries = sorted(out.glob("*.json"))
+    assert len(summaries) == 4 and len(list(out.glob("*_overlay.png"))) == 4
+    assert sorted(Path(json.loads(p.read_text())["image"]).relative_to(source).as_posix() for p in summaries) == [
+        "a/b.jpg", "a__b.jpg", "photo.JPG", "photo.jpg"]
 
 @pytest.mark.parametrize("argv,message", [
     (["--resolution", "-5"], "--resolution"),
