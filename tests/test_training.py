@@ -219,3 +219,11 @@ def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_
         evaluate_script.main([*base[:2], "--dataset", "acme/offline-dataset", *base[4:]])
     with pytest.raises(SystemExit, match=f"cannot load --model {tmp_path}: "):  # a folder that is no checkpoint
         evaluate_script.main(["--model", str(tmp_path), *base[2:]])
+    for bad, message in ((["--max_samples", "-3"], "--max_samples must be >= 1"),  # was 'mIoU nan% over -3 images'
+                         (["--eval_size", "0"], "--eval_size must be >= 1"),
+                         (["--output", str(tmp_path)], "is a folder"),  # found after the evaluation, results lost
+                         (["--output", str(tmp_path / "eval.json" / "x.json")], "cannot be written")):
+        with pytest.raises(SystemExit) as error:
+            evaluate_script.main([*base, *bad])
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "run"]  # no probe or partial file left

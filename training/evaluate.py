@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
@@ -35,9 +37,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile the model (inductor); pays off for many images of one size")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    for name in ("eval_size", "max_samples", "slice_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_source(parser, "--model", args.model, "an MROVSeg checkpoint folder")
     check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
+    if args.output:
+        try:
+            check_writable_file(Path(args.output))
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+def check_writable_file(path: Path) -> None:
+    """Before hours of evaluation: `--output` can be written (not a folder, its folder creatable and writable)."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name such as {path / 'results.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):  # one per process
+            pass
+    except OSError as error:
+        raise ValueError(f"--output {path} cannot be written: {error.strerror or error}") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` only with a complete file: a run killed while writing leaves the earlier results intact."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def main(argv=None) -> dict:
@@ -78,8 +107,7 @@ def main(argv=None) -> dict:
             print(f"{name:<{width}}  {'  n/a' if iou is None else f'{100 * iou:5.1f}'}")
         print(f"mIoU {100 * results['mean_iou']:.2f}% over {count} images of {results['benchmark']} ({args.split})")
         if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(results, indent=2))
+            write_atomically(Path(args.output), json.dumps(results, indent=2))
     return results
 
 
