@@ -108,6 +108,9 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     >>> [(segment["label"], round(segment["score"], 2)) for segment in result["segments"]]
     ```
 
+    Inputs may also be dicts `{"image": ..., "candidate_labels": [...]}`, each with its own class names (as in
+    transformers' zero-shot object detection); in a batch, images with the same names and size run together.
+
     Returns per image a dict: `segments` (one `{"label", "score", "mask", "pixels"}` per class present, largest
     first; `score` is the mean class probability inside the mask, `mask` a PIL "L" image), `label_map` (H x W
     int64 array of indices into `labels`, -1 where `score_threshold` left a pixel unlabelled) and `labels`.
@@ -168,6 +171,12 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         return embeds
 
     def preprocess(self, image, candidate_labels=None, timeout=None):
+        if isinstance(image, dict):  # {"image": ..., "candidate_labels": ...}: this image's own labels
+            unknown = set(image) - {"image", "candidate_labels"}
+            if "image" not in image or unknown:
+                raise ValueError(f"an input dict holds 'image' and optionally 'candidate_labels', got {sorted(image)}")
+            candidate_labels = image.get("candidate_labels", candidate_labels)
+            image = image["image"]
         labels = parse_candidate_labels(candidate_labels, self.model.vocabulary)
         image = read_rgb(image, timeout=timeout)
         inputs = self.image_processor(images=[image], return_pixel_mask=self.compiled, return_tensors="pt")

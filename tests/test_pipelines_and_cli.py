@@ -451,6 +451,22 @@ def test_zero_shot_pipeline_batched_equals_one_at_a_time(zero_shot):
             [(s["label"], round(s["score"], 5)) for s in many["segments"]]
 
 
+
+def test_zero_shot_pipeline_takes_dicts_with_their_own_labels(zero_shot):
+    """[{"image", "candidate_labels"}, ...] as transformers' zero-shot detection takes them: each image its own names,
+    batched or not, equal to calling with those names; a dict without an image is a clear error."""
+    images = [Image.fromarray(random_image(90, 120, seed=s)) for s in range(3)]
+    names = ["cat; dog", "road; sky; car", "cat; dog"]
+    singles = [zero_shot(image, candidate_labels=labels) for image, labels in zip(images, names)]
+    for batch_size in (1, 2):
+        dicts = zero_shot([{"image": i, "candidate_labels": n} for i, n in zip(images, names)], batch_size=batch_size)
+        for one, many in zip(singles, dicts):
+            assert one["labels"] == many["labels"] and np.array_equal(one["label_map"], many["label_map"])
+    default = zero_shot({"image": images[0]}, candidate_labels="cat; dog")  # the call's names as the fallback
+    assert default["labels"] == ["cat", "dog"] and np.array_equal(default["label_map"], singles[0]["label_map"])
+    with pytest.raises(ValueError, match="holds 'image' and optionally 'candidate_labels'"):
+        zero_shot({"picture": images[0]})
+
 def test_zero_shot_pipeline_compile_flag(checkpoint):
     """compile=True wraps the model's calls in torch.compile (nn.Module.compile) and the post-processing too; the
     compiled forward itself is tested in test_modeling (one graph, equal to eager)."""
