@@ -32,6 +32,8 @@ def load_results(paths: list[str | Path]) -> list[dict]:
             records.append(data)
         else:
             raise ValueError(f"{path} holds no mean_iou results")
+        if records[-1].get("mean_iou") is None:
+            raise ValueError(f"{path} holds no mIoU: its evaluation images had no labelled pixel")
     return records
 
 

@@ -11,7 +11,8 @@ indices, 255 = unlabelled) and OUT/class_names.json. One sub-command per source 
     python -m processing.convert folder       --source my_data --class-names "background,crack,rust" --out data/mine
 
 `folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
-index, 255 = unlabelled); a seeded `--val-fraction` of the images becomes the validation split.
+index, 255 = unlabelled; `--binary-masks` for 0/255 masks of two classes); a seeded `--val-fraction` of the images
+becomes the validation split.
 
 Images are stored as everyone shows them: a photo's EXIF orientation applies (JPEG bytes are kept with their EXIF,
 which `datasets` applies when decoding; other formats are stored rotated), 16-bit images are scaled and transparency
@@ -282,20 +283,31 @@ def convert_pascal_voc(source: str, out: Path, split: str, variant: int) -> Path
 
 
 def convert_folder(source: str, out: Path, class_names: list[str], val_fraction: float = 0.1,
-                   seed: int = 0) -> list[Path]:
-    """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count)."""
+                   seed: int = 0, binary_masks: bool = False) -> list[Path]:
+    """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count).
+
+    Hidden files (`.DS_Store`, macOS `._photo.jpg` copies) are skipped. `binary_masks`: each label is a mask, 0 for
+    class 0 and any other value (1, 255) for class 1 (two class names); otherwise 255 is unlabelled, so a folder of
+    0/255 masks, which would train nothing but class 0, is an error that points to this option."""
     root = Path(source)
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in suffixes)
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
     pairs = [(p, root / "labels" / f"{p.stem}.png") for p in images]
     missing = [str(label) for _, label in pairs if not label.is_file()]
     if not pairs or missing:
         raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing {missing[:3]}")
+    stems = [p.stem for p in images]
+    twins = sorted({p.name for p in images if stems.count(p.stem) > 1})
+    if twins:
+        raise ValueError(f"images {twins[:4]} would share one label file; keep one image per name")
+    if binary_masks and len(class_names) != 2:
+        raise ValueError(f"binary masks label two classes (0 and the rest), but {len(class_names)} class names were "
+                         "given")
     order = np.random.default_rng(seed).permutation(len(pairs))
     num_val = int(round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
     splits = {"validation": [pairs[i] for i in order[:num_val]], "train": [pairs[i] for i in order[num_val:]]}
 
-    turned = []
+    turned, seen = [], set()
 
     def reader(items):
         def rows():
@@ -304,9 +316,13 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                 if label.ndim != 2:  # 0 and 255 in every channel would pass the value check below
                     raise ValueError(f"{label_path} has {label.shape[-1]} channels (a colour mask?); labels must be "
                                      "one channel of class ids (an L or P PNG)")
-                bad = np.setdiff1d(np.unique(label), [*range(len(class_names)), IGNORE])
+                if binary_masks:
+                    label = (label != 0).astype(np.int64)
+                values = np.unique(label)
+                bad = np.setdiff1d(values, [*range(len(class_names)), IGNORE])
                 if bad.size:
                     raise ValueError(f"{label_path} has values {bad.tolist()} outside 0..{len(class_names) - 1} and 255")
+                seen.update(values.tolist())
                 image = Image.open(image_path)
                 if label.shape != shown_size(image) and label.shape == (image.height, image.width):
                     # drawn over the stored pixels of a rotated photo: turn it as the photo is turned
@@ -317,6 +333,14 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
         return rows
 
     written = [write_split(out, split, reader(items), class_names) for split, items in splits.items() if items]
+    if seen <= {IGNORE}:
+        raise ValueError(f"every label pixel is 255 (unlabelled): there is nothing to learn from {root / 'labels'}")
+    if seen == {0, IGNORE} and len(class_names) > 1:
+        raise ValueError(f"the labels hold only 0 and 255, and 255 means unlabelled, so class {class_names[1]!r} "
+                         "never appears: for 0/255 masks pass --binary-masks (255 becomes class 1)")
+    absent = [name for index, name in enumerate(class_names) if index not in seen]
+    if absent:
+        print(f"note: {len(absent)} class(es) appear in no label: {', '.join(absent[:10])}", file=sys.stderr)
     if turned:
         print(f"note: {len(turned)} label(s) fit the unrotated pixels of a photo with an EXIF rotation and were turned "
               f"with it (e.g. {turned[0]})", file=sys.stderr)
@@ -341,7 +365,9 @@ def main(argv=None) -> None:
         sub.add_argument("--out", required=True)
         if name == "folder":
             sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
-            sub.add_argument("--val-fraction", type=float, default=0.1)
+            sub.add_argument("--val-fraction", type=float, default=0.1, help="share of images for validation, in [0, 1)")
+            sub.add_argument("--binary-masks", action="store_true",
+                             help="labels are masks: 0 is the first class, any other value (1, 255) the second")
             continue
         sub.add_argument("--splits", nargs="+", default=["validation"] if name != "coco-stuff" else ["train", "validation"])
         if name == "ade20k-847":
@@ -349,6 +375,8 @@ def main(argv=None) -> None:
         if name in ("pascal-context", "pascal-voc"):
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.dataset == "folder" and not 0 <= args.val_fraction < 1:
+        parser.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
@@ -363,7 +391,8 @@ def main(argv=None) -> None:
 
 def _convert(args: argparse.Namespace, out: Path) -> list[Path]:
     if args.dataset == "folder":
-        return convert_folder(args.source, out, parse_class_names(args.class_names), args.val_fraction)
+        return convert_folder(args.source, out, parse_class_names(args.class_names), args.val_fraction,
+                              binary_masks=args.binary_masks)
     written = []
     for split in args.splits:
         if args.dataset == "coco-stuff":

@@ -238,3 +238,38 @@ def test_training_reads_one_channel_of_a_grey_label_saved_as_rgb_and_refuses_a_c
     colour[0, 0] = (200, 30, 30)  # a palette colour: its red channel is no class id
     with pytest.raises(ValueError, match="3 different channels"):
         as_arrays({"image": image(2, 2), "label": Image.fromarray(colour)})
+
+
+def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):
+    """0/255 masks (255 is unlabelled) would train nothing but the first class: refused, and read as two classes
+    with --binary-masks; macOS `._` copies are skipped; two images of one name, a label of nothing but 255 and a
+    validation share of 1 are refused."""
+    own_folder(tmp_path, "png")
+    source, labels = tmp_path / "mine", tmp_path / "mine" / "labels"
+    for i in range(5):
+        mask = np.zeros((8, 10), dtype=np.uint8)
+        mask[: i + 2] = 255
+        Image.fromarray(mask).save(labels / f"img{i}.png")
+    (source / "images" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # no label, not an image
+    args = ["folder", "--source", str(source), "--val-fraction", "0.2", "--out", str(tmp_path / "out")]
+    fails_with(capsys, [*args, "--class-names", "background, crack"], "pass --binary-masks")
+    fails_with(capsys, [*args, "--class-names", "a, b, c", "--binary-masks"], "3 class names")
+    convert.main([*args, "--class-names", "background, crack", "--binary-masks"])
+    train, names = read_back(tmp_path / "out", "train")
+    assert names == ["background", "crack"] and len(train) == 4
+    assert all(set(np.unique(label).tolist()) == {0, 1} for label in train)
+    assert "appear in no label" not in capsys.readouterr().err
+
+    Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(labels / "img0.png")
+    for i in range(1, 5):
+        Image.fromarray(np.full((8, 10), 255 if i % 2 else 1, dtype=np.uint8)).save(labels / f"img{i}.png")
+    convert.main([*args, "--class-names", "background, crack, rust"])
+    assert "2 class(es) appear in no label: background, rust" in capsys.readouterr().err
+    for i in range(5):
+        Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(labels / f"img{i}.png")
+    fails_with(capsys, [*args, "--class-names", "a, b"], "every label pixel is 255")
+    image(8, 10).save(source / "images" / "img1.jpg")
+    fails_with(capsys, [*args, "--class-names", "a, b"], "would share one label file")
+    with pytest.raises(SystemExit) as error:
+        convert.main([*args[:-4], "--val-fraction", "1", "--out", str(tmp_path / "o"), "--class-names", "a, b"])
+    assert error.value.code == 2 and "--val-fraction must lie in [0, 1)" in capsys.readouterr().err

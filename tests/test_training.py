@@ -227,3 +227,32 @@ def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_
             evaluate_script.main([*base, *bad])
         assert error.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "run"]  # no probe or partial file left
+
+
+def test_evaluation_of_images_without_a_labelled_pixel_says_so(tiny_clip_dir, synthetic, tmp_path, capsys):
+    """A split whose labels are all 255 has no mIoU: null in the results (strict JSON: NaN is no JSON value), 'n/a' in
+    the output, and no model card built from it (it printed 'mIoU nan%' and wrote NaN)."""
+    import datasets
+    from PIL import Image
+
+    from hub_cards.card import load_results
+    from training import evaluate as evaluate_script
+
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "run", max_steps=1, checkpointing_steps=1))
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    rows = {"image": [Image.new("RGB", (40, 30), "gray")], "label": [Image.new("L", (40, 30), 255)]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "validation.parquet"))
+    (folder / "class_names.json").write_text(json.dumps(["grass", "road", "building", "car", "sign"]))
+    output = tmp_path / "eval.json"
+    results = evaluate_script.main(["--model", str(tmp_path / "run" / "model"), "--dataset", str(folder),
+                                    "--eval_size", "64", "--no_progress", "--output", str(output)])
+    assert results["mean_iou"] is None and "mIoU n/a (no labelled pixel" in capsys.readouterr().out
+
+    def no_constant(name):
+        raise AssertionError(f"{name} is no JSON value")
+    saved = json.loads(output.read_text(), parse_constant=no_constant)
+    assert saved["mean_iou"] is None and set(saved["per_class_iou"].values()) == {None}
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        load_results([output])

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
 
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
     from training.data import load_segmentation_dataset, loading, shard_indices
-    from training.evaluation import evaluate_segmentation
+    from training.evaluation import evaluate_segmentation, format_miou
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
                               dynamo_backend="inductor" if args.compile else "no")
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         width = max(len(name) for name in class_names)
         for name, iou in results["per_class_iou"].items():
             print(f"{name:<{width}}  {'  n/a' if iou is None else f'{100 * iou:5.1f}'}")
-        print(f"mIoU {100 * results['mean_iou']:.2f}% over {count} images of {results['benchmark']} ({args.split})")
+        print(f"mIoU {format_miou(results['mean_iou'])} over {count} images of {results['benchmark']} ({args.split})")
         if args.output:
             write_atomically(Path(args.output), json.dumps(results, indent=2))
     return results

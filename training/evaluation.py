@@ -33,13 +33,23 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     results = metric.compute(num_labels=len(class_names), ignore_index=model.config.ignore_index)
     model.train(was_training)
     per_class = np.asarray(results["per_category_iou"], dtype=np.float64)
-    return {
-        "mean_iou": float(results["mean_iou"]),
-        "mean_accuracy": float(results["mean_accuracy"]),
-        "overall_accuracy": float(results["overall_accuracy"]),
-        "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, per_class)},
+    return {  # None (JSON null, not the invalid NaN) where nothing was scored: images without a labelled pixel
+        "mean_iou": finite_or_none(results["mean_iou"]),
+        "mean_accuracy": finite_or_none(results["mean_accuracy"]),
+        "overall_accuracy": finite_or_none(results["overall_accuracy"]),
+        "per_class_iou": {name: finite_or_none(v) for name, v in zip(class_names, per_class)},
         "num_images": len(indices),
     }
 
 
-__all__ = ["evaluate_segmentation"]
+def finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def format_miou(value: float | None) -> str:
+    """mIoU for people: a percentage, or why there is none."""
+    return "n/a (no labelled pixel in the images)" if value is None else f"{100 * value:.2f}%"
+
+
+__all__ = ["evaluate_segmentation", "format_miou"]

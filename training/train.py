@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
 
     from modeling_mrovseg import MROVSegImageProcessor
     from training.data import SegmentationAugment, StepBatches, load_segmentation_dataset, loading, shard_indices
-    from training.evaluation import evaluate_segmentation
+    from training.evaluation import evaluate_segmentation, format_miou
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else "no")
@@ -261,11 +261,11 @@ def main(argv=None) -> dict:
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
         # eager: evaluation images differ in size, each new size would recompile
-        result = evaluate_segmentation(accelerator.unwrap_model(model, keep_torch_compile=False), eval_processor, eval_set, class_names, metric,
-                                       shard_indices(count, accelerator.process_index, world),
+        result = evaluate_segmentation(accelerator.unwrap_model(model, keep_torch_compile=False), eval_processor,
+                                       eval_set, class_names, metric, shard_indices(count, accelerator.process_index, world),
                                        show_progress=accelerator.is_main_process and not args.no_progress)
         result.update(step=step, num_images=count)
-        accelerator.print(f"step {step}: mIoU {100 * result['mean_iou']:.2f}%")
+        accelerator.print(f"step {step}: mIoU {format_miou(result['mean_iou'])}")
         return result
 
     progress = tqdm(total=stop_step, initial=start_step, desc="training",
