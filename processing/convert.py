@@ -291,7 +291,8 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     0/255 masks, which would train nothing but class 0, is an error that points to this option."""
     root = Path(source)
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    images = sorted(p for p in (root / "images").iterdir()
+                    if p.suffix.lower() in suffixes and not p.name.startswith("."))
     pairs = [(p, root / "labels" / f"{p.stem}.png") for p in images]
     missing = [str(label) for _, label in pairs if not label.is_file()]
     if not pairs or missing:
@@ -365,7 +366,8 @@ def main(argv=None) -> None:
         sub.add_argument("--out", required=True)
         if name == "folder":
             sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
-            sub.add_argument("--val-fraction", type=float, default=0.1, help="share of images for validation, in [0, 1)")
+            sub.add_argument("--val-fraction", type=float, default=0.1,
+                             help="share of images for validation, in [0, 1)")
             sub.add_argument("--binary-masks", action="store_true",
                              help="labels are masks: 0 is the first class, any other value (1, 255) the second")
             continue

@@ -261,8 +261,9 @@ def main(argv=None) -> dict:
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
         # eager: evaluation images differ in size, each new size would recompile
+        shard = shard_indices(count, accelerator.process_index, world)
         result = evaluate_segmentation(accelerator.unwrap_model(model, keep_torch_compile=False), eval_processor,
-                                       eval_set, class_names, metric, shard_indices(count, accelerator.process_index, world),
+                                       eval_set, class_names, metric, shard,
                                        show_progress=accelerator.is_main_process and not args.no_progress)
         result.update(step=step, num_images=count)
         accelerator.print(f"step {step}: mIoU {format_miou(result['mean_iou'])}")
