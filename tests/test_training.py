@@ -60,17 +60,27 @@ def test_training_loss_falls_and_saves_everything(tiny_clip_dir, synthetic, tmp_
     assert model.config.id2label[3] == "car"
 
 
-def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic, tmp_path):
+def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic, tmp_path, monkeypatch):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train.main(args(tiny_clip_dir, synthetic, straight, max_steps=6, checkpointing_steps=3))
     train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3, stop_after_steps=3))
     assert not (interrupted / "checkpoints" / "step_6").exists()
-    train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3,
-                    resume_from_checkpoint="latest"))
+    # another batch size, seed or learning rate would not continue the run: refused before anything loads
+    with pytest.raises(SystemExit, match=r"other arguments \(--batch_size 2 -> 4; --seed 0 -> 1\)"):
+        train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3, batch_size=4,
+                        seed=1, resume_from_checkpoint="latest"))
+    monkeypatch.chdir(synthetic.parent)  # the dataset by another spelling of its path is the same dataset
+    train.main(args(tiny_clip_dir, Path(".") / synthetic.name, interrupted, max_steps=6, checkpointing_steps=3,
+                    resume_from_checkpoint="latest", config=json.dumps(TINY, indent=1)))  # and --config spaced out
     a, b = weights(straight, 6), weights(interrupted, 6)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(straight, 3)[k]) for k in a)  # training did move the weights
+    saved = json.loads((interrupted / "checkpoints" / "step_6" / "training_state.json").read_text())["run_args"]
+    assert saved["batch_size"] == 2 and saved["seed"] == 0 and saved["max_steps"] == 6
+    results = train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=8, checkpointing_steps=3,
+                              resume_from_checkpoint="latest", resume_with_changed_args=None))
+    assert results["stopped_at"] == 8  # continued on request, with the new schedule
 
 
 def free_port() -> int:

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "steps of one crop size; the first steps are slow while it compiles")
     parser.add_argument("--checkpointing_steps", type=int, default=1000)
     parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    parser.add_argument("--resume_with_changed_args", action="store_true",
+                        help="resume although run-defining arguments (batch size, lr, seed, data ...) differ from "
+                             "the checkpoint's run")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="start over in an OUTPUT_DIR that holds an earlier run (its checkpoints, model and log "
                              "are deleted); without it such a folder is refused unless resuming")
@@ -146,6 +149,55 @@ def latest_checkpoint(output_dir: Path, log=print) -> Path | None:
     return None
 
 
+# what makes a run the run it is: resuming with another value would not continue it (other data order, other
+# schedule, other weights); the rest (evaluation, logging, workers, compile, checkpointing, accumulation) may change
+RUN_ARGS = ("model", "dataset", "class_names", "train_split", "max_steps", "batch_size", "lr", "weight_decay",
+            "poly_power", "max_grad_norm", "crop_size", "seed", "config", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def run_args(args) -> dict:
+    return {name: getattr(args, name) for name in RUN_ARGS}
+
+
+def changed_run_args(saved: dict, args) -> list[str]:
+    """`--name saved -> now` for each run-defining argument that differs from the checkpoint's run (local paths
+    compared as resolved, so `data` and `./data` are one dataset; `--config` as JSON, not as spelled)."""
+    def same(name: str, before, now) -> bool:
+        if name == "config":
+            return json.loads(before) == json.loads(now)
+        if isinstance(before, str) and isinstance(now, str) and Path(before).exists() and Path(now).exists():
+            return Path(before).resolve() == Path(now).resolve()
+        return before == now
+
+    now = run_args(args)
+    return [f"--{name} {saved[name]} -> {now[name]}" for name in RUN_ARGS
+            if name in saved and not same(name, saved[name], now[name])]
+
+
+def checkpoint_to_resume(output_dir: Path, args, log=print) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names, checked before anything loads: complete, and written by a run
+    with the same run-defining arguments (`RUN_ARGS`) unless `--resume_with_changed_args`."""
+    resume = args.resume_from_checkpoint
+    if not resume:
+        return None
+    path = latest_checkpoint(output_dir, log) if resume == "latest" else Path(resume)
+    if path is None:
+        log("no checkpoint to resume from: starting from scratch")
+        return None
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise SystemExit(f"error: cannot resume from {path}: {problem}")
+    saved = json.loads((path / "training_state.json").read_text()).get("run_args", {})
+    changed = changed_run_args(saved, args)
+    if changed and not args.resume_with_changed_args:
+        raise SystemExit(f"error: {path} was written by a run with other arguments ({'; '.join(changed)}): resuming "
+                         "would not continue it. Give that run's arguments, start over with --overwrite_output_dir, "
+                         "or pass --resume_with_changed_args to continue with the new ones.")
+    if changed:
+        log(f"resuming {path} with changed arguments: {'; '.join(changed)}")
+    return path
+
+
 def earlier_run(output_dir: Path, args) -> list[str]:
     """What an earlier run left in `output_dir` that this one would replace: a new run is refused there (like
     transformers' Trainer) unless it resumes or `--overwrite_output_dir` asks to start over."""
@@ -187,6 +239,7 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     earlier_run(output_dir, args)  # refused before anything loads
+    resume_path = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
     with loading("--model", args.model):
@@ -225,24 +278,16 @@ def main(argv=None) -> dict:
     # replaced checkpoint file could run code on resume.
 
     start_step = 0
-    resume = args.resume_from_checkpoint
-    if resume:
-        path = latest_checkpoint(output_dir, accelerator.print) if resume == "latest" else Path(resume)
-        if path is None:
-            accelerator.print("no checkpoint to resume from: starting from scratch")
-        else:
-            problem = checkpoint_problem(path)
-            if problem is not None:
-                raise SystemExit(f"error: cannot resume from {path}: {problem}")
-            accelerator.load_state(str(path))
-            state = json.loads((path / "training_state.json").read_text())
-            start_step = state["step"]
-            if "lr_schedule" in state:
-                schedule.load_state_dict(state["lr_schedule"])
-            else:  # checkpoints of earlier versions: the schedule is a function of the step
-                schedule.last_epoch = start_step
-                schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-            accelerator.print(f"resumed from {path} at step {start_step}")
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        state = json.loads((resume_path / "training_state.json").read_text())
+        start_step = state["step"]
+        if "lr_schedule" in state:
+            schedule.load_state_dict(state["lr_schedule"])
+        else:  # checkpoints of earlier versions: the schedule is a function of the step
+            schedule.last_epoch = start_step
+            schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+        accelerator.print(f"resumed from {resume_path} at step {start_step}")
 
     stop_step = min(args.max_steps, args.stop_after_steps or args.max_steps)
     accum = args.gradient_accumulation_steps
@@ -306,7 +351,8 @@ def main(argv=None) -> dict:
             path = output_dir / "checkpoints" / f"step_{step}"
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
-                state = {"step": step, "lr_schedule": schedule.state_dict()}  # plain values (the lambda is None)
+                # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
+                state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args)}
                 partial = path / "training_state.json.partial"  # written last and renamed: a complete checkpoint
                 partial.write_text(json.dumps(state))
                 partial.replace(path / "training_state.json")
