@@ -11,6 +11,14 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, Pretraine
 
 # Label value of unlabelled and padding pixels: the one default of the config, the image processor and the metric.
 IGNORE_INDEX = 255
+# ... for vocabularies of more than 255 classes (ADE20K-847, Pascal Context-459), where 255 is a class: 16-bit maps
+WIDE_IGNORE_INDEX = 65535
+
+
+def unlabelled_value(num_classes: int) -> int:
+    """The label value of unlabelled pixels for `num_classes` classes: 255 in 8-bit label maps up to 255 classes,
+    else 65535 in 16-bit ones (the convention of detectron2's ADE20K-847 preparation)."""
+    return IGNORE_INDEX if num_classes <= IGNORE_INDEX else WIDE_IGNORE_INDEX
 
 # How the full-resolution branch is encoded: MROVSeg's CLIP-sized slices, or (the baseline it improves on, kept for
 # benchmarks) one CLIP pass over the whole canvas with interpolated position embeddings.
@@ -108,7 +116,7 @@ class MROVSegConfig(PretrainedConfig):
         use_high_res / use_scale_attention / use_local_mask: ablation switches of the three mechanisms.
         high_res_encoding: "slices" (MROVSeg) or "full_image" (one CLIP pass over the whole canvas, the baseline).
         train_position_embeddings: keep CLIP's position embeddings trainable (the rest of CLIP stays frozen).
-        ignore_index: label value that marks unlabelled pixels.
+        ignore_index: label value that marks unlabelled pixels (255; 65535 past 255 classes, where 255 is a class).
 
     Example:
 
@@ -176,7 +184,14 @@ class MROVSegConfig(PretrainedConfig):
         if self.prompt_templates is None:
             self.prompt_templates = list(VILD_TEMPLATES)
         self.prompt_templates = list(self.prompt_templates)
+        self.fit_ignore_index()
         self.validate()
+
+    def fit_ignore_index(self) -> None:
+        """Keep a conventional `ignore_index` (255 or 65535) outside the class ids as the vocabulary grows or
+        shrinks (`unlabelled_value`); a custom one is left to `validate`."""
+        if self.ignore_index in (IGNORE_INDEX, WIDE_IGNORE_INDEX):
+            self.ignore_index = unlabelled_value(self.num_labels)
 
     _INT_FIELDS = ("projection_dim", "slice_size", "slice_overlap", "slice_batch_size", "query_layer",
                    "adapter_kernel_size", "hidden_dim", "num_queries", "num_decoder_layers", "num_decoder_heads",
@@ -267,6 +282,9 @@ class MROVSegConfig(PretrainedConfig):
         self._check_vocabulary()
         if not 0 <= self.ignore_index:
             fail("ignore_index", self.ignore_index, "must be >= 0")
+        if self.ignore_index < self.num_labels:
+            fail("ignore_index", self.ignore_index, f"is a class id of the {self.num_labels}-class vocabulary: "
+                 f"unlabelled pixels would be that class; use a value >= {self.num_labels}")
         if image_size % patch:
             fail("vision_config.image_size", image_size, f"must be a multiple of the patch size {patch}")
 
@@ -327,5 +345,5 @@ def normalize_class_name(name: str) -> str:
     return " ".join(unicodedata.normalize("NFC", name).split())
 
 
-__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "HIGH_RES_ENCODINGS",
-           "default_feature_layers", "normalize_class_name"]
+__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "WIDE_IGNORE_INDEX", "unlabelled_value",
+           "HIGH_RES_ENCODINGS", "default_feature_layers", "normalize_class_name"]

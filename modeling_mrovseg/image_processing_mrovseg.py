@@ -235,7 +235,9 @@ class MROVSegImageProcessor(PilBackend):
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "MROVSegImageProcessor":
-        """A processor whose windows match the model's (`slice_size`, `slice_overlap`); `kwargs` set the rest."""
+        """A processor whose windows and unlabelled value match the model's (`slice_size`, `slice_overlap`,
+        `ignore_index`); `kwargs` set the rest."""
+        kwargs.setdefault("ignore_index", config.ignore_index)
         return cls(slice_size=config.slice_size, slice_overlap=config.slice_overlap, **kwargs)
 
     # ------------------------------------------------------------------ entry point

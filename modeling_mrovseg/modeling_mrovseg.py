@@ -649,6 +649,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         self.register_buffer("vocabulary_embeds", buffer, persistent=True)
         self.config.id2label = dict(enumerate(labels))
         self.config.label2id = {label: i for i, label in enumerate(labels)}
+        self.config.fit_ignore_index()  # 847 classes: unlabelled is 65535, 255 a class
 
     def _resolve_text_embeds(self, text_embeds, input_ids, attention_mask, owners=None) -> torch.Tensor:
         if text_embeds is not None:

@@ -38,7 +38,7 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
         return None
     if isinstance(value, str):
         path = Path(value).expanduser()
-        if allow_files and (value.strip().endswith(".json") or (len(value) < 4096 and path.is_file())):
+        if allow_files and (value.strip().endswith(".json") or _is_file(path)):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             try:
@@ -51,6 +51,14 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
             separator = ";" if ";" in value else ","
             value = [part for part in value.split(separator) if part.strip()]
     return validate_labels(list(value))
+
+
+def _is_file(path: Path) -> bool:
+    """False also for text no file can be named (a long list of names: 'File name too long', a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def validate_labels(labels: Sequence[str]) -> list[str]:

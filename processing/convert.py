@@ -1,7 +1,8 @@
 """Convert segmentation datasets into the one schema training and evaluation read.
 
 Output: OUT/<split>.parquet with columns `image` and `label` (PNG images; label values are contiguous class
-indices, 255 = unlabelled) and OUT/class_names.json. One sub-command per source format:
+indices, 255 = unlabelled; past 255 classes, as ADE20K-847 and Pascal Context-459, 16-bit PNGs with 65535 unlabelled)
+and OUT/class_names.json. One sub-command per source format:
 
     python -m processing.convert coco-stuff   --source DIR_OR_HUB_ID --out data/coco-stuff     # parquet: image, mask
     python -m processing.convert ade20k-150   --source DIR_OR_HUB_ID --out data/ade150         # parquet: image, annotation
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from modeling_mrovseg.cli import one_line
+from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
 
@@ -50,12 +52,10 @@ from .class_names import (
     PASCAL_VOC_21,
 )
 
-IGNORE = 255
-
-
 def lookup_table(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
-    """Raw value -> contiguous id (everything unmapped -> 255)."""
-    table = np.full(size, IGNORE, dtype=np.uint8)
+    """Raw value -> contiguous id; everything unmapped -> the unlabelled value of that many classes (255, or 65535
+    past 255 classes, where 255 is a class: `unlabelled_value`)."""
+    table = np.full(size, unlabelled_value(max(mapping.values(), default=-1) + 1), dtype=np.uint16)
     for raw, new in mapping.items():
         table[raw] = new
     return table
@@ -127,14 +127,22 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
 
 def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.Image, np.ndarray]]],
                 class_names: list[str]) -> Path:
-    """Stream (image, contiguous label array) pairs into OUT/<split>.parquet and write class_names.json."""
+    """Stream (image, contiguous label array) pairs into OUT/<split>.parquet and write class_names.json. Labels are
+    8-bit PNGs (255 unlabelled), or 16-bit ones past 255 classes (65535 unlabelled: `unlabelled_value`)."""
     import datasets
+
+    unlabelled = unlabelled_value(len(class_names))
+    dtype = np.uint8 if unlabelled == 255 else np.uint16
 
     def generate():
         for image, label in rows():
             if shown_size(image) != label.shape:
                 raise ValueError(f"image {shown_size(image)} and label {label.shape} differ in size")
-            yield {"image": _encoded(image), "label": encode_png(label.astype(np.uint8))}
+            stray = np.setdiff1d(np.unique(label), [*range(len(class_names)), unlabelled])
+            if stray.size:  # never stored: an 8-bit map would wrap class 300 to 44
+                raise ValueError(f"a label holds {stray[:5].tolist()}, neither one of the {len(class_names)} classes "
+                                 f"nor the unlabelled value {unlabelled}")
+            yield {"image": _encoded(image), "label": encode_png(label.astype(dtype))}
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
     out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +317,7 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     splits = {"validation": [pairs[i] for i in order[:num_val]], "train": [pairs[i] for i in order[num_val:]]}
 
     turned, seen = [], set()
+    unlabelled = unlabelled_value(len(class_names))  # 255, or 65535 in 16-bit label PNGs past 255 classes
 
     def reader(items):
         def rows():
@@ -320,9 +329,10 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                 if binary_masks:
                     label = (label != 0).astype(np.int64)
                 values = np.unique(label)
-                bad = np.setdiff1d(values, [*range(len(class_names)), IGNORE])
+                bad = np.setdiff1d(values, [*range(len(class_names)), unlabelled])
                 if bad.size:
-                    raise ValueError(f"{label_path} has values {bad.tolist()} outside 0..{len(class_names) - 1} and 255")
+                    raise ValueError(f"{label_path} has values {bad.tolist()[:5]} outside 0..{len(class_names) - 1} "
+                                     f"and {unlabelled} (unlabelled)")
                 seen.update(values.tolist())
                 image = Image.open(image_path)
                 if label.shape != shown_size(image) and label.shape == (image.height, image.width):
@@ -334,9 +344,10 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
         return rows
 
     written = [write_split(out, split, reader(items), class_names) for split, items in splits.items() if items]
-    if seen <= {IGNORE}:
-        raise ValueError(f"every label pixel is 255 (unlabelled): there is nothing to learn from {root / 'labels'}")
-    if seen == {0, IGNORE} and len(class_names) > 1:
+    if seen <= {unlabelled}:
+        raise ValueError(f"every label pixel is {unlabelled} (unlabelled): there is nothing to learn from "
+                         f"{root / 'labels'}")
+    if seen == {0, unlabelled} and unlabelled == 255 and len(class_names) > 1:
         raise ValueError(f"the labels hold only 0 and 255, and 255 means unlabelled, so class {class_names[1]!r} "
                          "never appears: for 0/255 masks pass --binary-masks (255 becomes class 1)")
     absent = [name for index, name in enumerate(class_names) if index not in seen]

@@ -85,3 +85,19 @@ def test_validation_names_field_and_range(overrides, field, allowed):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="Unknown preset"):
         MROVSegConfig.from_preset("vit-h-14")
+
+
+def test_unlabelled_value_stays_outside_the_class_ids():
+    """255 is a class of an 847-class vocabulary: unlabelled becomes 65535 (and back with a small vocabulary); a custom
+    ignore_index that is a class id is an error."""
+    from modeling_mrovseg import MROVSegConfig
+
+    def config(num_classes, **kwargs):
+        names = [f"class {i}" for i in range(num_classes)]
+        return MROVSegConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **kwargs)
+
+    assert config(171).ignore_index == 255 and config(255).ignore_index == 255 and config(847).ignore_index == 65535
+    assert config(3, ignore_index=65535).ignore_index == 255  # a conventional value follows the vocabulary
+    assert config(3, ignore_index=7).ignore_index == 7
+    with pytest.raises(ValueError, match="ignore_index.*is a class id of the 10-class vocabulary"):
+        config(10, ignore_index=5)

@@ -273,3 +273,38 @@ def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         convert.main([*args[:-4], "--val-fraction", "1", "--out", str(tmp_path / "o"), "--class-names", "a, b"])
     assert error.value.code == 2 and "--val-fraction must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_vocabularies_past_255_classes_keep_class_255_and_beyond(tmp_path, capsys):
+    """ADE20K-847 and Pascal Context-459 hold classes 255 and up: their labels are 16-bit PNGs with 65535 unlabelled
+    (8-bit maps wrapped class 300 to 44 and read class 255 as unlabelled); a label that an 8-bit map cannot hold is
+    refused, never wrapped."""
+    folder = tmp_path / "ADE20K_2021_17_01" / "images" / "ADE" / "validation" / "cultural" / "apse"
+    folder.mkdir(parents=True)
+    image(4, 4).save(folder / "ADE_val_00000001.jpg")
+    seg = np.zeros((4, 4, 3), dtype=np.uint8)
+    seg[0, :] = (10, 5, 0)   # raw class 261 -> benchmark class 255
+    seg[1, :] = (20, 1, 0)   # raw 513 -> benchmark class 300
+    seg[2, :] = (0, 7, 0)    # raw 7 -> benchmark class 0
+    Image.fromarray(seg).save(folder / "ADE_val_00000001_seg.png")  # row 3: raw 0, not in the list: unlabelled
+    raw = [7] + [1000 + i for i in range(254)] + [261] + [2000 + i for i in range(44)] + [513] + [3000 + i for i in
+                                                                                                 range(546)]
+    (tmp_path / "list.tsv").write_text("".join(f"{r}\tclass {i}\n" for i, r in enumerate(raw)))
+    convert.convert_ade20k_847(str(tmp_path / "ADE20K_2021_17_01"), tmp_path / "out", "validation",
+                               str(tmp_path / "list.tsv"))
+    (label,), names = read_back(tmp_path / "out")
+    assert len(names) == 847 and label[:, 0].tolist() == [255, 300, 0, 65535]
+
+    # a folder of 16-bit label PNGs with 300 classes; an 8-bit dataset cannot hold class 300
+    own_folder(tmp_path, "png")
+    wide = np.array([[0, 255, 299, 65535, 7] * 2] * 8, dtype=np.uint16)
+    for i in range(5):
+        Image.fromarray(wide).save(tmp_path / "mine" / "labels" / f"img{i}.png")
+    many = ", ".join(f"thing {i}" for i in range(300))
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", many, "--val-fraction", "0",
+                  "--out", str(tmp_path / "wide")])
+    train_labels, _ = read_back(tmp_path / "wide", "train")
+    assert all(np.array_equal(label, wide) for label in train_labels)
+    with pytest.raises(ValueError, match=r"holds \[300\], neither one of the 171 classes nor the unlabelled value 255"):
+        convert.write_split(tmp_path / "x", "validation", lambda: iter([(image(2, 2), np.full((2, 2), 300))]),
+                            COCO_STUFF_171)

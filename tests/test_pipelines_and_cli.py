@@ -285,6 +285,8 @@ def test_cli_single_non_image_file(checkpoint, tmp_path, capsys):
 def test_parse_labels():
     assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
+    many = ", ".join(f"thing {i}" for i in range(300))  # longer than a file name may be: not 'File name too long'
+    assert len(parse_labels(many)) == 300 and parse_labels("a\x00b, c") == ["a\x00b", "c"]
 
 
 def test_palette_is_distinct_and_legend_is_drawn():

@@ -266,3 +266,38 @@ def test_evaluation_of_images_without_a_labelled_pixel_says_so(tiny_clip_dir, sy
     assert saved["mean_iou"] is None and set(saved["per_class_iou"].values()) == {None}
     with pytest.raises(ValueError, match="no labelled pixel"):
         load_results([output])
+
+
+def test_evaluation_and_training_count_class_255_of_a_wide_vocabulary(tiny_clip_dir, tiny_tokenizer):
+    """With 300 classes, 255 is a class and 65535 unlabelled: evaluation scores class 255's pixels (they were
+    dropped as unlabelled) and the loss trains on them; the augmentation pads crops with 65535."""
+    import numpy as np
+    from PIL import Image
+
+    import evaluate
+
+    from modeling_mrovseg import MEAN_IOU, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+    from training.data import SegmentationAugment
+    from training.evaluation import evaluate_segmentation
+
+    names = [f"thing {i}" for i in range(300)]
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation.from_clip(
+        str(tiny_clip_dir), vocabulary=names, tokenizer=tiny_tokenizer, **TINY)
+    assert model.config.ignore_index == 65535
+    processor = MROVSegImageProcessor.from_model_config(model.config, size={"shortest_edge": 64, "longest_edge": 256})
+    assert processor.ignore_index == 65535
+    label = np.full((48, 64), 255, dtype=np.uint16)
+    label[:, 32:] = 65535
+    rows = [{"image": Image.new("RGB", (64, 48), "gray"), "label": Image.fromarray(label)}]
+    results = evaluate_segmentation(model, processor, rows, names, evaluate.load(MEAN_IOU), show_progress=False)
+    scored = {name for name, iou in results["per_class_iou"].items() if iou is not None}
+    assert "thing 255" in scored and results["mean_iou"] is not None
+
+    image, crop = SegmentationAugment(crop_size=96, scale_range=(1.0, 1.0), ignore_index=65535)(
+        np.zeros((48, 64, 3), np.uint8), label.astype(np.int64), np.random.default_rng(0))
+    assert set(np.unique(crop).tolist()) == {255, 65535}  # padding is unlabelled, not class 255
+    inputs = processor(list(image[None]), segmentation_maps=[crop], do_resize=False, return_tensors="pt")
+    assert set(inputs["labels"].unique().tolist()) == {255, 65535}
+    loss = model.train()(**inputs).loss
+    assert torch.isfinite(loss)

@@ -1,9 +1,9 @@
 """Segmentation datasets for training and evaluation: loading, deterministic augmentation, batching.
 
 One schema for every dataset: an `image` column and a `label` column (images; label values are class indices,
-255 = unlabelled) plus the list of class names (`class_names.json` beside local parquet files). Everything
-random is derived from (seed, epoch, position), so a run is reproducible whatever the number of processes and
-wherever it is resumed.
+255 = unlabelled, or 65535 in 16-bit label maps past 255 classes: `unlabelled_value`) plus the list of class names
+(`class_names.json` beside local parquet files). Everything random is derived from (seed, epoch, position), so a
+run is reproducible whatever the number of processes and wherever it is resumed.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class SegmentationAugment:
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True
     jitter: float = 0.2
+    ignore_index: int = IGNORE_INDEX  # the label of padding: the model's unlabelled value
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         height, width = label.shape
@@ -116,7 +117,7 @@ class SegmentationAugment:
         pad_h, pad_w = max(0, crop - image.shape[0]), max(0, crop - image.shape[1])
         if pad_h or pad_w:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-            label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+            label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=self.ignore_index)
         top = int(rng.integers(0, image.shape[0] - crop + 1))
         left = int(rng.integers(0, image.shape[1] - crop + 1))
         image, label = image[top : top + crop, left : left + crop], label[top : top + crop, left : left + crop]

@@ -24,13 +24,17 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     model.eval()
     device = next(model.parameters()).device
     indices = range(len(dataset)) if indices is None else indices
+    # unlabelled pixels (255, or 65535 past 255 classes) count as the class after the last: the metric's histogram
+    # then spans the class ids, not every value up to 65535
+    num_classes = len(class_names)
     for index in tqdm(indices, desc="evaluating", disable=not show_progress, unit="image"):
         image, label = as_arrays(dataset[int(index)])
         inputs = image_processor(image, return_pixel_mask=True, return_tensors="pt").to(device)
         outputs = model(**inputs, text_embeds=text_embeds)
         prediction = image_processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0]
-        metric.add(prediction=prediction.cpu().numpy(), reference=label)
-    results = metric.compute(num_labels=len(class_names), ignore_index=model.config.ignore_index)
+        reference = np.where(label == model.config.ignore_index, num_classes, label)
+        metric.add(prediction=prediction.cpu().numpy(), reference=reference)
+    results = metric.compute(num_labels=num_classes, ignore_index=num_classes)
     model.train(was_training)
     per_class = np.asarray(results["per_category_iou"], dtype=np.float64)
     return {  # None (JSON null, not the invalid NaN) where nothing was scored: images without a labelled pixel

@@ -265,8 +265,9 @@ def main(argv=None) -> dict:
     if args.batch_size % (args.gradient_accumulation_steps * world):
         raise ValueError(f"--batch_size {args.batch_size} must be divisible by gradient_accumulation_steps x "
                          f"processes = {args.gradient_accumulation_steps * world}")
-    batches = StepBatches(train_set, train_processor, SegmentationAugment(crop_size=args.crop_size), args.seed,
-                          global_batch=per_step, rank=accelerator.process_index, world_size=world)
+    augment = SegmentationAugment(crop_size=args.crop_size, ignore_index=config.ignore_index)  # pads as unlabelled
+    batches = StepBatches(train_set, train_processor, augment, args.seed, global_batch=per_step,
+                          rank=accelerator.process_index, world_size=world)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, args.lr, args.weight_decay, accelerator.device)
