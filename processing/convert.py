@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -179,30 +179,43 @@ def _column(dataset, candidates: tuple[str, ...]) -> str:
 
 
 def convert_table(source: str, out: Path, split: str, table: np.ndarray, class_names: list[str],
-                  label_columns: tuple[str, ...]) -> Path:
+                  label_columns: tuple[str, ...], expected: Sequence[int]) -> Path:
+    """Masks of raw ids -> contiguous ids through `table`; a raw value outside `expected` (the source format's ids,
+    its unlabelled value included) is an error, not one more unlabelled pixel: it means another format (masks already
+    in contiguous ids, say), whose every class would shift."""
     dataset = _load_table_dataset(source, split)
     label_column = _column(dataset, label_columns)
+    known = np.zeros(len(table), dtype=bool)
+    known[list(expected)] = True
 
     def rows():
-        for example in dataset:
+        for index, example in enumerate(dataset):
             image = example["image"]
-            raw = np.asarray(example[label_column])
+            raw = np.asarray(example[label_column]).astype(np.int64)
             if raw.ndim == 3:
                 raw = raw[..., 0]
-            yield image, table[raw.astype(np.int64)]
+            values = np.unique(raw)
+            unknown = values[(values < 0) | (values >= len(table)) | ~known[np.clip(values, 0, len(table) - 1)]]
+            if unknown.size:
+                raise ValueError(f"row {index} of {source} ({split}) holds mask values {unknown[:6].tolist()}, which "
+                                 "are no ids of this source format; are its masks in another id scheme (already "
+                                 f"contiguous 0..{len(class_names) - 1})?")
+            yield image, table[raw]
 
     return write_split(out, split, rows, class_names)
 
 
 def convert_coco_stuff(source: str, out: Path, split: str) -> Path:
     """COCO-Stuff-164k parquet (image, mask with raw ids 0-181, 255 unlabelled) -> 171 contiguous classes."""
-    return convert_table(source, out, split, coco_stuff_table(), COCO_STUFF_171, ("mask", "label", "annotation"))
+    raw_ids = [i for i in range(182) if i not in COCO_STUFF_UNUSED_IDS] + [255]
+    return convert_table(source, out, split, coco_stuff_table(), COCO_STUFF_171, ("mask", "label", "annotation"),
+                         raw_ids)
 
 
 def convert_ade20k_150(source: str, out: Path, split: str) -> Path:
     """ADE20K SceneParsing parquet (image, annotation: 0 = other, 1-150 classes) -> 150 classes."""
     return convert_table(source, out, split, reduce_labels_table(150), ADE20K_150,
-                         ("annotation", "label", "mask", "segmentation"))
+                         ("annotation", "label", "mask", "segmentation"), range(151))
 
 
 # ---------------------------------------------------------------- raw-file sources

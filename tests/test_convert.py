@@ -29,15 +29,21 @@ def write_table(folder, split, label_column, labels):
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
 
 
-def test_coco_stuff_ids_to_171_classes(tmp_path):
-    raw = np.array([[0, 11, 12, 90], [91, 181, 255, 182]] * 3, dtype=np.int64)
+def test_coco_stuff_ids_to_171_classes(tmp_path, capsys):
+    raw = np.array([[0, 255, 12, 89], [91, 181, 255, 0]] * 3, dtype=np.int64)
     write_table(tmp_path / "raw", "validation", "mask", [raw])
     convert.convert_coco_stuff(str(tmp_path / "raw"), tmp_path / "out", "validation")
     (label,), names = read_back(tmp_path / "out")
     assert names == COCO_STUFF_171 and len(names) == 171
-    # 0 person -> 0; 11 unused -> 255; 12 (stop sign) -> 11; 90 unused -> 255; 91 (banner) -> 80; 181 (wood) -> 170
-    assert label[0].tolist() == [0, 255, 11, 255] and label[1].tolist() == [80, 170, 255, 255]
-    assert names[11] == "stop sign" and names[80] == "banner" and names[170] == "wood"
+    # 0 person -> 0; 255 unlabelled; 12 (stop sign) -> 11; 89 (toothbrush) -> 79; 91 (banner) -> 80; 181 (wood) -> 170
+    assert label[0].tolist() == [0, 255, 11, 79] and label[1].tolist() == [80, 170, 255, 0]
+    assert names[11] == "stop sign" and names[79] == "toothbrush" and names[80] == "banner" and names[170] == "wood"
+    # masks in another id scheme (contiguous 0..170, or 1-based) hold ids the raw scheme never uses (11, 90, 182):
+    # refused, not shifted class by class with those pixels unlabelled
+    for other in (11, 90, 182):
+        write_table(tmp_path / f"other{other}", "validation", "mask", [np.full((4, 4), other)])
+        fails_with(capsys, ["coco-stuff", "--source", str(tmp_path / f"other{other}"), "--out", str(tmp_path / "o"),
+                            "--splits", "validation"], f"holds mask values [{other}], which are no ids of this source")
 
 
 def test_ade20k_150_reduces_labels(tmp_path):
@@ -46,6 +52,9 @@ def test_ade20k_150_reduces_labels(tmp_path):
     convert.convert_ade20k_150(str(tmp_path / "raw"), tmp_path / "out", "validation")
     (label,), names = read_back(tmp_path / "out")
     assert names == ADE20K_150 and label[0].tolist() == [255, 0, 149, 74]
+    write_table(tmp_path / "reduced", "validation", "annotation", [np.full((4, 4), 255)])  # labels reduced already
+    with pytest.raises(ValueError, match=r"holds mask values \[255\]"):
+        convert.convert_ade20k_150(str(tmp_path / "reduced"), tmp_path / "out2", "validation")
 
 
 def test_ade20k_847_from_raw_files(tmp_path):
