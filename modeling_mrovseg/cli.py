@@ -166,7 +166,9 @@ def segment_command(args: argparse.Namespace) -> int:
         source, out = Path(args.source), Path(args.out)
         images = collect_images(source, out)
         if not images:
-            raise ValueError(f"no images found in {args.source}")
+            others = sorted(p.name for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
+            raise ValueError(f"no images found in {args.source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+                             + (f"; {len(others)} other files, such as {others[0]}" if others else "") + ")")
         prepare_output(out)
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,

@@ -395,6 +395,12 @@ def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeyp
     assert "CUDA is not available" in capsys.readouterr().err
     assert cli_main([*base, "--out", str(tmp_path / "o"), "--device", "toaster"]) == 2
     assert "not a device name" in capsys.readouterr().err
+    iphone = tmp_path / "iphone"  # HEIC photos: not read here, and the message says what was looked for and found
+    iphone.mkdir()
+    (iphone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert cli_main(["segment", str(iphone), *base[2:], "--out", str(tmp_path / "o")]) == 2
+    assert "(looked for .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp; 1 other files, such as IMG_0001.HEIC)" in \
+        capsys.readouterr().err
 
 
 MIXED_SIZES = ((90, 120), (60, 200), (90, 120), (150, 80), (40, 40))
