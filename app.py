@@ -63,7 +63,8 @@ class Segmenter:
             result = self.pipeline(image, candidate_labels=labels, score_threshold=threshold)
         label_map = result["label_map"]
         overlay = draw_segmentation(image, label_map, labels)
-        path = self.outputs / f"{Path(str(image_path)).stem}_labels.png"
+        # a folder per request: two uploads named image.png must not share (and overwrite) one download
+        path = Path(tempfile.mkdtemp(dir=self.outputs)) / f"{Path(str(image_path)).stem}_labels.png"
         colorize(label_map, len(labels)).save(path)
         total = label_map.size
         rows = [[s["label"], round(100 * s["pixels"] / total, 2), round(s["score"], 3)] for s in result["segments"]]

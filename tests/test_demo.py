@@ -138,3 +138,17 @@ def test_page_in_a_real_browser(server, photo):
     assert "Classes found" in text and any(f"\n{name}" in text for name in ("cat", "dog", "sofa, couch"))
     assert "Examples" in text  # docs/examples/ offered to pick from
     assert Image.open(ARTIFACTS / "demo.png").size[0] == 1280
+
+
+def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
+    """Two uploads named image.png (every clipboard paste is): the first's download still holds the first's labels."""
+    sys.path.insert(0, str(ROOT))
+    from app import Segmenter
+
+    segmenter = Segmenter(str(checkpoint))
+    paths = []
+    for seed in (1, 2):
+        (tmp_path / str(seed)).mkdir()
+        Image.fromarray(random_image(40 + 20 * seed, 50, seed=seed)).save(tmp_path / str(seed) / "image.png")
+        paths.append(segmenter(str(tmp_path / str(seed) / "image.png"), LABELS, 64, 0)[2])
+    assert paths[0] != paths[1] and Image.open(paths[0]).size == (50, 60) and Image.open(paths[1]).size == (50, 80)
