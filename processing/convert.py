@@ -52,6 +52,7 @@ from .class_names import (
     PASCAL_VOC_21,
 )
 
+
 def lookup_table(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
     """Raw value -> contiguous id; everything unmapped -> the unlabelled value of that many classes (255, or 65535
     past 255 classes, where 255 is a class: `unlabelled_value`)."""
