@@ -10,6 +10,7 @@ Shapes: B images, K slices, W CLIP width, D decoder width, E joint image-text wi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPTextModel, CLIPVisionModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
@@ -131,15 +132,20 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         """
         `PreTrainedModel.from_pretrained`, but weights load only from safetensors: pickled weights (`*.bin`) can
         run arbitrary code when unpickled, so they are refused unless `allow_pickle=True` (for sources you trust).
-        Checkpoints saved before the base model / head split load through `LEGACY_KEY_MAPPING`.
+        Checkpoints saved before the base model / head split load through `LEGACY_KEY_MAPPING`. Class names given
+        as `id2label=` (or by a `config=` with other labels) become the vocabulary: embedded with the checkpoint's
+        CLIP tokenizer, as `set_vocabulary` does, not written over the saved names.
         """
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: also pass allow_pickle=True to confirm.")
             kwargs["use_safetensors"] = True
         kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        # open-vocabulary heads: class names asked for are embedded, not written over the saved ones
+        open_vocabulary = hasattr(cls, "set_vocabulary")
+        names = cls._requested_vocabulary(pretrained_model_name_or_path, kwargs) if open_vocabulary else None
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
             folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
@@ -149,6 +155,53 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                     "with save_pretrained() to get model.safetensors."
                 ) from error
             raise
+        if names is not None and names != model.vocabulary:
+            from transformers import AutoTokenizer
+
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                   if k in kwargs}
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"id2label names new classes {names[:5]}, which need the CLIP tokenizer, and "
+                                 f"{pretrained_model_name_or_path} has none ({error}); load without id2label and call "
+                                 "model.set_vocabulary(names, tokenizer).") from None
+            model.set_vocabulary(names, tokenizer)
+        return model
+
+    @classmethod
+    def _requested_vocabulary(cls, source, kwargs: dict) -> list[str] | None:
+        """Class names asked of `from_pretrained` (`id2label=`, or a `config=` whose labels differ from the saved
+        ones), taken out of `kwargs` so the saved text embeddings load; the caller embeds them afterwards.
+
+        For a closed-set model `id2label` renames the head's outputs; here a name is what the model looks for, so
+        renaming the stored embeddings would label "sky" pixels "a". `num_labels` alone names nothing: an error."""
+        config = kwargs.get("config")
+        if "id2label" in kwargs:
+            id2label = {int(k): v for k, v in kwargs.pop("id2label").items()}
+            kwargs.pop("label2id", None)
+            kwargs.pop("num_labels", None)
+        elif "num_labels" in kwargs:
+            raise ValueError("num_labels= cannot name classes for an open-vocabulary model: pass id2label= (the "
+                             "class names) or call model.set_vocabulary(names, tokenizer) after loading.")
+        elif isinstance(config, PretrainedConfig) and getattr(config, "id2label", None) and source is not None:
+            try:
+                saved = cls.config_class.from_pretrained(source, **{k: kwargs[k] for k in (
+                    "cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs})
+            except (OSError, ValueError):  # no saved config (weights from a state dict, say): nothing to compare
+                return None
+            if dict(config.id2label) == dict(saved.id2label):
+                return None
+            id2label = {int(k): v for k, v in config.id2label.items()}
+            config = copy.deepcopy(config)
+            config.id2label, config.label2id = dict(saved.id2label), dict(saved.label2id)
+            config.fit_ignore_index()
+            kwargs["config"] = config
+        else:
+            return None
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label must number the classes 0..{len(id2label) - 1}, got ids {sorted(id2label)}")
+        return [id2label[i] for i in range(len(id2label))]
 
     def save_pretrained(self, save_directory, *args, image_processor=None, tokenizer=None, **kwargs):
         """

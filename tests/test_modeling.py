@@ -307,6 +307,32 @@ def test_set_vocabulary_prompt_ensemble_and_synonyms(tiny_clip_dir, tiny_tokeniz
         model.set_vocabulary([], tiny_tokenizer)
 
 
+
+def test_class_names_given_to_from_pretrained_are_embedded_not_renamed(checkpoint, tiny_tokenizer, tmp_path):
+    """`from_pretrained(ckpt, id2label=...)` renamed the saved embeddings (pixels of "sky" labelled "a"); the names
+    are now embedded with the checkpoint's tokenizer, as set_vocabulary does, also through AutoModel* (a config with
+    other labels) and for another number of classes (a size-mismatch error before)."""
+    import shutil
+
+    names = ["cat", "dog", "sofa, couch", "lamp"]
+    expected = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    saved = expected.vocabulary_embeds.clone()
+    expected.set_vocabulary(names, tiny_tokenizer)
+    for model in (MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint, id2label=dict(enumerate(names)),
+                                                                  label2id={n: i for i, n in enumerate(names)}),
+                  AutoModelForSemanticSegmentation.from_pretrained(checkpoint, id2label=dict(enumerate(names)),
+                                                                   label2id={n: i for i, n in enumerate(names)})):
+        assert model.vocabulary == names and torch.equal(model.vocabulary_embeds, expected.vocabulary_embeds)
+    same = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint, id2label=dict(enumerate(LABELS)))
+    assert torch.equal(same.vocabulary_embeds, saved)  # the saved names: the saved embeddings, nothing re-embedded
+    with pytest.raises(ValueError, match="num_labels= cannot name classes"):
+        MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint, num_labels=5)
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                                    "special_tokens_map.json", "processor_config.json"))
+    with pytest.raises(ValueError, match="need the CLIP tokenizer"):
+        MROVSegForOpenVocabSegmentation.from_pretrained(bare, id2label=dict(enumerate(names)))
+
 def test_per_call_vocabulary(tiny_clip_dir, tiny_tokenizer):
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=LABELS, num_queries=8,
                                                       hidden_dim=32, num_decoder_heads=4).eval()
