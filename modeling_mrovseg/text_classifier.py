@@ -30,13 +30,20 @@ def split_synonyms(label: str) -> list[str]:
 def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = True) -> list[str] | None:
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
-    couch"); a string is a JSON file holding such a list (unless `allow_files=False`, as for text typed into a web
-    page), or names separated by ";" (each may carry synonyms) or, without any ";", by "," (single names). None stays
-    None.
+    couch"); a string is such a list in JSON ('["sky", "sofa, couch"]'), a JSON file holding one (unless
+    `allow_files=False`, as for text typed into a web page), or names separated by ";" (each may carry synonyms) or,
+    without any ";", by "," (single names). None stays None.
     """
     if value is None:
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip().startswith("["):  # an inline JSON list, as the scripts' help says
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"class names {value[:60]!r} start like a JSON list but are none: {error}") from None
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise ValueError("a JSON list of class names must hold strings only")
+    elif isinstance(value, str):
         path = Path(value).expanduser()
         if allow_files and (value.strip().endswith(".json") or _is_file(path)):
             if not path.is_file():

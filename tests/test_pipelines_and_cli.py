@@ -287,6 +287,10 @@ def test_parse_labels():
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
     many = ", ".join(f"thing {i}" for i in range(300))  # longer than a file name may be: not 'File name too long'
     assert len(parse_labels(many)) == 300 and parse_labels("a\x00b, c") == ["a\x00b", "c"]
+    # the scripts' help says "JSON list": '["sky", "sofa, couch"]' read as text gave the names '["sky"' and ' "sofa'
+    assert parse_labels('["sky", "sofa, couch"]') == ["sky", "sofa, couch"]
+    with pytest.raises(ValueError, match="start like a JSON list but are none"):
+        parse_labels('["sky", "road"')
 
 
 def test_palette_is_distinct_and_legend_is_drawn():

@@ -229,6 +229,11 @@ def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_
         evaluate_script.main([*base[:2], "--dataset", "acme/offline-dataset", *base[4:]])
     with pytest.raises(SystemExit, match=f"cannot load --model {tmp_path}: "):  # a folder that is no checkpoint
         evaluate_script.main(["--model", str(tmp_path), *base[2:]])
+    # other names for the dataset's classes are taken (prompt wording); another number of names would shift them
+    renamed = evaluate_script.main([*base, "--class_names", json.dumps(["lawn", "street", "house", "auto", "sign"])])
+    assert list(renamed["per_class_iou"]) == ["lawn", "street", "house", "auto", "sign"]
+    with pytest.raises(SystemExit, match="4 class names given, but the dataset's labels number 5 classes"):
+        evaluate_script.main([*base, "--class_names", json.dumps(["grass", "road", "building", "car"])])
     for bad, message in ((["--max_samples", "-3"], "--max_samples must be >= 1"),  # was 'mIoU nan% over -3 images'
                          (["--eval_size", "0"], "--eval_size must be >= 1"),
                          (["--output", str(tmp_path)], "is a folder"),  # found after the evaluation, results lost

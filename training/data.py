@@ -50,8 +50,13 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
         if not files:
             raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
         dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
-        if names is None and (path / "class_names.json").is_file():
-            names = parse_class_names(str(path / "class_names.json"))
+        stored = path / "class_names.json"
+        if stored.is_file():
+            own = parse_class_names(str(stored))
+            if names is not None and len(names) != len(own):  # other names for the same ids may be wanted; not more
+                raise ValueError(f"{len(names)} class names given, but the dataset's labels number {len(own)} classes "
+                                 f"({stored}): class ids would point at the wrong names")
+            names = own if names is None else names
     else:
         dataset = datasets.load_dataset(name_or_path, split=split)
         if names is None:
