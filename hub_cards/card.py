@@ -14,13 +14,17 @@ from modeling_mrovseg.cli import is_hub_id
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 
 
-def load_results(paths: list[str | Path]) -> list[dict]:
-    """Evaluation records from results JSON files (training's results.json or evaluate.py's output)."""
+def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[dict]:
+    """Evaluation records from results JSON files (training's results.json or evaluate.py's output).
+
+    A record without an mIoU (training with `--eval_split none` or a failed final evaluation, or images without a
+    labelled pixel) is an error for a file asked for by name; `allow_unscored` keeps it (its training record still
+    describes the run), as for the checkpoint's own results.json."""
     records = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "final_evaluation" in data:  # training results: the final evaluation on its eval split
-            final = dict(data["final_evaluation"])
+            final = dict(data["final_evaluation"] or {})
             final.setdefault("benchmark", Path(str(data.get("dataset", "validation"))).name)
             final.setdefault("split", data.get("eval_split", "validation"))
             final.setdefault("eval_size", data.get("args", {}).get("eval_size"))
@@ -28,12 +32,15 @@ def load_results(paths: list[str | Path]) -> list[dict]:
                                                               "crop_size", "lora_rank", "lora_targets")
                                  if k in data.get("args", {})}
             records.append(final)
+            why = "the run had no final evaluation" if data["final_evaluation"] is None else \
+                "its evaluation images had no labelled pixel"
         elif "mean_iou" in data:
             records.append(data)
+            why = "its evaluation images had no labelled pixel"
         else:
             raise ValueError(f"{path} holds no mean_iou results")
-        if records[-1].get("mean_iou") is None:
-            raise ValueError(f"{path} holds no mIoU: its evaluation images had no labelled pixel")
+        if records[-1].get("mean_iou") is None and not allow_unscored:
+            raise ValueError(f"{path} holds no mIoU: {why}")
     return records
 
 
@@ -42,13 +49,14 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = json.loads((Path(checkpoint) / "config.json").read_text())
+    scored = [r for r in results if r.get("mean_iou") is not None]  # training records without an evaluation: no row
     labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
     eval_results = [
         EvalResult(task_type="image-segmentation", task_name="Open-vocabulary semantic segmentation",
                    dataset_type=str(r.get("benchmark", "unknown")), dataset_name=str(r.get("benchmark", "unknown")),
                    dataset_split=str(r.get("split", "validation")), metric_type="mean_iou", metric_name="mIoU",
                    metric_value=round(100 * float(r["mean_iou"]), 2))
-        for r in results
+        for r in scored
     ]
     datasets = sorted({str(r["training"]["dataset"]) for r in results if "training" in r
                        and is_hub_id(str(r["training"]["dataset"]))})
@@ -61,14 +69,14 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
     training = next((r["training"] for r in results if "training" in r), None)
     own = Path(checkpoint) / "results.json"  # what training.train wrote next to the weights, if anything
     if training is None and own.is_file():
-        training = next((r["training"] for r in load_results([own]) if "training" in r), None)
+        training = next((r["training"] for r in load_results([own], allow_unscored=True) if "training" in r), None)
     training_description = describe_training(training, config)
     tiny = int(vision.get("hidden_size", 768)) < 256
     extra = ("The CLIP inside is a tiny randomly initialised one (width "
              f"{vision.get('hidden_size')}, {vision.get('num_hidden_layers')} layers), not a pretrained CLIP: this "
              "checkpoint demonstrates the code path, not open-vocabulary segmentation quality.") if tiny else None
     rows = [{"name": r.get("benchmark", "?"), "split": r.get("split", "?"), "num_images": r.get("num_images", "?"),
-             "miou": f"{100 * float(r['mean_iou']):.2f}"} for r in results]
+             "miou": f"{100 * float(r['mean_iou']):.2f}"} for r in scored]
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), model_name=repo_id.split("/")[-1], repo_id=repo_id,
         clip_description=f"ViT with patch {vision.get('patch_size', '?')}, width {vision.get('hidden_size', '?')}, "
@@ -109,7 +117,7 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     paths = args.results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
-    card = build_card(checkpoint, load_results(paths), args.repo_id)
+    card = build_card(checkpoint, load_results(paths, allow_unscored=not args.results), args.repo_id)
     card.save(checkpoint / "README.md")
     print(f"wrote {checkpoint / 'README.md'}")
     return checkpoint / "README.md"

@@ -47,7 +47,7 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
     checkpoint = Path(checkpoint)
     check_checkpoint(checkpoint)
     paths = results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
-    card = build_card(checkpoint, load_results(paths), repo_id)
+    card = build_card(checkpoint, load_results(paths, allow_unscored=not results), repo_id)
     card.validate()
     card.save(checkpoint / "README.md")
     api = HfApi(endpoint=endpoint, token=token)

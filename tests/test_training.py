@@ -306,3 +306,23 @@ def test_evaluation_and_training_count_class_255_of_a_wide_vocabulary(tiny_clip_
     assert set(inputs["labels"].unique().tolist()) == {255, 65535}
     loss = model.train()(**inputs).loss
     assert torch.isfinite(loss)
+
+
+def test_a_missing_evaluation_split_is_found_before_training_and_none_trains_without(tiny_clip_dir, synthetic, tmp_path,
+                                                                                     capsys):
+    """A dataset without its --eval_split (a folder converted with --val-fraction 0) failed after the last step,
+    before the model was saved; it is now named before training, and --eval_split none trains and saves without
+    evaluation (the model card then has no numbers, and names no file as holding them)."""
+    from hub_cards import card
+
+    with pytest.raises(SystemExit, match="cannot load --eval_split test of .*Name another split"):
+        train.main(args(tiny_clip_dir, synthetic, tmp_path / "a", max_steps=1, eval_split="test"))
+    assert not (tmp_path / "a").exists()
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path / "b", max_steps=2, eval_split="none", eval_steps=1))
+    assert results["final_evaluation"] is None and results["evaluations"] == []
+    model_dir = tmp_path / "b" / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    text = card.main(["--checkpoint", str(model_dir), "--repo-id", "me/b"]).read_text()
+    assert "No evaluation results were supplied." in text and "Trained from" in text
+    with pytest.raises(ValueError, match="holds no mIoU: the run had no final evaluation"):
+        card.main(["--checkpoint", str(model_dir), "--results", str(model_dir / "results.json")])

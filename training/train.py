@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
-from modeling_mrovseg.cli import check_source
+from modeling_mrovseg.cli import check_source, one_line
 
 import torch
 
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="folder of parquet files or a Hub dataset id")
     parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
     parser.add_argument("--train_split", default="train")
-    parser.add_argument("--eval_split", default="validation")
+    parser.add_argument("--eval_split", default="validation", help='split to evaluate on ("none": no evaluation)')
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_steps", type=int, default=DEFAULTS["max_steps"])
     parser.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="global batch per step")
@@ -242,6 +242,14 @@ def main(argv=None) -> dict:
     resume_path = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
+    eval_set = None  # loaded now: a missing split found after training would leave the run without its model
+    if args.eval_split != "none":
+        try:
+            eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: cannot load --eval_split {args.eval_split} of {args.dataset}: "
+                             f"{one_line(error)}. Name another split (--eval_split train) or train without evaluation "
+                             "(--eval_split none).") from None
     with loading("--model", args.model):
         model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
     if accelerator.is_main_process:
@@ -299,12 +307,7 @@ def main(argv=None) -> dict:
     history = []
     metric = evaluate.load(args.metric)
 
-    eval_set = None
-
     def run_evaluation(step: int) -> dict:
-        nonlocal eval_set
-        if eval_set is None:  # loaded on first use, then kept for every later evaluation
-            eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
         # eager: evaluation images differ in size, each new size would recompile
         shard = shard_indices(count, accelerator.process_index, world)
@@ -358,14 +361,20 @@ def main(argv=None) -> dict:
                 partial.write_text(json.dumps(state))
                 partial.replace(path / "training_state.json")
             accelerator.wait_for_everyone()
-        if args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
+        if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
             evaluations.append(run_evaluation(step))
     progress.close()
 
     results = {"history": history, "evaluations": evaluations, "stopped_at": step, "max_steps": args.max_steps}
     if step >= args.max_steps:
-        final = run_evaluation(step)
-        evaluations.append(final)
+        final = None
+        if eval_set is not None:
+            try:
+                final = run_evaluation(step)
+                evaluations.append(final)
+            except (OSError, ValueError) as error:  # an unreadable evaluation image: the model is saved all the same
+                accelerator.print(f"final evaluation failed: {one_line(error)}; saving the model without it")
+                results["final_evaluation_error"] = str(error)
         results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
                        class_names=class_names, args=vars(args))
         if accelerator.is_main_process:
