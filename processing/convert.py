@@ -367,6 +367,9 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     absent = [name for index, name in enumerate(class_names) if index not in seen]
     if absent:
         print(f"note: {len(absent)} class(es) appear in no label: {', '.join(absent[:10])}", file=sys.stderr)
+    if not splits["validation"]:
+        print("note: no validation split (--val-fraction gives none of these images): train with --eval_split none, "
+              "or --eval_split train to score the training images", file=sys.stderr)
     if turned:
         print(f"note: {len(turned)} label(s) fit the unrotated pixels of a photo with an EXIF rotation and were turned "
               f"with it (e.g. {turned[0]})", file=sys.stderr)
