@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("source", help="an image file or a folder (searched recursively)")
     segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
-    segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp"')
+    segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
+                         'a file: a JSON list or one class per line')
     segment.add_argument("--out", required=True, help="output folder")
     segment.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     segment.add_argument("--resolution", type=_positive_int(8192), default=None,

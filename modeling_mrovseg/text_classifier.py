@@ -30,34 +30,41 @@ def split_synonyms(label: str) -> list[str]:
 def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = True) -> list[str] | None:
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
-    couch"); a string is such a list in JSON ('["sky", "sofa, couch"]'), a JSON file holding one (unless
-    `allow_files=False`, as for text typed into a web page), or names separated by ";" (each may carry synonyms) or,
-    without any ";", by "," (single names). None stays None.
+    couch"); a string is such a list in JSON ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for
+    text typed into a web page) holding a JSON list or one class per line, or names separated by ";" (each may carry
+    synonyms) or, without any ";", by "," (single names). None stays None.
     """
     if value is None:
         return None
     if isinstance(value, str) and value.strip().startswith("["):  # an inline JSON list, as the scripts' help says
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"class names {value[:60]!r} start like a JSON list but are none: {error}") from None
-        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
-            raise ValueError("a JSON list of class names must hold strings only")
+        value = _json_names(value, f"class names {value[:60]!r}")
     elif isinstance(value, str):
         path = Path(value).expanduser()
         if allow_files and (value.strip().endswith(".json") or _is_file(path)):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             try:
-                value = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"class-name file {value!r} is not a JSON list of names: {error}") from None
-            if not isinstance(value, list):
-                raise ValueError(f"class-name file must hold a JSON list of names, got {type(value).__name__}.")
+                text = path.read_text()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"class-name file {value!r} is not text: {error}") from None
+            if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+                value = _json_names(text, f"class-name file {value!r}")
+            else:  # one class per line (a line may carry synonyms: "sofa, couch")
+                value = [line for line in text.splitlines() if line.strip()]
         else:
             separator = ";" if ";" in value else ","
             value = [part for part in value.split(separator) if part.strip()]
     return validate_labels(list(value))
+
+
+def _json_names(text: str, where: str) -> list[str]:
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not a JSON list of names: {error}") from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{where} must be a JSON list of names (strings), got {str(names)[:60]}")
+    return names
 
 
 def _is_file(path: Path) -> bool:

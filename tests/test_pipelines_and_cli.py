@@ -289,8 +289,22 @@ def test_parse_labels():
     assert len(parse_labels(many)) == 300 and parse_labels("a\x00b, c") == ["a\x00b", "c"]
     # the scripts' help says "JSON list": '["sky", "sofa, couch"]' read as text gave the names '["sky"' and ' "sofa'
     assert parse_labels('["sky", "sofa, couch"]') == ["sky", "sofa, couch"]
-    with pytest.raises(ValueError, match="start like a JSON list but are none"):
+    with pytest.raises(ValueError, match="is not a JSON list of names"):
         parse_labels('["sky", "road"')
+
+
+def test_class_names_from_files(tmp_path):
+    """A JSON list, or one class per line (synonyms comma-separated within a line), as a labels.txt holds them."""
+    (tmp_path / "names.json").write_text('["sky", "sofa, couch"]')
+    (tmp_path / "labels.txt").write_text("sky\nsofa, couch\n\ntraffic cone\n")
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    assert parse_labels(str(tmp_path / "names.json")) == ["sky", "sofa, couch"]
+    assert parse_labels(str(tmp_path / "labels.txt")) == ["sky", "sofa, couch", "traffic cone"]
+    with pytest.raises(ValueError, match="must be a JSON list of names"):
+        parse_labels(str(tmp_path / "numbers.json"))
+    with pytest.raises(ValueError, match="not found"):
+        parse_labels(str(tmp_path / "missing.json"))
+    assert parse_labels(str(tmp_path / "labels.txt"), allow_files=False) == [str(tmp_path / "labels.txt")]
 
 
 def test_palette_is_distinct_and_legend_is_drawn():
