@@ -7,11 +7,41 @@ writes CHECKPOINT/README.md whose `model-index` carries the mIoU of every benchm
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from pathlib import Path
+
 from modeling_mrovseg.cli import is_hub_id
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+# the last line of a generated card: the digest of everything above it, so a card edited by hand is recognised
+STAMP = "<!-- written by hub_cards.card (sha256 {}): a card edited by hand is kept -->"
+STAMP_PATTERN = re.compile(r"\n<!-- written by hub_cards\.card \(sha256 ([0-9a-f]{64})\): [^\n]*-->\n?$")
+
+
+def stamped(text: str) -> str:
+    text = text.rstrip("\n") + "\n"
+    return text + "\n" + STAMP.format(hashlib.sha256(text.encode()).hexdigest()) + "\n"
+
+
+def edited_by_hand(text: str) -> bool:
+    """Whether a README.md is someone's work: not stamped by `write_card`, or changed since."""
+    match = STAMP_PATTERN.search(text)
+    if match is None:
+        return True
+    return hashlib.sha256(text[: match.start()].encode()).hexdigest() != match.group(1)
+
+
+def write_card(card, checkpoint: str | Path, regenerate: bool = False) -> bool:
+    """CHECKPOINT/README.md from `card`, unless the README there was written or edited by a person (then it is kept
+    and said so; `regenerate` replaces it). Returns whether the card was written."""
+    path = Path(checkpoint) / "README.md"
+    if path.is_file() and not regenerate and edited_by_hand(path.read_text(encoding="utf-8")):
+        print(f"kept {path}: it was edited by hand or not written by hub_cards (--regenerate-card replaces it)")
+        return False
+    path.write_text(stamped(str(card)), encoding="utf-8", newline="")
+    return True
 
 
 def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[dict]:
@@ -114,12 +144,13 @@ def main(argv=None) -> Path:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--results", nargs="*", default=[], help="results JSON files (default: CHECKPOINT/results.json)")
     parser.add_argument("--repo-id", default="your-name/mrovseg")
+    parser.add_argument("--regenerate-card", action="store_true", help="replace a README.md edited by hand")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     paths = args.results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
     card = build_card(checkpoint, load_results(paths, allow_unscored=not args.results), args.repo_id)
-    card.save(checkpoint / "README.md")
-    print(f"wrote {checkpoint / 'README.md'}")
+    if write_card(card, checkpoint, args.regenerate_card):
+        print(f"wrote {checkpoint / 'README.md'}")
     return checkpoint / "README.md"
 
 

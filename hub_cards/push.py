@@ -38,18 +38,20 @@ def check_checkpoint(checkpoint: Path) -> None:
 
 
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: list[str] | None = None,
-         token: str | None = None, endpoint: str | None = None, commit_message: str | None = None) -> str | None:
-    """Create the repo if needed, write the card, upload the allowed files; returns the commit URL (None if no-op)."""
+         token: str | None = None, endpoint: str | None = None, commit_message: str | None = None,
+         regenerate_card: bool = False) -> str | None:
+    """Create the repo if needed, write the card (a README.md edited by hand is kept and uploaded as it is), upload
+    the allowed files; returns the commit URL (None if no-op)."""
     from huggingface_hub import HfApi
 
-    from .card import build_card, load_results
+    from .card import build_card, load_results, write_card
 
     checkpoint = Path(checkpoint)
     check_checkpoint(checkpoint)
     paths = results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
     card = build_card(checkpoint, load_results(paths, allow_unscored=not results), repo_id)
     card.validate()
-    card.save(checkpoint / "README.md")
+    write_card(card, checkpoint, regenerate_card)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
@@ -67,13 +69,16 @@ def main(argv=None) -> None:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--results", nargs="*", default=None, help="evaluation results JSON files for the card")
     parser.add_argument("--token", default=None, help="default: the saved login / HF_TOKEN")
+    parser.add_argument("--regenerate-card", action="store_true",
+                        help="replace a README.md edited by hand with a generated card")
     args = parser.parse_args(argv)
     try:
         check_checkpoint(Path(args.checkpoint))
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     with hub_errors_exit(parser, "nothing was uploaded"):
-        push(args.checkpoint, args.repo_id, args.private, args.results, args.token)
+        push(args.checkpoint, args.repo_id, args.private, args.results, args.token,
+             regenerate_card=args.regenerate_card)
 
 
 @contextlib.contextmanager

@@ -78,6 +78,11 @@ def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
         # pushing the same checkpoint again: every file unchanged, no new commit
         second = push(checkpoint, hub)
         assert len(repo["commits"]) == 1, second.stderr[-2000:]
+        # a card edited by hand is kept and uploaded as it is (it was overwritten by the generated one)
+        edited = (checkpoint / "README.md").read_text() + "\n## Our notes\nTrained on the night shift.\n"
+        (checkpoint / "README.md").write_text(edited)
+        third = push(checkpoint, hub)
+        assert "kept" in third.stdout and repo["files"]["README.md"].decode() == edited
 
         snapshot = tmp_path / "snapshot"
         snapshot.mkdir()
@@ -236,3 +241,27 @@ def test_card_states_what_the_run_did_and_no_machine_paths(checkpoint, tmp_path)
     assert "for 60 steps, batch 2" in card and "LoRA rank 4 on CLIP's vision attention" in card
     assert "a local `tiny-clip` CLIP on a local `cracks` data" in card
     assert "/home/me" not in card and "SAN recipe" not in card
+
+
+def test_card_written_again_unless_edited_by_hand(checkpoint, tmp_path, capsys):
+    """hub_cards.card rewrites its own card (new results show), keeps one a person edited or wrote, and replaces that
+    too only with --regenerate-card."""
+    import shutil
+
+    from hub_cards import card
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("README.md", "results.json"))
+    first = card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json")]).read_text()
+    assert "31.25" in first and not card.edited_by_hand(first)
+    second = card.main(["--checkpoint", str(folder), "--results", str(folder / "pc59.json")]).read_text()
+    assert "50.00" in second and "31.25" not in second  # its own card follows the results
+    (folder / "README.md").write_text(second.replace("## Intended use", "## Intended use\n\nOur own words."))
+    capsys.readouterr()
+    kept = card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json")]).read_text()
+    assert "Our own words." in kept and "kept" in capsys.readouterr().out
+    (folder / "README.md").write_text("# A card written by a person\n")
+    assert card.main(["--checkpoint", str(folder)]).read_text() == "# A card written by a person\n"
+    replaced = card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json"),
+                          "--regenerate-card"]).read_text()
+    assert "31.25" in replaced and "A card written by a person" not in replaced
