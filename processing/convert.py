@@ -82,22 +82,39 @@ def encode_png(array_or_image) -> dict:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     A scratch folder beside `out` that replaces `out`'s files only if the whole conversion succeeds.
 
     A conversion that fails half-way leaves `out` as it was (never an old train split next to a new validation split);
-    files of `out` that this run does not write are kept.
+    files of `out` that this run does not write are kept. A folder holding another dataset (other class names) is
+    not replaced unless `overwrite`: a mistyped --out must not cost an earlier conversion.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
+        if not overwrite:
+            check_same_dataset(out, json.loads((staging / "class_names.json").read_text()))
         out.mkdir(parents=True, exist_ok=True)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == "class_names.json"):  # class names last
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_same_dataset(out: Path, class_names: list[str]) -> None:
+    """`out` is new, or holds a conversion with these class names (a re-conversion); anything else is refused."""
+    stored = out / "class_names.json"
+    if stored.is_file():
+        before = json.loads(stored.read_text())
+        if before != class_names:
+            raise FileExistsError(f"{out} holds another dataset ({len(before)} classes: {', '.join(before[:4])}"
+                                  f"{', ...' if len(before) > 4 else ''}); give a new --out, or --overwrite to "
+                                  "replace it")
+    elif out.is_dir() and any(out.glob("*.parquet")):
+        raise FileExistsError(f"{out} holds parquet files without class_names.json; give a new --out, or "
+                              "--overwrite to replace them")
 
 
 def _encoded(image: Image.Image) -> dict:
@@ -392,6 +409,7 @@ def main(argv=None) -> None:
         sub = commands.add_parser(name)
         sub.add_argument("--source", required=True)
         sub.add_argument("--out", required=True)
+        sub.add_argument("--overwrite", action="store_true", help="replace an --out that holds another dataset")
         if name == "folder":
             sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
             sub.add_argument("--val-fraction", type=float, default=0.1,
@@ -411,12 +429,28 @@ def main(argv=None) -> None:
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
     try:
-        with staged_output(out) as staging:
+        planned = _planned_class_names(args)
+        if planned is not None and not args.overwrite:  # before hours of conversion, where the names are known
+            check_same_dataset(out, planned)
+        with staged_output(out, args.overwrite) as staging:
             written = _convert(args, staging)
     except (OSError, ValueError) as error:  # a missing or unreadable source: one line, and --out as it was
         parser.exit(1, f"error: {one_line(error)}; {out} is unchanged.\n")
     for path in written:
         print(f"wrote {out / path.name}")
+
+
+def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
+    """The class names a conversion will write, where known without reading the source."""
+    if args.dataset == "folder":
+        return parse_class_names(args.class_names)
+    fixed = {"coco-stuff": COCO_STUFF_171, "ade20k-150": ADE20K_150}
+    if args.dataset == "pascal-voc":
+        fixed["pascal-voc"] = {20: PASCAL_VOC_20, 21: PASCAL_VOC_21}.get(args.variant)
+    if args.dataset == "pascal-context" and args.variant == 59:
+        fixed["pascal-context"] = PASCAL_CONTEXT_59
+    names = fixed.get(args.dataset)
+    return None if names is None else list(names)
 
 
 def _convert(args: argparse.Namespace, out: Path) -> list[Path]:

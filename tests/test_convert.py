@@ -170,14 +170,16 @@ def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
     for i in range(5):  # new pixels everywhere; every train label also gets a value outside the 4 classes
         value = 1 if i == validation_index else 9
         Image.fromarray(np.full((8, 10), value, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
-    fails_with(capsys, [*args, "--class-names", "a, b, c, d"], "outside 0..3")
+    # another dataset's names into the used folder: refused before converting, unless --overwrite
+    fails_with(capsys, [*args, "--class-names", "a, b, c, d"], "holds another dataset (3 classes: background, crack")
+    fails_with(capsys, [*args, "--class-names", "a, b, c, d", "--overwrite"], "outside 0..3")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []  # no scratch folder left behind
 
     (out / "validation.parquet").write_bytes(b"")  # a used folder is replaced file by file on success
     for i in range(5):
         Image.fromarray(np.full((8, 10), 3, dtype=np.uint8)).save(tmp_path / "mine" / "labels" / f"img{i}.png")
-    convert.main([*args, "--class-names", "a, b, c, d"])
+    convert.main([*args, "--class-names", "a, b, c, d", "--overwrite"])
     validation, names = read_back(out)
     assert names == ["a", "b", "c", "d"] and validation[0].min() == validation[0].max() == 3
     with pytest.raises(SystemExit):
@@ -273,13 +275,13 @@ def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):
     Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(labels / "img0.png")
     for i in range(1, 5):
         Image.fromarray(np.full((8, 10), 255 if i % 2 else 1, dtype=np.uint8)).save(labels / f"img{i}.png")
-    convert.main([*args, "--class-names", "background, crack, rust"])
+    convert.main([*args, "--class-names", "background, crack, rust", "--overwrite"])
     assert "2 class(es) appear in no label: background, rust" in capsys.readouterr().err
     for i in range(5):
         Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(labels / f"img{i}.png")
-    fails_with(capsys, [*args, "--class-names", "a, b"], "every label pixel is 255")
+    fails_with(capsys, [*args, "--class-names", "a, b", "--overwrite"], "every label pixel is 255")
     image(8, 10).save(source / "images" / "img1.jpg")
-    fails_with(capsys, [*args, "--class-names", "a, b"], "would share one label file")
+    fails_with(capsys, [*args, "--class-names", "a, b", "--overwrite"], "would share one label file")
     with pytest.raises(SystemExit) as error:
         convert.main([*args[:-4], "--val-fraction", "1", "--out", str(tmp_path / "o"), "--class-names", "a, b"])
     assert error.value.code == 2 and "--val-fraction must lie in [0, 1)" in capsys.readouterr().err
@@ -315,6 +317,12 @@ def test_vocabularies_past_255_classes_keep_class_255_and_beyond(tmp_path, capsy
                   "--out", str(tmp_path / "wide")])
     train_labels, _ = read_back(tmp_path / "wide", "train")
     assert all(np.array_equal(label, wide) for label in train_labels)
+    # another dataset into that folder, its names known only once converted: refused then, the folder unchanged
+    before = {p.name: p.read_bytes() for p in (tmp_path / "wide").iterdir()}
+    fails_with(capsys, ["ade20k-847", "--source", str(tmp_path / "ADE20K_2021_17_01"), "--class-list",
+                        str(tmp_path / "list.tsv"), "--out", str(tmp_path / "wide")],
+               "holds another dataset (300 classes")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "wide").iterdir()} == before
     with pytest.raises(ValueError, match=r"holds \[300\], neither one of the 171 classes nor the unlabelled value 255"):
         convert.write_split(tmp_path / "x", "validation", lambda: iter([(image(2, 2), np.full((2, 2), 300))]),
                             COCO_STUFF_171)
