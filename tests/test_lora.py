@@ -130,7 +130,7 @@ def test_lora_with_checkpointing_and_bf16(base):
     assert all(g.abs().sum() > 0 for g in lora_grads.values()), "a LoRA matrix got no gradient through checkpointing"
 
 
-def test_train_script_with_lora(tiny_clip_dir, tmp_path):
+def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 
     from processing.synthetic import write_parquet
@@ -139,10 +139,14 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path):
 
     data = write_parquet(tmp_path / "data", num_train=4, num_val=1, height=192, width=192)
     AcceleratorState._reset_state(reset_partial_state=True)
-    train.main(["--model", str(tiny_clip_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+    monkeypatch.chdir(tiny_clip_dir.parent)  # the base by a relative path; the merge runs from elsewhere
+    train.main(["--model", tiny_clip_dir.name, "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
                 "--max_steps", "3", "--batch_size", "2", "--crop_size", "128", "--eval_size", "128",
                 "--checkpointing_steps", "3", "--lora_rank", "4", "--config", json.dumps(TINY), "--no_progress"])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    recipe = json.loads((tmp_path / "run" / "adapter" / "mrovseg_base.json").read_text())
+    assert recipe["model"] == str(tiny_clip_dir.resolve())
+    monkeypatch.chdir(tmp_path)
     adapter = str(tmp_path / "run" / "adapter")
     merged_dir = merge_script.main(["--adapter", adapter, "--out", str(tmp_path / "re")])
     # never onto the adapter, the base or (unasked) a used folder; a folder that is no adapter is named

@@ -384,8 +384,11 @@ def main(argv=None) -> dict:
                 from training.lora import merge_lora
 
                 unwrapped.save_pretrained(output_dir / "adapter")
+                # a local base by its absolute path: merge_lora may run from another folder
+                local = Path(args.model).expanduser()
+                base = str(local.resolve()) if local.exists() else args.model
                 (output_dir / "adapter" / "mrovseg_base.json").write_text(json.dumps(
-                    {"model": args.model, "config": json.loads(args.config), "class_names": class_names}, indent=2))
+                    {"model": base, "config": json.loads(args.config), "class_names": class_names}, indent=2))
                 unwrapped = merge_lora(unwrapped)
             unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
             (model_dir / "results.json").write_text(json.dumps(results, indent=2))
