@@ -103,18 +103,17 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_same_dataset(out: Path, class_names: list[str]) -> None:
-    """`out` is new, or holds a conversion with these class names (a re-conversion); anything else is refused."""
+def check_same_dataset(out: Path, class_names: list[str],
+                       remedy: str = "give a new --out, or --overwrite to replace it") -> None:
+    """`out` is new, or holds a dataset with these class names (a re-conversion); anything else is refused."""
     stored = out / "class_names.json"
     if stored.is_file():
         before = json.loads(stored.read_text())
         if before != class_names:
             raise FileExistsError(f"{out} holds another dataset ({len(before)} classes: {', '.join(before[:4])}"
-                                  f"{', ...' if len(before) > 4 else ''}); give a new --out, or --overwrite to "
-                                  "replace it")
+                                  f"{', ...' if len(before) > 4 else ''}); {remedy}")
     elif out.is_dir() and any(out.glob("*.parquet")):
-        raise FileExistsError(f"{out} holds parquet files without class_names.json; give a new --out, or "
-                              "--overwrite to replace them")
+        raise FileExistsError(f"{out} holds another dataset (parquet files without class_names.json); {remedy}")
 
 
 def _encoded(image: Image.Image) -> dict:

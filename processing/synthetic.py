@@ -46,24 +46,14 @@ def make_scene(height: int = 1024, width: int = 1024, seed: int = 0, small_size:
     return image, label
 
 
-def _check_not_another_dataset(out: Path) -> None:
-    """A folder holding another dataset (other class names, or parquet splits without class names) is refused: the
-    synthetic splits would replace its train and validation files."""
-    names = out / "class_names.json"
-    other = (names.is_file() and json.loads(names.read_text()) != CLASS_NAMES) or (
-        not names.is_file() and any((out / f"{split}.parquet").exists() for split in ("train", "validation")))
-    if other:
-        raise FileExistsError(f"{out} holds another dataset; give a new folder for the synthetic one.")
-
-
 def write_parquet(out: str | Path, num_train: int, num_val: int, height: int, width: int, seed: int = 0) -> Path:
     """Write train/validation parquet files (`image` as PNG bytes, `label` as PNG bytes) and class_names.json."""
     import datasets
 
-    from .convert import encode_png
+    from .convert import check_same_dataset, encode_png
 
     out = Path(out)
-    _check_not_another_dataset(out)
+    check_same_dataset(out, CLASS_NAMES, "give a new folder for the synthetic one")  # its splits would go
     out.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
 
