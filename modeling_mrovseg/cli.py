@@ -164,6 +164,9 @@ def segment_command(args: argparse.Namespace) -> int:
     try:
         labels = parse_class_names(args.labels)
         source, out = Path(args.source), Path(args.out)
+        if source.is_dir() and source.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--out {out} holds the source folder {source}: the next run would read its overlays as "
+                             f"photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
         images = collect_images(source, out)
         if not images:
             others = sorted(p.name for p in source.rglob("*") if p.is_file()) if source.is_dir() else []

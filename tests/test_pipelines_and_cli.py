@@ -380,6 +380,11 @@ def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp
         assert code == 0 and "segmented 4 of 4" in capsys.readouterr().out
     summaries = sorted(out.glob("*.json"))
     assert len(summaries) == 4 and len(list(out.glob("*_overlay.png"))) == 4
+    for same in (source, tmp_path):  # the source folder itself, or one holding it: refused, nothing written
+        assert cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "cat", "--out", str(same),
+                         "--quiet"]) == 2
+        assert "holds the source folder" in capsys.readouterr().err
+    assert len(list(source.glob("*.png"))) == 0
     assert sorted(Path(json.loads(p.read_text())["image"]).relative_to(source).as_posix() for p in summaries) == [
         "a/b.jpg", "a__b.jpg", "photo.JPG", "photo.jpg"]
 
