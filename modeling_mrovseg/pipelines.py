@@ -31,8 +31,9 @@ from .text_classifier import parse_class_names
 
 
 def parse_candidate_labels(candidate_labels: str | Sequence[str] | None, fallback: Sequence[str]) -> list[str]:
-    """`parse_class_names`, with None meaning `fallback` (the stored vocabulary)."""
-    labels = parse_class_names(candidate_labels)
+    """`parse_class_names`, with None meaning `fallback` (the stored vocabulary). A string is never read as a file
+    path: a service passing its users' text here would hand them the lines of any file they name."""
+    labels = parse_class_names(candidate_labels, allow_files=False)
     return list(fallback) if labels is None else labels
 
 

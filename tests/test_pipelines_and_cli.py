@@ -185,6 +185,14 @@ def test_zero_shot_threshold_and_errors(zero_shot):
         zero_shot(images()[0], candidate_labels="cat, Cat")
 
 
+def test_candidate_labels_never_read_a_file(zero_shot, tmp_path):
+    """A service passing its users' text as candidate_labels must not hand them the lines of a file they name."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n")
+    result = zero_shot(images()[0], candidate_labels=str(secret))
+    assert result["labels"] == [str(secret)] and "hunter2" not in str(result["labels"])
+
+
 def test_missing_model_folder():
     with pytest.raises(OSError):
         pipeline("zero-shot-image-segmentation", model="/no/such/folder")
