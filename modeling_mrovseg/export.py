@@ -160,12 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, required=True, help="... and this width")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument("--format", choices=["onnx", "torch-export"], default=None,
-                        help="default: from the --out suffix (.pt2 -> torch-export, else onnx)")
+                        help="follows the --out suffix (.onnx -> onnx, .pt2 -> torch-export)")
     args = parser.parse_args(argv)
     for name in ("height", "width"):
         if not 1 <= getattr(args, name) <= 8192:
             parser.error(f"--{name} {getattr(args, name)} must lie in [1, 8192]")
-    format = args.format or ("torch-export" if args.out.endswith(".pt2") else "onnx")
+    # the suffix says how ExportedSegmenter reads the file back, so it decides the format (checked before exporting)
+    out = Path(args.out)
+    by_suffix = {".onnx": "onnx", ".pt2": "torch-export"}.get(out.suffix.lower())
+    if by_suffix is None:
+        parser.error(f"--out {out} must end in .onnx (ONNX) or .pt2 (torch.export): the suffix says how it is read")
+    if args.format not in (None, by_suffix):
+        parser.error(f"--format {args.format} does not match --out {out} ({by_suffix}); leave --format out")
+    if out.is_dir():
+        parser.error(f"--out {out} is a folder; give a file name such as {out / 'mrovseg.onnx'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out} cannot be written: {error.strerror or error}")
+    format = by_suffix
     from .modeling_mrovseg import MROVSegForOpenVocabSegmentation
 
     try:

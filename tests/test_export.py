@@ -74,3 +74,15 @@ def test_command_line(model, tmp_path, capsys):
                  "--out", str(tmp_path / "x.onnx")]) == 2
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "ckpt"), "--height", "0", "--width", "64", "--out", str(tmp_path / "x.onnx")])
+    # the --out suffix says how the file is read back: anything else, a conflicting --format or a folder is a usage
+    # error before exporting (an ONNX file named .txt was written, then failed to load as torch.export; a folder
+    # failed after the export)
+    (tmp_path / "folder.onnx").mkdir()
+    for out, extra, message in (("m.txt", [], "must end in .onnx"),
+                                ("m.onnx", ["--format", "torch-export"], "does not match"),
+                                ("folder.onnx", [], "is a folder")):
+        with pytest.raises(SystemExit) as error:
+            main(["--model", str(tmp_path / "ckpt"), "--height", "64", "--width", "64", "--out", str(tmp_path / out),
+                  *extra])
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m.txt").exists() and not (tmp_path / "m.onnx").exists()
