@@ -83,6 +83,8 @@ def main(argv=None) -> dict:
                               dynamo_backend="inductor" if args.compile else "no")
     with loading("--dataset", args.dataset):
         dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
+    with loading("--metric", args.metric):
+        metric = evaluate.load(args.metric)
     with loading("--model", args.model):
         model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
     if args.slice_batch_size:
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
     count = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
     with accelerator.autocast():
         results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,
-                                        evaluate.load(args.metric),
+                                        metric,
                                         shard_indices(count, accelerator.process_index, accelerator.num_processes),
                                         show_progress=accelerator.is_main_process and not args.no_progress)
     results.update(num_images=count, benchmark=args.benchmark_name or Path(args.dataset).name, split=args.split,

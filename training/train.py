@@ -242,7 +242,8 @@ def main(argv=None) -> dict:
     resume_path = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
-    eval_set = None  # loaded now: a missing split found after training would leave the run without its model
+    # loaded now: a missing split (or metric) found after training would leave the run without its model
+    eval_set = metric = None
     if args.eval_split != "none":
         try:
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
@@ -250,6 +251,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: cannot load --eval_split {args.eval_split} of {args.dataset}: "
                              f"{one_line(error)}. Name another split (--eval_split train) or train without evaluation "
                              "(--eval_split none).") from None
+        with loading("--metric", args.metric):  # not after the last step
+            metric = evaluate.load(args.metric)
     with loading("--model", args.model):
         model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
     if accelerator.is_main_process:
@@ -305,7 +308,6 @@ def main(argv=None) -> dict:
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
     log_path = output_dir / "log.jsonl"
     history = []
-    metric = evaluate.load(args.metric)
 
     def run_evaluation(step: int) -> dict:
         count = len(eval_set) if args.eval_max_samples is None else min(len(eval_set), args.eval_max_samples)
