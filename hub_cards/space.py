@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from modeling_mrovseg.cli import is_hub_id
+
 from .push import hub_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-push", action="store_true", help="only build the folder")
     parser.add_argument("--token", default=None)
     args = parser.parse_args(argv)
+    if not args.no_push and not is_hub_id(args.model):  # the Space runs on the Hub: a local folder is not there
+        parser.error(f"--model {args.model} is not a Hub id: a pushed Space could not load it. Push the checkpoint "
+                     "first (python -m hub_cards.push) and give its ORG/NAME, or build locally with --no-push.")
     try:
         folder = build_space(args.model, args.out)
     except FileExistsError as error:

@@ -215,6 +215,12 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
         files = set(hub.repos["acme/mrovseg-demo"]["files"])
         assert {"README.md", "app.py", "requirements.txt", "mrovseg_space.json", "modeling_mrovseg/cli.py"} <= files
         assert not hub.unknown
+        # a local checkpoint folder: the Space on the Hub could not load it (it failed there, at start); --no-push
+        # builds it for a local run
+        local = subprocess.run([sys.executable, "-m", "hub_cards.space", "--model", str(tmp_path), "--repo-id",
+                                "acme/mrovseg-local", "--out", str(tmp_path / "local")], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert local.returncode == 2 and "is not a Hub id" in local.stderr and "acme/mrovseg-local" not in hub.repos
 
 
 
