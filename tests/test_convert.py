@@ -246,9 +246,11 @@ def test_training_reads_one_channel_of_a_grey_label_saved_as_rgb_and_refuses_a_c
     grey = np.repeat(np.array([[0, 1], [2, 255]], dtype=np.uint8)[..., None], 3, axis=2)
     _, label = as_arrays({"image": image(2, 2), "label": Image.fromarray(grey)})
     assert label.tolist() == [[0, 1], [2, 255]]
+    opaque = np.concatenate([grey, np.full((2, 2, 1), 255, np.uint8)], axis=2)  # RGBA: the alpha channel aside
+    assert as_arrays({"image": image(2, 2), "label": Image.fromarray(opaque)})[1].tolist() == [[0, 1], [2, 255]]
     colour = grey.copy()
     colour[0, 0] = (200, 30, 30)  # a palette colour: its red channel is no class id
-    with pytest.raises(ValueError, match="3 different channels"):
+    with pytest.raises(ValueError, match="3 different colour channels"):
         as_arrays({"image": image(2, 2), "label": Image.fromarray(colour)})
 
 

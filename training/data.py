@@ -85,15 +85,16 @@ def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row.
 
     The image reads as the image processor reads it at inference (`to_rgb_uint8`: EXIF orientation, 16-bit scaled,
-    transparency on white), so a model trains on what it will see. A label stored with three equal channels (a grey
-    map saved as RGB) is read from one; a colour mask is an error, not its red channel."""
+    transparency on white), so a model trains on what it will see. A label stored with equal colour channels (a grey
+    map saved as RGB or RGBA) is read from one; a colour mask is an error, not its red channel."""
     image = to_rgb_uint8(example["image"])
     label = example["label"]
     label = np.asarray(label if not isinstance(label, Image.Image) else label, dtype=np.int64)
     if label.ndim == 3:
-        if (label[..., 1:] != label[..., :1]).any():
-            raise ValueError(f"a label has {label.shape[-1]} different channels (a colour mask?); labels must be one "
-                             "channel of class ids")
+        colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]  # an alpha channel (LA, RGBA) aside
+        if (colour[..., 1:] != colour[..., :1]).any():
+            raise ValueError(f"a label has {colour.shape[-1]} different colour channels (a colour mask?); labels must "
+                             "be one channel of class ids")
         label = label[..., 0]
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
