@@ -194,6 +194,11 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
     with pytest.raises(SystemExit) as error:
         train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", max_steps=0))
     assert error.value.code == 2 and "--max_steps must be >= 1" in capsys.readouterr().err
+    # a batch that does not split: refused before --overwrite_output_dir deletes the earlier run (it was after)
+    with pytest.raises(SystemExit, match="--batch_size 2 must be divisible by --gradient_accumulation_steps x"):
+        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, gradient_accumulation_steps=4,
+                        overwrite_output_dir=None))
+    assert (tmp_path / "checkpoints" / "step_4").is_dir() and (tmp_path / "model").is_dir()
 
     # a dataset or model that cannot be loaded: one line naming it, and the earlier run --overwrite_output_dir would
     # replace is still there (it is deleted only once both have loaded)

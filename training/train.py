@@ -237,6 +237,10 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else "no")
     set_seed(args.seed)
+    world = accelerator.num_processes
+    if args.batch_size % (args.gradient_accumulation_steps * world):  # before anything loads or is deleted
+        raise SystemExit(f"error: --batch_size {args.batch_size} must be divisible by --gradient_accumulation_steps x "
+                         f"processes = {args.gradient_accumulation_steps} x {world}")
     output_dir = Path(args.output_dir)
     earlier_run(output_dir, args)  # refused before anything loads
     resume_path = checkpoint_to_resume(output_dir, args, accelerator.print)
@@ -271,11 +275,7 @@ def main(argv=None) -> dict:
     eval_processor = MROVSegImageProcessor.from_model_config(
         config, size=MROVSegImageProcessor.size_for_resolution(args.eval_size))
 
-    world = accelerator.num_processes
     per_step = args.batch_size // args.gradient_accumulation_steps
-    if args.batch_size % (args.gradient_accumulation_steps * world):
-        raise ValueError(f"--batch_size {args.batch_size} must be divisible by gradient_accumulation_steps x "
-                         f"processes = {args.gradient_accumulation_steps * world}")
     augment = SegmentationAugment(crop_size=args.crop_size, ignore_index=config.ignore_index)  # pads as unlabelled
     batches = StepBatches(train_set, train_processor, augment, args.seed, global_batch=per_step,
                           rank=accelerator.process_index, world_size=world)
