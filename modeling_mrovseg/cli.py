@@ -57,6 +57,14 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` only with a complete file (written beside it, then renamed): a run killed while writing leaves
+    the earlier file, or none, never a truncated one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: str) -> None:
     """A usage error (exit 2) when `value` is neither an existing path nor shaped like a Hub id ORG/NAME."""
     if not is_hub_id(value) and not Path(value).expanduser().exists():

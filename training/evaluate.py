@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
-from modeling_mrovseg.cli import check_source
+from modeling_mrovseg.cli import check_source, write_atomically
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,12 +60,6 @@ def check_writable_file(path: Path) -> None:
     except OSError as error:
         raise ValueError(f"--output {path} cannot be written: {error.strerror or error}") from None
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` only with a complete file: a run killed while writing leaves the earlier results intact."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
-from modeling_mrovseg.cli import check_source, one_line
+from modeling_mrovseg.cli import check_source, one_line, write_atomically
 
 import torch
 
@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not isinstance(overrides, dict):
         parser.error(f'--config must be a JSON object of MROVSegConfig fields, e.g. {{"num_queries": 50}}, '
                      f"got {args.config}")
+    args.config_overrides = overrides  # parsed once; `config` keeps the text as given
     check_source(parser, "--model", args.model, "a CLIP or MROVSeg checkpoint folder")
     check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
     return args
@@ -174,9 +175,10 @@ def changed_run_args(saved: dict, args) -> list[str]:
             if name in saved and not same(name, saved[name], now[name])]
 
 
-def checkpoint_to_resume(output_dir: Path, args, log=print) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names, checked before anything loads: complete, and written by a run
-    with the same run-defining arguments (`RUN_ARGS`) unless `--resume_with_changed_args`."""
+def checkpoint_to_resume(output_dir: Path, args, log=print) -> tuple[Path, dict] | None:
+    """The checkpoint `--resume_from_checkpoint` names and its training state, checked before anything loads:
+    complete, and written by a run with the same run-defining arguments (`RUN_ARGS`) unless
+    `--resume_with_changed_args`."""
     resume = args.resume_from_checkpoint
     if not resume:
         return None
@@ -187,15 +189,15 @@ def checkpoint_to_resume(output_dir: Path, args, log=print) -> Path | None:
     problem = checkpoint_problem(path)
     if problem is not None:
         raise SystemExit(f"error: cannot resume from {path}: {problem}")
-    saved = json.loads((path / "training_state.json").read_text()).get("run_args", {})
-    changed = changed_run_args(saved, args)
+    state = json.loads((path / "training_state.json").read_text())
+    changed = changed_run_args(state.get("run_args", {}), args)
     if changed and not args.resume_with_changed_args:
         raise SystemExit(f"error: {path} was written by a run with other arguments ({'; '.join(changed)}): resuming "
                          "would not continue it. Give that run's arguments, start over with --overwrite_output_dir, "
                          "or pass --resume_with_changed_args to continue with the new ones.")
     if changed:
         log(f"resuming {path} with changed arguments: {'; '.join(changed)}")
-    return path
+    return path, state
 
 
 def earlier_run(output_dir: Path, args) -> list[str]:
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
                          f"processes = {args.gradient_accumulation_steps} x {world}")
     output_dir = Path(args.output_dir)
     earlier_run(output_dir, args)  # refused before anything loads
-    resume_path = checkpoint_to_resume(output_dir, args, accelerator.print)
+    resume = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
     # loaded now: a missing split (or metric) found after training would leave the run without its model
@@ -258,7 +260,7 @@ def main(argv=None) -> dict:
         with loading("--metric", args.metric):  # not after the last step
             metric = evaluate.load(args.metric)
     with loading("--model", args.model):
-        model, tokenizer = build_model(args.model, json.loads(args.config), class_names)
+        model, tokenizer = build_model(args.model, args.config_overrides, class_names)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, args)
     accelerator.wait_for_everyone()
@@ -290,9 +292,9 @@ def main(argv=None) -> dict:
     # replaced checkpoint file could run code on resume.
 
     start_step = 0
-    if resume_path is not None:
+    if resume is not None:
+        resume_path, state = resume
         accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / "training_state.json").read_text())
         start_step = state["step"]
         if "lr_schedule" in state:
             schedule.load_state_dict(state["lr_schedule"])
@@ -359,9 +361,7 @@ def main(argv=None) -> dict:
             if accelerator.is_main_process:
                 # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
                 state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args)}
-                partial = path / "training_state.json.partial"  # written last and renamed: a complete checkpoint
-                partial.write_text(json.dumps(state))
-                partial.replace(path / "training_state.json")
+                write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
             accelerator.wait_for_everyone()
         if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
             evaluations.append(run_evaluation(step))
@@ -390,7 +390,7 @@ def main(argv=None) -> dict:
                 local = Path(args.model).expanduser()
                 base = str(local.resolve()) if local.exists() else args.model
                 (output_dir / "adapter" / "mrovseg_base.json").write_text(json.dumps(
-                    {"model": base, "config": json.loads(args.config), "class_names": class_names}, indent=2))
+                    {"model": base, "config": args.config_overrides, "class_names": class_names}, indent=2))
                 unwrapped = merge_lora(unwrapped)
             unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
             (model_dir / "results.json").write_text(json.dumps(results, indent=2))
