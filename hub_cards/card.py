@@ -74,6 +74,15 @@ def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[
     return records
 
 
+def checkpoint_results(checkpoint: Path, named: list[str | Path] | None) -> list[dict]:
+    """The results files named, else the checkpoint's own results.json (from training.train, which may describe a
+    run without an evaluation), else none."""
+    if named:
+        return load_results(named)
+    own = checkpoint / "results.json"
+    return load_results([own], allow_unscored=True) if own.is_file() else []
+
+
 def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "apache-2.0"):
     """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -97,9 +106,8 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
     )
     vision = config.get("vision_config", {})
     training = next((r["training"] for r in results if "training" in r), None)
-    own = Path(checkpoint) / "results.json"  # what training.train wrote next to the weights, if anything
-    if training is None and own.is_file():
-        training = next((r["training"] for r in load_results([own], allow_unscored=True) if "training" in r), None)
+    if training is None:  # what training.train wrote next to the weights, if anything
+        training = next((r["training"] for r in checkpoint_results(Path(checkpoint), None) if "training" in r), None)
     training_description = describe_training(training, config)
     tiny = int(vision.get("hidden_size", 768)) < 256
     extra = ("The CLIP inside is a tiny randomly initialised one (width "
@@ -147,8 +155,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--regenerate-card", action="store_true", help="replace a README.md edited by hand")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    paths = args.results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
-    card = build_card(checkpoint, load_results(paths, allow_unscored=not args.results), args.repo_id)
+    card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id)
     if write_card(card, checkpoint, args.regenerate_card):
         print(f"wrote {checkpoint / 'README.md'}")
     return checkpoint / "README.md"

@@ -44,12 +44,11 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
     the allowed files; returns the commit URL (None if no-op)."""
     from huggingface_hub import HfApi
 
-    from .card import build_card, load_results, write_card
+    from .card import build_card, checkpoint_results, write_card
 
     checkpoint = Path(checkpoint)
     check_checkpoint(checkpoint)
-    paths = results or ([checkpoint / "results.json"] if (checkpoint / "results.json").exists() else [])
-    card = build_card(checkpoint, load_results(paths, allow_unscored=not results), repo_id)
+    card = build_card(checkpoint, checkpoint_results(checkpoint, results), repo_id)
     card.validate()
     write_card(card, checkpoint, regenerate_card)
     api = HfApi(endpoint=endpoint, token=token)
