@@ -428,6 +428,8 @@ def main(argv=None) -> None:
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file; give a folder")
     try:
+        if args.dataset == "folder":  # read once (a file, or names typed out)
+            args.class_names = parse_class_names(args.class_names)
         planned = _planned_class_names(args)
         if planned is not None and not args.overwrite:  # before hours of conversion, where the names are known
             check_same_dataset(out, planned)
@@ -439,23 +441,23 @@ def main(argv=None) -> None:
         print(f"wrote {out / path.name}")
 
 
+# the class names each conversion writes where they are known without reading the source: (dataset, variant)
+KNOWN_CLASS_NAMES = {("coco-stuff", None): COCO_STUFF_171, ("ade20k-150", None): ADE20K_150,
+                     ("pascal-voc", 20): PASCAL_VOC_20, ("pascal-voc", 21): PASCAL_VOC_21,
+                     ("pascal-context", 59): PASCAL_CONTEXT_59}
+
+
 def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
     """The class names a conversion will write, where known without reading the source."""
     if args.dataset == "folder":
-        return parse_class_names(args.class_names)
-    fixed = {"coco-stuff": COCO_STUFF_171, "ade20k-150": ADE20K_150}
-    if args.dataset == "pascal-voc":
-        fixed["pascal-voc"] = {20: PASCAL_VOC_20, 21: PASCAL_VOC_21}.get(args.variant)
-    if args.dataset == "pascal-context" and args.variant == 59:
-        fixed["pascal-context"] = PASCAL_CONTEXT_59
-    names = fixed.get(args.dataset)
+        return args.class_names
+    names = KNOWN_CLASS_NAMES.get((args.dataset, getattr(args, "variant", None)))
     return None if names is None else list(names)
 
 
 def _convert(args: argparse.Namespace, out: Path) -> list[Path]:
     if args.dataset == "folder":
-        return convert_folder(args.source, out, parse_class_names(args.class_names), args.val_fraction,
-                              binary_masks=args.binary_masks)
+        return convert_folder(args.source, out, args.class_names, args.val_fraction, binary_masks=args.binary_masks)
     written = []
     for split in args.splits:
         if args.dataset == "coco-stuff":
