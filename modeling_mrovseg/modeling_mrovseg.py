@@ -39,6 +39,8 @@ from .slicing import SliceGrid, stitch_windows
 from .text_classifier import MROVSegOpenVocabClassifier, embed_class_names, pool_prompt_embeddings, validate_labels
 
 REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
+# `from_pretrained` arguments that say where a checkpoint's files are; its tokenizer and processor load with them too
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 
 # Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
 LEGACY_KEY_MAPPING = {
@@ -155,18 +157,16 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                     "with save_pretrained() to get model.safetensors."
                 ) from error
             raise
+        # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them
+        if pretrained_model_name_or_path is not None:
+            model._checkpoint_source = (str(pretrained_model_name_or_path),
+                                        {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
         if names is not None and names != model.vocabulary:
-            from transformers import AutoTokenizer
-
-            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
-                   if k in kwargs}
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
-            except (OSError, ValueError) as error:
+            if model.clip_tokenizer is None:
                 raise ValueError(f"id2label names new classes {names[:5]}, which need the CLIP tokenizer, and "
-                                 f"{pretrained_model_name_or_path} has none ({error}); load without id2label and call "
-                                 "model.set_vocabulary(names, tokenizer).") from None
-            model.set_vocabulary(names, tokenizer)
+                                 f"{pretrained_model_name_or_path} has none; load without id2label and call "
+                                 "model.set_vocabulary(names, tokenizer).")
+            model.set_vocabulary(names)
         return model
 
     @classmethod
@@ -186,8 +186,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                              "class names) or call model.set_vocabulary(names, tokenizer) after loading.")
         elif isinstance(config, PretrainedConfig) and getattr(config, "id2label", None) and source is not None:
             try:
-                saved = cls.config_class.from_pretrained(source, **{k: kwargs[k] for k in (
-                    "cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs})
+                saved = cls.config_class.from_pretrained(source, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
             except (OSError, ValueError):  # no saved config (weights from a state dict, say): nothing to compare
                 return None
             if dict(config.id2label) == dict(saved.id2label):
@@ -206,8 +205,9 @@ class MROVSegPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, image_processor=None, tokenizer=None, **kwargs):
         """
         Save the model so the folder works on its own in both pipelines and the CLI: weights and config, plus (unless
-        the folder has them already) the image processor matching this model's slices and the CLIP tokenizer it
-        knows (`image_processor=` / `tokenizer=` override those). `auto_map` also maps
+        the folder has them already) the image processor matching this model's slices (for a loaded model the
+        checkpoint's own, resolution included) and the CLIP tokenizer it knows (given to it, or the loaded
+        checkpoint's); `image_processor=` / `tokenizer=` override those. `auto_map` also maps
         AutoModelForSemanticSegmentation, so the stock image-segmentation pipeline loads the remote code too.
         """
         from .image_processing_mrovseg import MROVSegImageProcessor
@@ -235,7 +235,8 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             folder = Path(save_directory)
             tokenizer = tokenizer if tokenizer is not None else getattr(self, "clip_tokenizer", None)
             if image_processor is not None or not (folder / "preprocessor_config.json").exists():
-                image_processor = image_processor or MROVSegImageProcessor.from_model_config(self.config)
+                image_processor = (image_processor or self._checkpoint_image_processor()
+                                   or MROVSegImageProcessor.from_model_config(self.config))
                 if tokenizer is not None:
                     MROVSegProcessor(image_processor, tokenizer,
                                      prompt_templates=self.config.prompt_templates).save_pretrained(folder)
@@ -244,6 +245,28 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             elif tokenizer is not None and not (folder / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(folder)
         return result
+
+    _checkpoint_source: tuple[str, dict] | None = None  # (folder or Hub id, hub kwargs) of `from_pretrained`
+
+    def _checkpoint_image_processor(self):
+        """The image processor saved with the checkpoint this model was loaded from (its resolution, say), when its
+        windows are this model's; None otherwise. Re-saving a loaded model keeps it instead of the defaults."""
+        from .image_processing_mrovseg import MROVSegImageProcessor
+
+        if self._checkpoint_source is None:
+            return None
+        source, hub = self._checkpoint_source
+        try:
+            stored, _ = MROVSegImageProcessor.get_image_processor_dict(source, **hub)
+        except (OSError, ValueError):
+            return None
+        if stored.get("image_processor_type") != MROVSegImageProcessor.__name__:
+            return None
+        processor = MROVSegImageProcessor.from_dict(stored)
+        if (processor.slice_size, processor.slice_overlap) != (self.config.slice_size, self.config.slice_overlap):
+            return None
+        processor.ignore_index = self.config.ignore_index  # a new vocabulary may have moved it (`fit_ignore_index`)
+        return processor
 
     @property
     def clip_vision(self) -> CLIPVisionModel:
@@ -623,7 +646,7 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         placeholder = placeholder_vocabulary(config.num_labels, config.projection_dim).to(self.logit_scale.device)
         self.register_buffer("vocabulary_embeds", placeholder, persistent=True)
         self.criterion = MROVSegLoss(config)
-        self.clip_tokenizer = None  # the CLIP tokenizer, when known: new vocabularies and save_pretrained use it
+        self._clip_tokenizer = None
         self.post_init()
         self.freeze_clip()
 
@@ -663,6 +686,28 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         return text
 
     # ------------------------------------------------------------------ text side
+    _tokenizer_read = False
+
+    @property
+    def clip_tokenizer(self):
+        """The CLIP tokenizer that new class names and `save_pretrained` use: the one given to `from_clip` or
+        `set_vocabulary`, else (read on first use) the checkpoint's own; None where neither exists."""
+        if self._clip_tokenizer is None and self._checkpoint_source is not None and not self._tokenizer_read:
+            from transformers import AutoTokenizer
+
+            self._tokenizer_read = True
+            source, hub = self._checkpoint_source
+            try:
+                self._clip_tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+            except (OSError, ValueError):  # a checkpoint saved without one (or offline): no tokenizer
+                pass
+        return self._clip_tokenizer
+
+    @clip_tokenizer.setter
+    def clip_tokenizer(self, tokenizer) -> None:
+        self._clip_tokenizer = tokenizer
+        self._tokenizer_read = True  # None set here means none, not "read the checkpoint's"
+
     @property
     def vocabulary(self) -> list[str]:
         """The stored class names, in class-id order (`config.id2label`)."""

@@ -123,7 +123,8 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     _load_processor = False
     _load_image_processor = True
     _load_feature_extractor = False
-    _load_tokenizer = True
+    _load_tokenizer = None  # optional: a checkpoint saved without one still serves its stored vocabulary
+    _load_video_processor = False  # (transformers would look for one and ask whether to run remote code to find it)
 
     def __init__(self, *args, text_cache_size: int = 32, compile: bool | str = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -282,6 +283,10 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
     accepted), where transformers' `load_image` would flatten them to 8-bit RGB first. For every other model it is
     transformers' `ImageSegmentationPipeline`, unchanged.
     """
+
+    # no image-segmentation model uses a video processor; looking for one in an MROVSeg folder with a
+    # preprocessor_config.json made transformers ask on stdin whether to run the folder's remote code
+    _load_video_processor = False
 
     @property
     def serves_mrovseg(self) -> bool:

@@ -198,6 +198,43 @@ def test_missing_model_folder():
         pipeline("zero-shot-image-segmentation", model="/no/such/folder")
 
 
+def test_a_loaded_model_saves_with_its_tokenizer_and_processor(checkpoint, tmp_path):
+    """Load, change, save: the README's flow. The copy lost its tokenizer (the zero-shot pipeline then failed deep in
+    transformers) and its processor's resolution (the default 640 px instead of the checkpoint's: other labels)."""
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    model.set_vocabulary(["tree", "river, stream"])  # the checkpoint's own tokenizer, no tokenizer= needed
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "tokenizer.json").is_file()
+    saved = AutoProcessor.from_pretrained(checkpoint).image_processor
+    copied = AutoProcessor.from_pretrained(tmp_path / "copy").image_processor
+    assert copied.size == saved.size == {"shortest_edge": 96, "longest_edge": 256}
+    original = pipeline("zero-shot-image-segmentation", model=str(checkpoint))
+    copy = pipeline("zero-shot-image-segmentation", model=str(tmp_path / "copy"))
+    image = images()[1]
+    np.testing.assert_array_equal(copy(image)["label_map"],
+                                  original(image, candidate_labels=["tree", "river, stream"])["label_map"])
+    assert copy(image, candidate_labels=["sky", "car"])["labels"] == ["sky", "car"]
+
+
+def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
+    """No tokenizer files: the zero-shot pipeline failed to construct (transformers' tokenizer error), and looking
+    for a video processor made both pipelines ask on stdin whether to run the folder's code."""
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    model.clip_tokenizer = None  # none, not the checkpoint's
+    model.save_pretrained(tmp_path / "bare")
+    assert not (tmp_path / "bare" / "tokenizer_config.json").exists()
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail("a pipeline asked on stdin"))
+    image = images()[0]
+    stock = pipeline("image-segmentation", model=str(tmp_path / "bare"))(image)
+    zero_shot = pipeline("zero-shot-image-segmentation", model=str(tmp_path / "bare"))
+    result = zero_shot(image)
+    assert result["labels"] == LABELS
+    for segment in stock:
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, result["label_map"] == LABELS.index(segment["label"]))
+    with pytest.raises(ValueError, match="no CLIP tokenizer"):
+        zero_shot(image, candidate_labels=["tree"])
+
+
 # ---------------------------------------------------------------- CLI and visualisation
 def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
     source = tmp_path / "photos"
