@@ -186,10 +186,16 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         """As the base class, with a collate that keeps each image's own inputs (`_forward` groups equal shapes)."""
+        from collections.abc import Sized
+
         from transformers.pipelines.base import PipelineDataset
         from transformers.pipelines.pt_utils import PipelineIterator
 
-        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        if isinstance(inputs, Sized):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:  # a generator or other iterable: read in order by one worker, as the base class does
+            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
+            num_workers = min(num_workers, 1)
         loader = torch.utils.data.DataLoader(dataset, num_workers=num_workers, batch_size=batch_size,
                                              collate_fn=lambda items: {"items": list(items)})
         model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)

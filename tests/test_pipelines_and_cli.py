@@ -525,7 +525,11 @@ def test_zero_shot_pipeline_batched_equals_one_at_a_time(zero_shot):
         assert np.array_equal(one["label_map"], many["label_map"])
         assert [(s["label"], round(s["score"], 5)) for s in one["segments"]] == \
             [(s["label"], round(s["score"], 5)) for s in many["segments"]]
-
+    # a generator (a stream of images, as transformers' pipelines take): it had no len() and crashed the loader
+    for batch_size in (1, 2):
+        streamed = list(zero_shot((image for image in mixed), candidate_labels="cat; dog; sofa", batch_size=batch_size))
+        assert len(streamed) == 4
+        assert all(np.array_equal(one["label_map"], many["label_map"]) for one, many in zip(singles, streamed))
 
 
 def test_zero_shot_pipeline_takes_dicts_with_their_own_labels(zero_shot):
