@@ -1,4 +1,4 @@
-"""`mrovseg segment IMAGE_OR_FOLDER --model PATH_OR_ID --labels "sky,road,car" --out DIR`.
+"""`mrovseg segment IMAGE_OR_FOLDER [...] --model PATH_OR_ID --labels "sky,road,car" --out DIR`.
 
 Per image it writes `<name>_labels.png` (palette PNG of class indices), `<name>_overlay.png` (colours over the
 photo with a legend) and `<name>.json` (labels, per-class pixel share and score). Files that cannot be read are
@@ -11,39 +11,60 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def collect_images(source: Path, out: Path | None = None) -> list[Path]:
-    """The image files of `source` (a file, or a folder searched recursively), leaving out anything under `out`: an
-    output folder inside the source would otherwise have its overlays segmented on the next run."""
-    if source.is_dir():
-        skip = out.resolve() if out is not None else None
-        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                      and not (skip is not None and p.resolve().is_relative_to(skip)))
-    if source.is_file():
-        return [source]
-    raise FileNotFoundError(f"{source} does not exist")
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
 
 
-def output_stems(images: list[Path], source: Path) -> list[str]:
-    """One distinct output name per image: its path below `source` (`a/b.jpg` -> `a__b`); `photo.jpg` beside
+def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[str, Path]]:
+    """(where to read it, its name below its source) for every image named: files as given (`photos/*.jpg`), folders
+    searched recursively, http(s) URLs as given. Anything under `out` is left out: an output folder inside a source
+    would otherwise have its overlays segmented on the next run. A file named twice (itself and in its folder) once."""
+    skip = out.resolve() if out is not None else None
+    found: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    for source in sources:
+        if is_url(source):
+            found.append((source, Path(PurePosixPath(urlparse(source).path).name or "image")))
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip is not None and p.resolve().is_relative_to(skip)))
+            named = [(p, p.relative_to(path)) for p in files]
+        elif path.is_file():
+            named = [(path, Path(path.name))]
+        else:
+            raise FileNotFoundError(f"{source} does not exist")
+        for file, name in named:
+            if str(file.resolve()) not in seen:
+                seen.add(str(file.resolve()))
+                found.append((str(file), name))
+    return found
+
+
+def output_stems(names: list[Path]) -> list[str]:
+    """One distinct output name per image, from its name below its source (`a/b.jpg` -> `a__b`): `photo.jpg` beside
     `photo.png` become photo_jpg / photo_png, and names that still meet (`photo.JPG` beside `photo.jpg`, `a__b.jpg`
-    beside `a/b.jpg`) are numbered, so no image's outputs overwrite another's."""
-    stems = [p.stem if len(images) == 1 else str(p.relative_to(source).with_suffix("")).replace("/", "__") for p in images]
+    beside `a/b.jpg`, `x.jpg` of two folders) are numbered, so no image's outputs overwrite another's."""
+    stems = [str(name.with_suffix("")).replace("/", "__") if name.suffix else str(name).replace("/", "__")
+             for name in names]
     taken = {stem: stems.count(stem) for stem in stems}
-    names, used = [], set()
-    for stem, path in zip(stems, images):
-        name = f"{stem}_{path.suffix.lstrip('.').lower()}" if taken[stem] > 1 else stem
-        candidate, number = name, 1
+    result, used = [], set()
+    for stem, name in zip(stems, names):
+        unique = f"{stem}_{name.suffix.lstrip('.').lower()}" if taken[stem] > 1 and name.suffix else stem
+        candidate, number = unique, 1
         while candidate in used:
             number += 1
-            candidate = f"{name}_{number}"
+            candidate = f"{unique}_{number}"
         used.add(candidate)
-        names.append(candidate)
-    return names
+        result.append(candidate)
+    return result
 
 
 def is_hub_id(name: str) -> bool:
@@ -171,14 +192,17 @@ def segment_command(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     try:
         labels = parse_class_names(args.labels)
-        source, out = Path(args.source), Path(args.out)
-        if source.is_dir() and source.resolve().is_relative_to(out.resolve()):
-            raise ValueError(f"--out {out} holds the source folder {source}: the next run would read its overlays as "
-                             f"photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
-        images = collect_images(source, out)
+        out = Path(args.out)
+        folders = [Path(source) for source in args.sources if not is_url(source) and Path(source).is_dir()]
+        for source in folders:
+            if source.resolve().is_relative_to(out.resolve()):
+                raise ValueError(f"--out {out} holds the source folder {source}: the next run would read its overlays "
+                                 f"as photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
+        images = collect_images(args.sources, out)
         if not images:
-            others = sorted(p.name for p in source.rglob("*") if p.is_file()) if source.is_dir() else []
-            raise ValueError(f"no images found in {args.source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}"
+            others = sorted(p.name for source in folders for p in source.rglob("*") if p.is_file())
+            raise ValueError(f"no images found in {', '.join(args.sources)} (looked for "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES))}"
                              + (f"; {len(others)} other files, such as {others[0]}" if others else "") + ")")
         prepare_output(out)
         check_device(args.device)
@@ -191,11 +215,11 @@ def segment_command(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     failed = []
-    stems = output_stems(images, source if source.is_dir() else source.parent)
+    stems = output_stems([name for _, name in images])
     bar = tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet)
-    for path, stem in zip(bar, stems):
+    for (path, _), stem in zip(bar, stems):
         try:
-            image = read_rgb(str(path))  # EXIF orientation, 16-bit and alpha as the model sees them
+            image = read_rgb(path)  # EXIF orientation, 16-bit and alpha as the model sees them (URLs fetched)
             if not args.quiet and len(images) == 1:
                 print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
             result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
@@ -208,7 +232,7 @@ def segment_command(args: argparse.Namespace) -> int:
         draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png")
         total = label_map.size
         summary = {
-            "image": str(path),
+            "image": path,
             "labels": labels,
             "classes": {s["label"]: {"pixel_share": s["pixels"] / total, "score": s["score"]} for s in result["segments"]},
             "unlabelled_share": float((label_map < 0).sum() / total),
@@ -245,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment an image or a folder of images",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    segment.add_argument("source", help="an image file or a folder (searched recursively)")
+    segment.add_argument("sources", nargs="+", metavar="IMAGE_OR_FOLDER",
+                         help="image files (photos/*.jpg), folders (searched recursively) or http(s) URLs")
     segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
                          'a file: a JSON list or one class per line')

@@ -70,10 +70,13 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
         raise ValueError(f"{name} cannot be read as an image: {error}") from None
 
 
+DOWNLOAD_TIMEOUT = 60.0  # seconds a URL may stall when the caller gives no timeout: an error, never a hang
+
+
 def download(url: str, timeout: float | None) -> bytes:
     """The body of `url` (with transformers' own HTTP client), or a `ValueError` naming the URL."""
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response = httpx.get(url, timeout=DOWNLOAD_TIMEOUT if timeout is None else timeout, follow_redirects=True)
         response.raise_for_status()
     except httpx.HTTPError as error:
         raise ValueError(f"{url} cannot be downloaded: {error}") from None

@@ -115,6 +115,8 @@ def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
         for source in (url, "data:image/png;base64," + encoded, encoded):
             assert np.array_equal(read_rgb(source, timeout=5), rgb), source[:40]
     assert requests[0][1] == 5  # the pipeline's timeout reaches the download
+    read_rgb(url)
+    assert requests[-1][1] == 60  # without one a stalled server is an error after a minute, never a hang
     with pytest.raises(ValueError, match="https://example.com/gone.png cannot be downloaded"):
         open_image("https://example.com/gone.png")
     for source in ("photos/missing.jpg", "catt", base64.b64encode(b"not an image").decode()):
@@ -432,6 +434,30 @@ def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp
     assert len(list(source.glob("*.png"))) == 0
     assert sorted(Path(json.loads(p.read_text())["image"]).relative_to(source).as_posix() for p in summaries) == [
         "a/b.jpg", "a__b.jpg", "photo.JPG", "photo.jpg"]
+
+def test_cli_takes_several_files_folders_and_urls(checkpoint, tmp_path, capsys, monkeypatch):
+    """`mrovseg segment photos/*.jpg`: the shell hands over many files (argparse refused the second), folders and
+    URLs mix; each image once, every output its own name."""
+    from modeling_mrovseg.pipelines import httpx
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for seed, name in enumerate(["x.jpg", "y.png"]):
+            Image.fromarray(random_image(30, 40, seed=seed)).save(tmp_path / folder / name)
+    served = io.BytesIO()
+    Image.fromarray(random_image(30, 40, seed=9)).save(served, format="PNG")
+    monkeypatch.setattr(httpx, "get", lambda url, timeout=None, follow_redirects=False: httpx.Response(
+        200, content=served.getvalue(), request=httpx.Request("GET", url)))
+    out = tmp_path / "out"
+    sources = [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.jpg"), str(tmp_path / "b"),
+               "https://example.com/photos/street.png?size=large"]
+    code = cli_main(["segment", *sources, "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out),
+                     "--quiet"])
+    assert code == 0 and "segmented 4 of 4" in capsys.readouterr().out  # b/x.jpg named twice, segmented once
+    assert sorted(p.name for p in out.glob("*.json")) == ["street.json", "x_jpg.json", "x_jpg_2.json", "y.json"]
+    assert json.loads((out / "street.json").read_text())["image"] == sources[-1]
+    assert Image.open(out / "street_labels.png").size == (40, 30)
+
 
 @pytest.mark.parametrize("argv,message", [
     (["--resolution", "-5"], "--resolution"),
