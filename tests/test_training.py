@@ -194,6 +194,15 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
     with pytest.raises(SystemExit) as error:
         train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", max_steps=0))
     assert error.value.code == 2 and "--max_steps must be >= 1" in capsys.readouterr().err
+    # NaN passes `< 0` checks (a NaN --max_grad_norm made every gradient NaN); the others were tracebacks
+    for flag, value, message in (("max_grad_norm", "nan", "--max_grad_norm must be a finite number >= 0, got nan"),
+                                 ("lr", "inf", "--lr must be a finite number > 0, got inf"),
+                                 ("poly_power", "-1", "--poly_power must be a finite number >= 0"),
+                                 ("seed", "-1", "--seed must lie in [0, 2**32 - 1]"),
+                                 ("num_workers", "-1", "--num_workers must be >= 0")):
+        with pytest.raises(SystemExit) as error:
+            train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", **{flag: value}))
+        assert error.value.code == 2 and message in capsys.readouterr().err
     # a batch that does not split: refused before --overwrite_output_dir deletes the earlier run (it was after)
     with pytest.raises(SystemExit, match="--batch_size 2 must be divisible by --gradient_accumulation_steps x"):
         train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, gradient_accumulation_steps=4,

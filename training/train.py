@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -77,8 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("stop_after_steps", "eval_max_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0 or args.weight_decay < 0 or args.max_grad_norm < 0 or args.eval_steps < 0 or args.lora_rank < 0:
-        parser.error("--lr must be > 0; --weight_decay, --max_grad_norm, --eval_steps and --lora_rank >= 0")
+    for name in ("eval_steps", "lora_rank", "num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    # NaN passes every comparison: a NaN --max_grad_norm turned every gradient into NaN without a word
+    for name, low, low_allowed in (("lr", 0, False), ("weight_decay", 0, True), ("poly_power", 0, True),
+                                   ("max_grad_norm", 0, True), ("lora_alpha", 0, False)):
+        value = getattr(args, name)
+        if value is not None and (not math.isfinite(value) or value < low or (value == low and not low_allowed)):
+            parser.error(f"--{name} must be a finite number {'>=' if low_allowed else '>'} {low}, got {value}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must lie in [0, 2**32 - 1], got {args.seed}")
     try:
         overrides = json.loads(args.config)
     except ValueError as error:
