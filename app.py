@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: as saved)")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port} must lie in [1, 65535]")
     model = args.model or default_model()
     if model is None:
         print(f"error: no --model given and no main-job checkpoint at {MAIN_JOB_MODEL}. Train one with "
@@ -146,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folder = ROOT / "docs" / "examples"
     examples = sorted(str(p) for p in folder.iterdir() if p.suffix in (".png", ".jpg")) if folder.is_dir() else []
-    build_demo(segmenter, examples).launch(server_name=args.host, server_port=args.port, show_error=True,
-                                           share=False, allowed_paths=[str(segmenter.outputs)])
+    try:
+        build_demo(segmenter, examples).launch(server_name=args.host, server_port=args.port, show_error=True,
+                                               share=False, allowed_paths=[str(segmenter.outputs)])
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port} ({str(error).splitlines()[0]}); pass another --port "
+              "or --host", file=sys.stderr)
+        return 2
     return 0
 
 

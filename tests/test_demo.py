@@ -152,3 +152,20 @@ def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
         Image.fromarray(random_image(40 + 20 * seed, 50, seed=seed)).save(tmp_path / str(seed) / "image.png")
         paths.append(segmenter(str(tmp_path / str(seed) / "image.png"), LABELS, 64, 0)[2])
     assert paths[0] != paths[1] and Image.open(paths[0]).size == (50, 60) and Image.open(paths[1]).size == (50, 80)
+
+
+def test_a_taken_port_is_a_message(checkpoint, capsys):
+    """Another server on the port (a second demo, say), or a port out of range: one line naming the port, exit 2,
+    not gradio's traceback."""
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app.main(["--model", str(checkpoint), "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(checkpoint), "--port", "99999"])
+    assert exit_info.value.code == 2 and "--port 99999 must lie in [1, 65535]" in capsys.readouterr().err
