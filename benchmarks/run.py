@@ -109,7 +109,8 @@ def count_flops(variant: str, size) -> float:
     with torch.device("meta"):
         inputs = {"pixel_values": torch.zeros(1, 3, 224, 224),
                   "pixel_values_slices": torch.zeros(1, grid.num_slices, 3, 224, 224),
-                  "slice_grid": torch.tensor([[grid.rows, grid.cols, grid.window, grid.stride]], device="cpu")}
+                  "slice_grid": torch.tensor([[grid.rows, grid.cols, grid.window, grid.stride]], device="cpu"),
+                  "image_sizes": torch.tensor([[*size, grid.height, grid.width]], device="cpu")}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         if variant == "clip_floor":
             images = torch.zeros(1 + grid.num_slices, 3, 224, 224, device="meta")

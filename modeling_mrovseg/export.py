@@ -35,14 +35,15 @@ METADATA_KEY = "mrovseg"
 class MROVSegImagePath(nn.Module):
     """The model with the slice grid and vocabulary fixed: (pixel_values, pixel_values_slices) -> both logits."""
 
-    def __init__(self, model, grid: SliceGrid):
+    def __init__(self, model, grid: SliceGrid, image_sizes: torch.Tensor):
         super().__init__()
         self.model = model.eval()
         self.grid = grid
+        self.register_buffer("image_sizes", image_sizes, persistent=False)  # every input's: one size is exported
 
     def forward(self, pixel_values: torch.Tensor, pixel_values_slices: torch.Tensor):
         outputs = self.model(pixel_values=pixel_values, pixel_values_slices=pixel_values_slices, slice_grid=self.grid,
-                             output_auxiliary_logits=False, return_dict=True)
+                             image_sizes=self.image_sizes, output_auxiliary_logits=False, return_dict=True)
         return outputs.class_queries_logits, outputs.masks_queries_logits
 
 
@@ -64,7 +65,7 @@ def export(model, height: int, width: int, out: str | Path, format: str = "onnx"
     inputs = example_inputs(processor, height, width)
     rows, cols, window, stride = (int(v) for v in inputs["slice_grid"][0].tolist())
     grid = SliceGrid(rows, cols, window, stride)
-    module = MROVSegImagePath(model, grid)
+    module = MROVSegImagePath(model, grid, inputs["image_sizes"])
     args = (inputs["pixel_values"], inputs["pixel_values_slices"])
     metadata = {
         "height": height, "width": width, "slice_grid": [rows, cols, window, stride],

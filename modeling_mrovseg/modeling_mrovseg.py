@@ -147,7 +147,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         open_vocabulary = hasattr(cls, "set_vocabulary")
         names = cls._requested_vocabulary(pretrained_model_name_or_path, kwargs) if open_vocabulary else None
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
             folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
@@ -157,6 +157,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                     "with save_pretrained() to get model.safetensors."
                 ) from error
             raise
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked for
         # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them
         if pretrained_model_name_or_path is not None:
             model._checkpoint_source = (str(pretrained_model_name_or_path),
@@ -167,7 +168,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                                  f"{pretrained_model_name_or_path} has none; load without id2label and call "
                                  "model.set_vocabulary(names, tokenizer).")
             model.set_vocabulary(names)
-        return model
+        return loaded
 
     @classmethod
     def _requested_vocabulary(cls, source, kwargs: dict) -> list[str] | None:
@@ -805,6 +806,10 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        if pixel_values_slices is not None and slice_grid is not None and image_sizes is None and pixel_mask is None:
+            # post-processing would take the padded canvas for the image and stretch the padding into the labels
+            raise ValueError("pixel_values_slices need image_sizes (or pixel_mask) beside them, as the image processor "
+                             "returns them: they say where the image lies on its padded canvas. Call model(**inputs).")
         if labels is not None:
             self._check_labels(labels, pixel_values, pixel_mask, image_sizes)
         vocabulary = self._resolve_text_embeds(text_embeds, input_ids, attention_mask, text_prompt_owners)

@@ -218,12 +218,31 @@ def test_bad_pixel_values_and_grid():
         model(pixel_values=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="does not match"):
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"],
-              slice_grid=torch.tensor([[1, 1, 64, 64], [1, 1, 64, 64]]))
+              slice_grid=torch.tensor([[1, 1, 64, 64], [1, 1, 64, 64]]), image_sizes=inputs["image_sizes"])
     with pytest.raises(ValueError, match="rows, cols, slice size, stride"):
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"],
-              slice_grid=inputs["slice_grid"][:, :2])
+              slice_grid=inputs["slice_grid"][:, :2], image_sizes=inputs["image_sizes"])
     with pytest.raises(ValueError, match="slice_grid"):
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"])
+
+
+def test_slices_without_image_sizes_are_an_error_not_stretched_padding(checkpoint):
+    """Processor outputs passed by hand without image_sizes: the outputs then held no image_sizes, and
+    post-processing took the padded canvas for the image (the main job's model: 76% of the pixels agreed)."""
+    from transformers import AutoImageProcessor
+
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint).eval()
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    inputs = processor(random_image(90, 150), return_tensors="pt")
+    assert inputs["image_sizes"][0, 1] < inputs["image_sizes"][0, 3]  # the canvas is padded
+    by_hand = {k: inputs[k] for k in ("pixel_values", "pixel_values_slices", "slice_grid")}
+    with pytest.raises(ValueError, match="pixel_values_slices need image_sizes"):
+        model(**by_hand)
+    with torch.inference_mode():
+        expected = processor.post_process_semantic_segmentation(model(**inputs), target_sizes=[(90, 150)])[0]
+        mask = processor(random_image(90, 150), return_pixel_mask=True, return_tensors="pt")["pixel_mask"]
+        from_mask = model(**by_hand, pixel_mask=mask)  # pixel_mask says the same
+    assert torch.equal(processor.post_process_semantic_segmentation(from_mask, target_sizes=[(90, 150)])[0], expected)
 
 
 def test_processor_with_another_slice_overlap_is_an_error_not_a_stretched_mask():
