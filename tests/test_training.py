@@ -248,6 +248,10 @@ def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_
     assert list(renamed["per_class_iou"]) == ["lawn", "street", "house", "auto", "sign"]
     with pytest.raises(SystemExit, match="4 class names given, but the dataset's labels number 5 classes"):
         evaluate_script.main([*base, "--class_names", json.dumps(["grass", "road", "building", "car"])])
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a checkpoint saved without its tokenizer: one line
+        (model / name).unlink()
+    with pytest.raises(SystemExit, match="has no CLIP tokenizer to embed the dataset's class names"):
+        evaluate_script.main([*base, "--class_names", json.dumps(["lawn", "street", "house", "auto", "sign"])])
     with pytest.raises(SystemExit, match="cannot load --metric mean_iou: "):  # the Hub module, offline: one line
         evaluate_script.main([*base, "--metric", "mean_iou"])
     for bad, message in ((["--max_samples", "-3"], "--max_samples must be >= 1"),  # was 'mIoU nan% over -3 images'

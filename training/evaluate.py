@@ -66,8 +66,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import evaluate
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
-
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
     from training.data import load_segmentation_dataset, loading, shard_indices
     from training.evaluation import evaluate_segmentation, format_miou
@@ -82,8 +80,11 @@ def main(argv=None) -> dict:
         model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
     if args.slice_batch_size:
         model.config.slice_batch_size = args.slice_batch_size
-    if model.vocabulary != list(class_names):
-        model.set_vocabulary(class_names, AutoTokenizer.from_pretrained(args.model))
+    if model.vocabulary != list(class_names):  # the benchmark's classes, embedded with the checkpoint's tokenizer
+        if model.clip_tokenizer is None:
+            raise SystemExit(f"error: {args.model} has no CLIP tokenizer to embed the dataset's class names with (its "
+                             f"vocabulary is {model.vocabulary[:5]}...); save the checkpoint with its tokenizer")
+        model.set_vocabulary(class_names)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     config = accelerator.unwrap_model(model).config
     processor = MROVSegImageProcessor.from_model_config(
