@@ -92,6 +92,15 @@ def decode_base64_image(text: str, message: str) -> bytes:
         raise ValueError(message) from None
 
 
+def model_image_processor(model):
+    """The image processor of a model given without one: the checkpoint it was loaded from keeps its own (resolution
+    included); otherwise one with the model's windows at the default resolution."""
+    from .image_processing_mrovseg import MROVSegImageProcessor
+
+    checkpoint = getattr(model, "_checkpoint_image_processor", lambda: None)()
+    return checkpoint or MROVSegImageProcessor.from_model_config(model.config)
+
+
 def read_rgb(image, timeout: float | None = None) -> np.ndarray:
     """Any image input (path, URL, base64, PIL image, array, tensor) as the H x W x 3 uint8 array the model sees: EXIF
     orientation applied, 16-bit scaled, transparency on white. The one reading of the pipeline, CLI, demo and export."""
@@ -124,13 +133,15 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     """
 
     _load_processor = False
-    _load_image_processor = True
+    _load_image_processor = None  # optional: a model object comes without one (see __init__)
     _load_feature_extractor = False
     _load_tokenizer = None  # optional: a checkpoint saved without one still serves its stored vocabulary
     _load_video_processor = False  # (transformers would look for one and ask whether to run remote code to find it)
 
     def __init__(self, *args, text_cache_size: int = 32, compile: bool | str = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.image_processor is None:  # pipeline(..., model=model_object), or a folder saved without a processor
+            self.image_processor = model_image_processor(self.model)
         mode = compile_mode(compile)
         self.compiled = compile not in (False, None)
         # CUDA graphs (modes "reduce-overhead", "max-autotune"): a replay writes its outputs into the memory of the

@@ -218,6 +218,22 @@ def test_a_loaded_model_saves_with_its_tokenizer_and_processor(checkpoint, tmp_p
     assert copy(image, candidate_labels=["sky", "car"])["labels"] == ["sky", "car"]
 
 
+def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir, tiny_tokenizer, zero_shot):
+    """pipeline(model=model) with no image_processor= was transformers' "Impossible to guess which image processor
+    to use": a loaded model brings its checkpoint's processor (same labels as the folder), a new one from_clip the
+    default processor for its windows."""
+    loaded = pipeline("zero-shot-image-segmentation", model=MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint))
+    image = images()[1]
+    np.testing.assert_array_equal(loaded(image, candidate_labels="cat; dog")["label_map"],
+                                  zero_shot(image, candidate_labels="cat; dog")["label_map"])
+    fresh = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=["sky", "road"],
+                                                      tokenizer=tiny_tokenizer, num_queries=8, hidden_dim=32,
+                                                      num_decoder_heads=4, prompt_templates=TEMPLATES)
+    segmenter = pipeline("zero-shot-image-segmentation", model=fresh)
+    assert segmenter.image_processor.to_dict() == MROVSegImageProcessor.from_model_config(fresh.config).to_dict()
+    assert segmenter(image, candidate_labels="cat; dog")["label_map"].shape == (60, 200)
+
+
 def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
     """No tokenizer files: the zero-shot pipeline failed to construct (transformers' tokenizer error), and looking
     for a video processor made both pipelines ask on stdin whether to run the folder's code."""
