@@ -30,7 +30,8 @@ def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[st
     seen: set[str] = set()
     for source in sources:
         if is_url(source):
-            found.append((source, Path(PurePosixPath(urlparse(source).path).name or "image")))
+            name = PurePosixPath(urlparse(source).path).name
+            found.append((source, Path(name if name.strip(".") else "image")))
             continue
         path = Path(source).expanduser()
         if path.is_dir():
@@ -52,8 +53,7 @@ def output_stems(names: list[Path]) -> list[str]:
     """One distinct output name per image, from its name below its source (`a/b.jpg` -> `a__b`): `photo.jpg` beside
     `photo.png` become photo_jpg / photo_png, and names that still meet (`photo.JPG` beside `photo.jpg`, `a__b.jpg`
     beside `a/b.jpg`, `x.jpg` of two folders) are numbered, so no image's outputs overwrite another's."""
-    stems = [str(name.with_suffix("")).replace("/", "__") if name.suffix else str(name).replace("/", "__")
-             for name in names]
+    stems = [str(name.with_suffix("")).replace("/", "__") for name in names]
     taken = {stem: stems.count(stem) for stem in stems}
     result, used = [], set()
     for stem, name in zip(stems, names):

@@ -248,7 +248,8 @@ def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(
     result = zero_shot(image)
     assert result["labels"] == LABELS
     for segment in stock:
-        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, result["label_map"] == LABELS.index(segment["label"]))
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0,
+                                      result["label_map"] == LABELS.index(segment["label"]))
     with pytest.raises(ValueError, match="no CLIP tokenizer"):
         zero_shot(image, candidate_labels=["tree"])
 
