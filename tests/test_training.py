@@ -346,3 +346,52 @@ def test_a_missing_evaluation_split_is_found_before_training_and_none_trains_wit
     assert "No evaluation results were supplied." in text and "Trained from" in text
     with pytest.raises(ValueError, match="holds no mIoU: the run had no final evaluation"):
         card.main(["--checkpoint", str(model_dir), "--results", str(model_dir / "results.json")])
+
+
+def test_labels_outside_the_class_names_stop_an_evaluation_and_not_the_training(tiny_clip_dir, tiny_tokenizer,
+                                                                                 synthetic, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A label value that is no class id (labels of another vocabulary) was dropped by the metric, which then scored
+    the rest: a plausible, wrong mIoU. It is an error naming the image and values, the metric is left empty for the
+    next evaluation, and a periodic evaluation that fails no longer ends the training run (work since the last
+    checkpoint was lost)."""
+    import numpy as np
+    from PIL import Image
+
+    import evaluate
+
+    from modeling_mrovseg import MEAN_IOU, MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+    from training import evaluation
+
+    names = ["sky", "road", "car"]
+    torch.manual_seed(0)
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=names, tokenizer=tiny_tokenizer,
+                                                      **TINY)
+    processor = MROVSegImageProcessor.from_model_config(model.config, size={"shortest_edge": 64, "longest_edge": 256})
+    good = np.zeros((48, 64), dtype=np.uint8)
+    good[:, 32:] = 2
+    bad = good.copy()
+    bad[:4] = 7
+    rows = [{"image": Image.new("RGB", (64, 48), "gray"), "label": Image.fromarray(label)} for label in (good, bad)]
+    metric = evaluate.load(MEAN_IOU)
+    with pytest.raises(ValueError, match=r"evaluation image 1: its label holds values \[7\], neither class ids 0..2"):
+        evaluation.evaluate_segmentation(model, processor, rows, names, metric, show_progress=False)
+    again = evaluation.evaluate_segmentation(model, processor, rows[:1], names, metric, show_progress=False)
+    fresh = evaluation.evaluate_segmentation(model, processor, rows[:1], names, evaluate.load(MEAN_IOU),
+                                             show_progress=False)
+    assert again == fresh  # the failed evaluation's image 0 is not counted twice
+
+    real, calls = evaluation.evaluate_segmentation, []
+
+    def fails_first(*arguments, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("evaluation image 0: cannot be read")
+        return real(*arguments, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_segmentation", fails_first)
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "run", max_steps=2, eval_steps=1, checkpointing_steps=2))
+    assert "step 1: evaluation failed: evaluation image 0: cannot be read; training goes on" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "model" / "results.json").read_text())
+    assert results["evaluations"][0] == {"step": 1, "error": "evaluation image 0: cannot be read"}
+    assert results["final_evaluation"]["step"] == 2 and (tmp_path / "run" / "model" / "model.safetensors").is_file()

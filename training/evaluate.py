@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
-from modeling_mrovseg.cli import check_source, write_atomically
+from modeling_mrovseg.cli import check_source, one_line, write_atomically
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import evaluate
     from accelerate import Accelerator
+
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
     from training.data import load_segmentation_dataset, loading, shard_indices
     from training.evaluation import evaluate_segmentation, format_miou
@@ -90,11 +91,14 @@ def main(argv=None) -> dict:
     processor = MROVSegImageProcessor.from_model_config(
         config, size=MROVSegImageProcessor.size_for_resolution(args.eval_size))
     count = len(dataset) if args.max_samples is None else min(len(dataset), args.max_samples)
-    with accelerator.autocast():
-        results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,
-                                        metric,
-                                        shard_indices(count, accelerator.process_index, accelerator.num_processes),
-                                        show_progress=accelerator.is_main_process and not args.no_progress)
+    try:
+        with accelerator.autocast():
+            results = evaluate_segmentation(accelerator.unwrap_model(model), processor, dataset, class_names,
+                                            metric,
+                                            shard_indices(count, accelerator.process_index, accelerator.num_processes),
+                                            show_progress=accelerator.is_main_process and not args.no_progress)
+    except (OSError, ValueError) as error:  # a bad image or label: one line (on every process), no results file
+        raise SystemExit(f"error: evaluating on --dataset {args.dataset} failed at {one_line(error)}") from None
     results.update(num_images=count, benchmark=args.benchmark_name or Path(args.dataset).name, split=args.split,
                    model=args.model, eval_size=args.eval_size)
     if accelerator.is_main_process:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from modeling_mrovseg.cli import one_line
+
 from .data import as_arrays
 
 
@@ -27,15 +29,33 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     # unlabelled pixels (255, or 65535 past 255 classes) count as the class after the last: the metric's histogram
     # then spans the class ids, not every value up to 65535
     num_classes = len(class_names)
+    ignore = model.config.ignore_index
+    failure = None
     for index in tqdm(indices, desc="evaluating", disable=not show_progress, unit="image"):
-        image, label = as_arrays(dataset[int(index)])
+        try:
+            image, label = as_arrays(dataset[int(index)])
+            stray = (label != ignore) & ((label < 0) | (label >= num_classes))
+            if stray.any():  # the metric counts no class there: a mismatched vocabulary would score silently high
+                raise ValueError(f"its label holds values {np.unique(label[stray])[:5].tolist()}, neither class ids "
+                                 f"0..{num_classes - 1} of the {num_classes} class names nor unlabelled ({ignore}): "
+                                 "the labels and the class names do not match")
+        except (OSError, ValueError) as error:
+            failure = f"evaluation image {int(index)}: {one_line(error)}"
+            break
         inputs = image_processor(image, return_pixel_mask=True, return_tensors="pt").to(device)
         outputs = model(**inputs, text_embeds=text_embeds)
         prediction = image_processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0]
-        reference = np.where(label == model.config.ignore_index, num_classes, label)
+        reference = np.where(label == ignore, num_classes, label)
         metric.add(prediction=prediction.cpu().numpy(), reference=reference)
-    results = metric.compute(num_labels=num_classes, ignore_index=num_classes)
+    failure = first_failure(failure)
+    try:  # every process computes (the metric gathers across them) and the metric starts empty next time
+        results = metric.compute(num_labels=num_classes, ignore_index=num_classes)
+    except ValueError:
+        if failure is None:
+            raise
     model.train(was_training)
+    if failure is not None:
+        raise ValueError(failure)
     per_class = np.asarray(results["per_category_iou"], dtype=np.float64)
     return {  # None (JSON null, not the invalid NaN) where nothing was scored: images without a labelled pixel
         "mean_iou": finite_or_none(results["mean_iou"]),
@@ -44,6 +64,16 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
         "per_class_iou": {name: finite_or_none(v) for name, v in zip(class_names, per_class)},
         "num_images": len(indices),
     }
+
+
+def first_failure(failure: str | None) -> str | None:
+    """The first process's failure, on every process: one that went on alone to the metric's gather, or to the next
+    training step, would wait for the failed one forever."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return failure
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, failure)
+    return next((item for item in gathered if item is not None), None)
 
 
 def finite_or_none(value) -> float | None:

@@ -374,7 +374,11 @@ def main(argv=None) -> dict:
                 write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
             accelerator.wait_for_everyone()
         if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
-            evaluations.append(run_evaluation(step))
+            try:
+                evaluations.append(run_evaluation(step))
+            except (OSError, ValueError) as error:  # a bad evaluation image stops the evaluation, not the training
+                accelerator.print(f"step {step}: evaluation failed: {one_line(error)}; training goes on")
+                evaluations.append({"step": step, "error": str(error)})
     progress.close()
 
     results = {"history": history, "evaluations": evaluations, "stopped_at": step, "max_steps": args.max_steps}
