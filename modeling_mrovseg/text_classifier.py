@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     """
     if value is None:
         return None
+    if isinstance(value, Mapping) or not isinstance(value, (str, Iterable)):  # {0: "cat"} would give its keys
+        raise ValueError(f"class names are a list of names or a string, got {type(value).__name__}: {str(value)[:60]}")
     if isinstance(value, str) and value.strip().startswith("["):  # an inline JSON list, as the scripts' help says
         value = _json_names(value, f"class names {value[:60]!r}")
     elif isinstance(value, str):
