@@ -395,3 +395,17 @@ def test_labels_outside_the_class_names_stop_an_evaluation_and_not_the_training(
     results = json.loads((tmp_path / "run" / "model" / "results.json").read_text())
     assert results["evaluations"][0] == {"step": 1, "error": "evaluation image 0: cannot be read"}
     assert results["final_evaluation"]["step"] == 2 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_the_launchers_mixed_precision_is_used(tiny_clip_dir, synthetic, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16 -m training.train` (the README's real-scale command) trained in fp32:
+    the script's own flag defaulted to an explicit "no", which overrides the launcher's environment."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch --mixed_precision bf16 sets
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "launched", max_steps=1, eval_split="none"))
+    results = json.loads((tmp_path / "launched" / "model" / "results.json").read_text())
+    assert results["args"]["mixed_precision"] == "bf16"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "flag", max_steps=1, eval_split="none", mixed_precision="no"))
+    assert json.loads((tmp_path / "flag" / "model" / "results.json").read_text())["args"]["mixed_precision"] == "no"

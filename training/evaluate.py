@@ -31,7 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slice_batch_size", type=int, default=None)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--metric", default=MEAN_IOU)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    # default None: an explicit "no" here overrode `accelerate launch --mixed_precision bf16` (fp32, silently)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
+                        help="default: accelerate's (accelerate launch --mixed_precision, or `accelerate "
+                             "config`; no without them)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (inductor); pays off for many images of one size")
     parser.add_argument("--no_progress", action="store_true")
@@ -72,7 +75,7 @@ def main(argv=None) -> dict:
     from training.evaluation import evaluate_segmentation, format_miou
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              dynamo_backend="inductor" if args.compile else "no")
+                              dynamo_backend="inductor" if args.compile else None)
     with loading("--dataset", args.dataset):
         dataset, class_names = load_segmentation_dataset(args.dataset, args.split, args.class_names)
     with loading("--metric", args.metric):

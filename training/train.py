@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_grad_norm", type=float, default=DEFAULTS["max_grad_norm"], help="0 disables clipping")
     parser.add_argument("--crop_size", type=int, default=DEFAULTS["crop_size"])
     parser.add_argument("--eval_size", type=int, default=640, help="shortest edge at evaluation")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    # default None: an explicit "no" here overrode `accelerate launch --mixed_precision bf16` (fp32, silently)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
+                        help="default: accelerate's (accelerate launch --mixed_precision, or `accelerate "
+                             "config`; no without them)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (accelerate's inductor backend): pays off on a GPU over many "
@@ -247,8 +250,9 @@ def main(argv=None) -> dict:
     from training.evaluation import evaluate_segmentation, format_miou
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else "no")
+                              mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else None)
     set_seed(args.seed)
+    args.mixed_precision = accelerator.mixed_precision  # the launcher's or the flag's: results.json says which
     world = accelerator.num_processes
     if args.batch_size % (args.gradient_accumulation_steps * world):  # before anything loads or is deleted
         raise SystemExit(f"error: --batch_size {args.batch_size} must be divisible by --gradient_accumulation_steps x "
