@@ -389,6 +389,19 @@ def test_palette_is_distinct_and_legend_is_drawn():
     assert not (legend == palette(3)[1]).all(-1).any()  # absent classes are left out of the legend
     with pytest.raises(ValueError, match="segmentation has shape"):
         draw_segmentation(Image.fromarray(random_image(10, 10)), segmentation, ["a"])
+    # 150 classes on a small photo: the legend fits beside it in LEGEND_MIN_ROWS rows (it was 3,300 px tall), the
+    # largest classes each with a swatch, the rest in one row
+    from modeling_mrovseg.visualization import LEGEND_MIN_ROWS
+
+    many = np.random.default_rng(0).integers(0, 150, (120, 160))
+    many[:60] = 7  # the largest class
+    picture = draw_segmentation(Image.fromarray(random_image(120, 160)), many, [f"class {i}" for i in range(150)])
+    row = int(14 * 1.6)
+    assert picture.height <= row * (LEGEND_MIN_ROWS + 1)
+    assert (np.asarray(picture)[:, 160:] == palette(150)[7]).all(-1).any()
+    tall = draw_segmentation(Image.fromarray(random_image(2000, 60)), many.repeat(17, 0)[:2000, :60],
+                             [f"class {i}" for i in range(150)])
+    assert tall.height == 2000  # a tall image has room for every class present
 
 
 
