@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .configuration_mrovseg import IGNORE_INDEX, WIDE_IGNORE_INDEX
 from .image_processing_mrovseg import to_rgb_uint8
 
 
@@ -23,9 +24,14 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def colorize(segmentation: np.ndarray, num_classes: int) -> Image.Image:
-    """A palette ("P" mode) PNG-ready image of class ids; unlabelled pixels (< 0 or >= C) are black."""
+    """A palette ("P" mode) PNG-ready image of class ids; unlabelled pixels (< 0 or >= C) are black. Past 255 classes
+    a palette has no room (it failed, and uint8 ids wrapped): a 16-bit grey image of class ids, 65535 unlabelled, as
+    the wide label maps of the datasets (ADE20K-847) are stored."""
     seg = np.asarray(segmentation)
-    ids = np.where((seg >= 0) & (seg < num_classes), seg, num_classes).astype(np.uint8)
+    valid = (seg >= 0) & (seg < num_classes)
+    if num_classes > IGNORE_INDEX:
+        return Image.fromarray(np.where(valid, seg, WIDE_IGNORE_INDEX).astype(np.uint16))
+    ids = np.where(valid, seg, num_classes).astype(np.uint8)
     image = Image.fromarray(ids, mode="P")
     flat = np.concatenate([palette(num_classes), np.zeros((1, 3), np.uint8)]).flatten().tolist()
     image.putpalette(flat + [0] * (768 - len(flat)))

@@ -470,6 +470,25 @@ def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp
     assert sorted(Path(json.loads(p.read_text())["image"]).relative_to(source).as_posix() for p in summaries) == [
         "a/b.jpg", "a__b.jpg", "photo.JPG", "photo.jpg"]
 
+def test_cli_with_more_than_255_classes_writes_16_bit_labels(checkpoint, tmp_path, capsys):
+    """ADE20K-847's names: the palette PNG had no room past 256 entries, so every image was 'skipped: invalid palette
+    size' (and uint8 ids would have wrapped): the labels are a 16-bit grey PNG of class ids, 65535 unlabelled."""
+    image = tmp_path / "street.png"
+    Image.fromarray(random_image(40, 60)).save(image)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps([f"thing {i}" for i in range(300)]))
+    out = tmp_path / "out"
+    code = cli_main(["segment", str(image), "--model", str(checkpoint), "--labels", str(names), "--out", str(out),
+                     "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    labels = Image.open(out / "street_labels.png")
+    summary = json.loads((out / "street.json").read_text())
+    assert labels.mode == "I;16" and labels.size == (60, 40)
+    ids = np.unique(np.asarray(labels))
+    assert {f"thing {i}" for i in ids} == set(summary["classes"])
+    assert Image.open(out / "street_overlay.png").width > 60
+
+
 def test_cli_takes_several_files_folders_and_urls(checkpoint, tmp_path, capsys, monkeypatch):
     """`mrovseg segment photos/*.jpg`: the shell hands over many files (argparse refused the second), folders and
     URLs mix; each image once, every output its own name."""
