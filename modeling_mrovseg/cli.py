@@ -1,9 +1,9 @@
 """`mrovseg segment IMAGE_OR_FOLDER [...] --model PATH_OR_ID --labels "sky,road,car" --out DIR`.
 
 Per image it writes `<name>_labels.png` (palette PNG of class indices; 16-bit grey past 255 classes, 65535
-unlabelled), `<name>_overlay.png` (colours over the
-photo with a legend) and `<name>.json` (labels, per-class pixel share and score). Files that cannot be read are
-reported and skipped; the exit code is 1 when any image failed, 2 for unusable arguments.
+unlabelled), `<name>_overlay.png` (colours over the photo with a legend) and `<name>.json` (labels, per-class
+pixel share and score). Files that cannot be read are reported and skipped; the exit code is 1 when any image
+failed, 2 for unusable arguments.
 Labels are comma-separated; to give synonyms, separate classes with ";" instead ("sofa, couch; lamp; floor").
 """
 
