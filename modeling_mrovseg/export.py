@@ -61,6 +61,9 @@ def export(model, height: int, width: int, out: str | Path, format: str = "onnx"
     """Export `model`'s image path for `height` x `width` inputs to `out` (ONNX or a `torch.export` .pt2)."""
     if format not in ("onnx", "torch-export"):
         raise ValueError(f"format={format!r}: use 'onnx' or 'torch-export'.")
+    if model.dtype != torch.float32:  # onnxruntime has no bfloat16 convolutions: the file would not load
+        raise ValueError(f"the model's weights are {model.dtype}; export a float32 model "
+                         "(from_pretrained(..., dtype=torch.float32), or model.float()).")
     processor = export_processor(model, height, width)
     inputs = example_inputs(processor, height, width)
     rows, cols, window, stride = (int(v) for v in inputs["slice_grid"][0].tolist())
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from .modeling_mrovseg import MROVSegForOpenVocabSegmentation
 
     try:
-        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
+        model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model, dtype=torch.float32)  # as saved or not
     except (OSError, ValueError) as error:
         print(f"error: cannot load {args.model}: {error}", file=sys.stderr)
         return 2

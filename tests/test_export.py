@@ -86,3 +86,17 @@ def test_command_line(model, tmp_path, capsys):
                   *extra])
         assert error.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "m.txt").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_saved_in_bfloat16_exports_in_float32(model, tmp_path, capsys):
+    """Weights saved in bfloat16 (loaded that way for a GPU, then saved) made an ONNX file onnxruntime refused to load
+    (no bfloat16 convolutions): the command line loads float32, and export() names the dtype instead."""
+    import copy
+
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert main(["--model", str(tmp_path / "bf16"), "--height", "64", "--width", "64",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    labels = ExportedSegmenter(tmp_path / "m.onnx")(np.zeros((64, 64, 3), np.uint8))
+    assert labels.shape == (64, 64)
+    with pytest.raises(ValueError, match="the model's weights are torch.bfloat16; export a float32 model"):
+        export(copy.deepcopy(model).to(torch.bfloat16), 64, 64, tmp_path / "n.onnx")
