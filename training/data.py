@@ -88,8 +88,7 @@ def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     transparency on white), so a model trains on what it will see. A label stored with equal colour channels (a grey
     map saved as RGB or RGBA) is read from one; a colour mask is an error, not its red channel."""
     image = to_rgb_uint8(example["image"])
-    label = example["label"]
-    label = np.asarray(label if not isinstance(label, Image.Image) else label, dtype=np.int64)
+    label = np.asarray(example["label"], dtype=np.int64)  # a PIL image (P, L, I;16, RGB) or an array
     if label.ndim == 3:
         colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]  # an alpha channel (LA, RGBA) aside
         if (colour[..., 1:] != colour[..., :1]).any():
