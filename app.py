@@ -13,8 +13,10 @@ says otherwise, and Gradio's analytics stay off.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -26,6 +28,10 @@ ROOT = Path(__file__).resolve().parent
 MAIN_JOB_MODEL = ROOT / "outputs" / "run" / "model"
 EXAMPLE_LABELS = "grass, road, building, car, sign"
 TABLE_HEADERS = ["class", "pixel share (%)", "score"]
+# label PNGs kept for download (the newest requests'): a public page writing one per request filled its disk
+KEEP_DOWNLOADS = 64
+# gradio's own copies of uploads and outputs: swept hourly of files older than an hour (and on restart)
+GRADIO_CACHE_SWEEP = (3600, 3600)
 
 
 class Segmenter:
@@ -42,6 +48,7 @@ class Segmenter:
         self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
+        atexit.register(shutil.rmtree, self.outputs, ignore_errors=True)
 
     def __call__(self, image_path: str | None, labels_text: str, resolution: float, threshold: float | None):
         """-> overlay image, per-class table rows, label PNG path, a one-line summary. Bad input: `ValueError`."""
@@ -66,6 +73,7 @@ class Segmenter:
         # a folder per request: two uploads named image.png must not share (and overwrite) one download
         path = Path(tempfile.mkdtemp(dir=self.outputs)) / f"{Path(str(image_path)).stem}_labels.png"
         colorize(label_map, len(labels)).save(path)
+        self.prune_downloads()
         total = label_map.size
         rows = [[s["label"], round(100 * s["pixels"] / total, 2), round(s["score"], 3)] for s in result["segments"]]
         unlabelled = int((label_map < 0).sum())
@@ -78,6 +86,14 @@ class Segmenter:
         return np.asarray(overlay), rows, str(path), summary
 
 
+    def prune_downloads(self) -> None:
+        """Keep the label PNGs of the newest `KEEP_DOWNLOADS` requests; older ones have been downloaded or never
+        will be."""
+        folders = sorted(self.outputs.iterdir(), key=lambda folder: folder.stat().st_mtime_ns)
+        for folder in folders[: max(0, len(folders) - KEEP_DOWNLOADS)]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
     import gradio as gr
 
@@ -87,7 +103,8 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
         except (ValueError, OSError) as error:  # shown in the page, never a stack trace
             raise gr.Error(str(error), print_exception=False) from None
 
-    with gr.Blocks(title="MROVSeg: open-vocabulary segmentation at full resolution", analytics_enabled=False) as demo:
+    with gr.Blocks(title="MROVSeg: open-vocabulary segmentation at full resolution", analytics_enabled=False,
+                   delete_cache=GRADIO_CACHE_SWEEP) as demo:
         gr.Markdown("# MROVSeg\nOpen-vocabulary semantic segmentation at full resolution: type any class names.")
         with gr.Row():
             with gr.Column():

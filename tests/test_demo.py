@@ -169,3 +169,17 @@ def test_a_taken_port_is_a_message(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", str(checkpoint), "--port", "99999"])
     assert exit_info.value.code == 2 and "--port 99999 must lie in [1, 65535]" in capsys.readouterr().err
+
+
+def test_label_pngs_do_not_pile_up(checkpoint, tmp_path, monkeypatch):
+    """A public page wrote one label PNG per request and never removed one: only the newest requests' are kept."""
+    sys.path.insert(0, str(ROOT))
+    import app
+
+    monkeypatch.setattr(app, "KEEP_DOWNLOADS", 2)
+    segmenter = app.Segmenter(str(checkpoint))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(random_image(40, 50)).save(photo)
+    paths = [segmenter(str(photo), LABELS, 64, 0)[2] for _ in range(4)]
+    assert [Path(p).exists() for p in paths] == [False, False, True, True]
+    assert len(list(segmenter.outputs.iterdir())) == 2
