@@ -55,6 +55,7 @@ class Segmenter:
         import numpy as np
 
         from modeling_mrovseg import MROVSegImageProcessor
+        from modeling_mrovseg.cli import one_class_note
         from modeling_mrovseg.pipelines import read_rgb
         from modeling_mrovseg.text_classifier import parse_class_names
         from modeling_mrovseg.visualization import colorize, draw_segmentation
@@ -83,6 +84,8 @@ class Segmenter:
         summary = (f"{image.shape[1]} x {image.shape[0]} px, {len(labels)} classes, resolution {int(resolution)}: "
                    f"{found} {'class' if found == 1 else 'classes'} found"
                    + (f", {100 * unlabelled / total:.1f}% below the threshold" if unlabelled else "") + ".")
+        note = one_class_note(labels, threshold, flag="score threshold")
+        summary += f" Note: {note}." if note else ""
         return np.asarray(overlay), rows, str(path), summary
 
 

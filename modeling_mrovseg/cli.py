@@ -151,6 +151,14 @@ def emulated_precision_note(model) -> str | None:
             f"emulated, several times slower than float32: --dtype float32 runs faster here.")
 
 
+def one_class_note(labels: list[str], score_threshold: float | None, flag: str = "--score-threshold") -> str | None:
+    """Every pixel gets the best of the classes given: with one class and no threshold, all of the image is it."""
+    if len(labels) != 1 or score_threshold is not None:
+        return None
+    return (f"with one class and no {flag} every pixel is labelled {labels[0]!r}; add the other things in the "
+            f"picture (\"background\" at least) or a {flag}")
+
+
 def check_device(device: str | None) -> None:
     import torch
 
@@ -209,9 +217,10 @@ def segment_command(args: argparse.Namespace) -> int:
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
                                   args.dtype)
-        note = emulated_precision_note(segmenter.model)
-        if note and not args.quiet:
-            print(f"note: {note}", file=sys.stderr)
+        notes = [emulated_precision_note(segmenter.model), one_class_note(labels, args.score_threshold)]
+        for note in notes:
+            if note and not args.quiet:
+                print(f"note: {note}", file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -346,6 +346,19 @@ def test_cli_single_non_image_file(checkpoint, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
+def test_one_class_without_a_threshold_is_noted(checkpoint, tmp_path, capsys):
+    """`--labels car` labels every pixel car (each pixel gets the best class given): the CLI says so, and how to get
+    a car/not-car map; with a second class or a threshold it says nothing."""
+    image = tmp_path / "street.png"
+    Image.fromarray(random_image(30, 40)).save(image)
+    base = ["segment", str(image), "--model", str(checkpoint), "--out", str(tmp_path / "o")]
+    assert cli_main([*base, "--labels", "car"]) == 0
+    assert "note: with one class and no --score-threshold every pixel is labelled 'car'" in capsys.readouterr().err
+    for extra in (["--labels", "car, background"], ["--labels", "car", "--score-threshold", "0.5"]):
+        assert cli_main([*base, *extra]) == 0
+        assert "note:" not in capsys.readouterr().err
+
+
 def test_parse_labels():
     assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
