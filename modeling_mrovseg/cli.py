@@ -190,9 +190,7 @@ def prepare_output(out: Path) -> None:
 def segment_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .pipelines import read_rgb
     from .text_classifier import parse_class_names
-    from .visualization import colorize, draw_segmentation
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -224,33 +222,64 @@ def segment_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    failed = []
+    failed, skipped, done = [], 0, 0
     stems = output_stems([name for _, name in images])
     bar = tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet)
-    for (path, _), stem in zip(bar, stems):
-        try:
-            image = read_rgb(path)  # EXIF orientation, 16-bit and alpha as the model sees them (URLs fetched)
-            if not args.quiet and len(images) == 1:
-                print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
-            result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
-        except (OSError, ValueError) as error:
-            failed.append(path)
-            print(f"skipped {path}: {error}", file=sys.stderr)
-            continue
-        label_map = result["label_map"]
-        colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")
-        draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png")
-        total = label_map.size
-        summary = {
-            "image": path,
-            "labels": labels,
-            "classes": {s["label"]: {"pixel_share": s["pixels"] / total, "score": s["score"]} for s in result["segments"]},
-            "unlabelled_share": float((label_map < 0).sum() / total),
-        }
-        (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
-    done = len(images) - len(failed)
-    print(f"segmented {done} of {len(images)} images into {out}" + (f"; {len(failed)} failed" if failed else ""))
+    try:
+        for (path, _), stem in zip(bar, stems):
+            if args.skip_done and is_done(out, stem, path, labels, args.score_threshold):
+                skipped += 1
+            elif segment_one(segmenter, path, stem, labels, out, args, single=len(images) == 1):
+                done += 1
+            else:
+                failed.append(path)
+    except KeyboardInterrupt:  # Ctrl-C: what is done stays done (--skip-done continues), no traceback
+        print(f"\ninterrupted: segmented {done} of {len(images)} images into {out}; run again with --skip-done to "
+              "continue", file=sys.stderr)
+        return 130
+    print(f"segmented {done} of {len(images)} images into {out}" + (f"; {len(failed)} failed" if failed else "")
+          + (f"; {skipped} done before (--skip-done)" if skipped else ""))
     return 1 if failed else 0
+
+
+def is_done(out: Path, stem: str, path: str, labels: list[str], score_threshold: float | None) -> bool:
+    """The image's outputs are complete and from the same request: its JSON (written last) names the same image,
+    labels and threshold, and both pictures are there."""
+    try:
+        written = json.loads((out / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    same = (written.get("image"), written.get("labels"), written.get("score_threshold")) == (
+        path, labels, score_threshold)
+    return same and all((out / f"{stem}_{kind}.png").is_file() for kind in ("labels", "overlay"))
+
+
+def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, args, single: bool) -> bool:
+    """Segment one image into its three files (the JSON last); False, with a line saying why, if it cannot be read."""
+    from .pipelines import read_rgb
+    from .visualization import colorize, draw_segmentation
+
+    try:
+        image = read_rgb(path)  # EXIF orientation, 16-bit and alpha as the model sees them (URLs fetched)
+        if not args.quiet and single:
+            print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
+        result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
+    except (OSError, ValueError) as error:
+        print(f"skipped {path}: {error}", file=sys.stderr)
+        return False
+    label_map = result["label_map"]
+    colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")
+    draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png")
+    total = label_map.size
+    summary = {
+        "image": path,
+        "labels": labels,
+        "score_threshold": args.score_threshold,
+        "classes": {s["label"]: {"pixel_share": s["pixels"] / total, "score": s["score"]} for s in result["segments"]},
+        "unlabelled_share": float((label_map < 0).sum() / total),
+    }
+    write_atomically(out / f"{stem}.json", json.dumps(summary, indent=2))  # last: the image's outputs are complete
+    return True
 
 
 def _positive_int(upper: int):
@@ -298,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                          choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                          help="torch.compile the model: faster for many images of one size, slow for the first; "
                               "MODE reduce-overhead adds CUDA graphs (the fastest on a GPU for small images)")
+    segment.add_argument("--skip-done", action="store_true",
+                         help="skip images whose outputs a run with the same labels and threshold completed (an "
+                              "interrupted run continues)")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     args = parser.parse_args(argv)
     return segment_command(args)

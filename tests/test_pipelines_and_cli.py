@@ -359,6 +359,40 @@ def test_one_class_without_a_threshold_is_noted(checkpoint, tmp_path, capsys):
         assert "note:" not in capsys.readouterr().err
 
 
+def test_cli_continues_an_interrupted_run_with_skip_done(checkpoint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a long folder run was a traceback and a re-run started over: the CLI says how far it got, and
+    --skip-done leaves out the images a run with the same labels and threshold completed (their JSON is written
+    last, atomically)."""
+    from modeling_mrovseg import cli
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    for seed in range(3):
+        Image.fromarray(random_image(30, 40, seed=seed)).save(source / f"p{seed}.png")
+    out = tmp_path / "out"
+    base = ["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out), "--quiet"]
+    real, calls = cli.segment_one, []
+
+    def interrupted_at_the_second(*arguments, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*arguments, **kwargs)
+
+    monkeypatch.setattr(cli, "segment_one", interrupted_at_the_second)
+    assert cli_main(base) == 130
+    assert "interrupted: segmented 1 of 3 images" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "segment_one", real)
+    assert cli_main([*base, "--skip-done"]) == 0
+    assert "segmented 2 of 3 images into" in capsys.readouterr().out  # "...; 1 done before (--skip-done)"
+    assert cli_main([*base, "--skip-done"]) == 0
+    assert "segmented 0 of 3 images" in capsys.readouterr().out
+    assert len(list(out.glob("*.json"))) == 3
+    # other labels or threshold: nothing is done yet
+    assert cli_main([*base, "--labels", "cat; bird", "--skip-done"]) == 0  # the last --labels counts
+    assert "segmented 3 of 3 images" in capsys.readouterr().out
+
+
 def test_parse_labels():
     assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
