@@ -203,16 +203,22 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             raise ValueError(f"id2label must number the classes 0..{len(id2label) - 1}, got ids {sorted(id2label)}")
         return [id2label[i] for i in range(len(id2label))]
 
-    def save_pretrained(self, save_directory, *args, image_processor=None, tokenizer=None, **kwargs):
+    def save_pretrained(self, save_directory, *args, image_processor=None, tokenizer=None, push_to_hub: bool = False,
+                        **kwargs):
         """
         Save the model so the folder works on its own in both pipelines and the CLI: weights and config, plus (unless
         the folder has them already) the image processor matching this model's slices (for a loaded model the
         checkpoint's own, resolution included) and the CLIP tokenizer it knows (given to it, or the loaded
         checkpoint's); `image_processor=` / `tokenizer=` override those. `auto_map` also maps
         AutoModelForSemanticSegmentation, so the stock image-segmentation pipeline loads the remote code too.
+        `push_to_hub=True` (with `repo_id=`, `commit_message=`, `private=`, `token=`) uploads all of it.
         """
         from .image_processing_mrovseg import MROVSegImageProcessor
         from .processing_mrovseg import MROVSegProcessor
+
+        # transformers would upload inside its own save, before the processor and tokenizer below exist
+        main_process = kwargs.get("is_main_process", True)
+        push = self._prepare_push(save_directory, kwargs) if push_to_hub and main_process else None
 
         module = type(self).__module__.split(".")[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -245,7 +251,22 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                     image_processor.save_pretrained(folder)
             elif tokenizer is not None and not (folder / "tokenizer_config.json").exists():
                 tokenizer.save_pretrained(folder)
+        if push is not None:
+            repo_id, timestamps, hub = push
+            self._upload_modified_files(save_directory, repo_id, timestamps, **hub)
         return result
+
+    def _prepare_push(self, save_directory, kwargs: dict) -> tuple[str, dict, dict]:
+        """(repo id, the folder's file times before saving, upload arguments), the repo created: what transformers'
+        `save_pretrained(push_to_hub=True)` does first, so the files written after its save are uploaded too."""
+        from huggingface_hub import create_repo
+
+        hub = {"commit_message": kwargs.pop("commit_message", None), "create_pr": kwargs.pop("create_pr", False),
+               "token": kwargs.get("token")}
+        repo = kwargs.pop("repo_id", Path(save_directory).name)
+        repo_id = create_repo(repo, exist_ok=True, token=hub["token"], private=kwargs.pop("private", None)).repo_id
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        return repo_id, self._get_files_timestamps(save_directory), hub
 
     _checkpoint_source: tuple[str, dict] | None = None  # (folder or Hub id, hub kwargs) of `from_pretrained`
 

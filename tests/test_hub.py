@@ -224,6 +224,24 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
 
 
 
+def test_save_pretrained_with_push_to_hub_uploads_processor_and_tokenizer(checkpoint, tmp_path):
+    """`model.save_pretrained(dir, push_to_hub=True)`: transformers uploaded inside its own save, before the processor
+    and tokenizer were written, so the Hub copy had neither (no pipeline could load it); `push_to_hub()` had both."""
+    script = ("import sys\nfrom modeling_mrovseg import MROVSegForOpenVocabSegmentation\n"
+              "model = MROVSegForOpenVocabSegmentation.from_pretrained(sys.argv[1])\n"
+              "model.save_pretrained(sys.argv[2], push_to_hub=True, repo_id='acme/saved', private=True)\n"
+              "model.push_to_hub('acme/pushed')\n")
+    with FakeHub() as hub:
+        result = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(tmp_path / "saved")], cwd=ROOT,
+                                env=hub_env(hub.url), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        needed = {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "pipelines.py",
+                  "modeling_mrovseg.py"}
+        for name in ("acme/saved", "acme/pushed"):
+            assert needed <= set(hub.repos[name]["files"]), name
+        assert hub.repos["acme/saved"]["private"] is True and not hub.unknown
+
+
 def test_card_states_what_the_run_did_and_no_machine_paths(checkpoint, tmp_path):
     import shutil
 
