@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -98,7 +99,14 @@ def model_image_processor(model):
     from .image_processing_mrovseg import MROVSegImageProcessor
 
     checkpoint = getattr(model, "_checkpoint_image_processor", lambda: None)()
-    return checkpoint or MROVSegImageProcessor.from_model_config(model.config)
+    if checkpoint is not None:
+        return checkpoint
+    default = MROVSegImageProcessor.from_model_config(model.config)
+    source = getattr(model, "_checkpoint_source", None)
+    if source is not None:  # a folder saved without one, or with one that does not load: say which resolution
+        warnings.warn(f"{source[0]} has no usable MROVSeg image processor; images are resized as the defaults say "
+                      f"({dict(default.size)})", stacklevel=3)
+    return default
 
 
 def read_rgb(image, timeout: float | None = None) -> np.ndarray:

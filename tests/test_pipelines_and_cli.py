@@ -218,7 +218,8 @@ def test_a_loaded_model_saves_with_its_tokenizer_and_processor(checkpoint, tmp_p
     assert copy(image, candidate_labels=["sky", "car"])["labels"] == ["sky", "car"]
 
 
-def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir, tiny_tokenizer, zero_shot):
+def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir, tiny_tokenizer, zero_shot,
+                                                        tmp_path):
     """pipeline(model=model) with no image_processor= was transformers' "Impossible to guess which image processor
     to use": a loaded model brings its checkpoint's processor (same labels as the folder), a new one from_clip the
     default processor for its windows."""
@@ -232,6 +233,13 @@ def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir
     segmenter = pipeline("zero-shot-image-segmentation", model=fresh)
     assert segmenter.image_processor.to_dict() == MROVSegImageProcessor.from_model_config(fresh.config).to_dict()
     assert segmenter(image, candidate_labels="cat; dog")["label_map"].shape == (60, 200)
+    # a folder saved without a processor: the defaults, said (the checkpoint's resolution is unknown)
+    import shutil
+
+    bare = tmp_path / "no-processor"
+    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("*processor_config.json"))
+    with pytest.warns(UserWarning, match="has no usable MROVSeg image processor; images are resized as the defaults"):
+        pipeline("zero-shot-image-segmentation", model=str(bare))
 
 
 def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
