@@ -331,8 +331,16 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
     images = sorted(p for p in (root / "images").iterdir()
                     if p.suffix.lower() in suffixes and not p.name.startswith("."))
-    pairs = [(p, root / "labels" / f"{p.stem}.png") for p in images]
-    missing = [str(label) for _, label in pairs if not label.is_file()]
+    # label PNGs by name, the suffix in any case (IMG_0001.PNG from a camera or a Windows tool)
+    label_dir = root / "labels"
+    found = sorted(p for p in label_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")) \
+        if label_dir.is_dir() else []
+    labels = {p.stem: p for p in found}
+    if len(labels) < len(found):
+        doubled = sorted(p.name for p in found if [q.stem for q in found].count(p.stem) > 1)
+        raise ValueError(f"labels {doubled[:4]} name one image twice; keep one label file per image")
+    pairs = [(p, labels.get(p.stem)) for p in images]
+    missing = [str(label_dir / f"{image.stem}.png") for image, label in pairs if label is None]
     if not pairs or missing:
         raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing {missing[:3]}")
     stems = [p.stem for p in images]

@@ -284,6 +284,15 @@ def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):
     fails_with(capsys, [*args, "--class-names", "a, b", "--overwrite"], "every label pixel is 255")
     image(8, 10).save(source / "images" / "img1.jpg")
     fails_with(capsys, [*args, "--class-names", "a, b", "--overwrite"], "would share one label file")
+    (source / "images" / "img1.jpg").unlink()
+    # label suffixes in capitals (IMG_0001.PNG from a camera or a Windows tool) were "missing"; one name twice is not
+    for i in range(5):
+        Image.fromarray(np.full((8, 10), i % 2, dtype=np.uint8)).save(labels / f"img{i}.png")
+    (labels / "img3.png").rename(labels / "img3.PNG")
+    convert.main([*args, "--class-names", "a, b", "--overwrite"])
+    assert len(read_back(tmp_path / "out", "train")[0]) == 4
+    Image.fromarray(np.zeros((8, 10), dtype=np.uint8)).save(labels / "img3.png")
+    fails_with(capsys, [*args, "--class-names", "a, b", "--overwrite"], "name one image twice")
     with pytest.raises(SystemExit) as error:
         convert.main([*args[:-4], "--val-fraction", "1", "--out", str(tmp_path / "o"), "--class-names", "a, b"])
     assert error.value.code == 2 and "--val-fraction must lie in [0, 1)" in capsys.readouterr().err
