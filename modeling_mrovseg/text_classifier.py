@@ -46,7 +46,7 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             try:
-                text = path.read_text()
+                text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is no part of a name
             except UnicodeDecodeError as error:
                 raise ValueError(f"class-name file {value!r} is not text: {error}") from None
             if path.suffix.lower() == ".json" or text.lstrip().startswith("["):

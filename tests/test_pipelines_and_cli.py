@@ -429,6 +429,12 @@ def test_class_names_from_files(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         parse_labels(str(tmp_path / "missing.json"))
     assert parse_labels(str(tmp_path / "labels.txt"), allow_files=False) == [str(tmp_path / "labels.txt")]
+    # saved by Windows Notepad: a byte-order mark and CRLF lines (the BOM became part of the first name, "\ufeffsky",
+    # and a JSON file with one was refused)
+    (tmp_path / "notepad.txt").write_bytes("\ufeffsky\r\nsofa, couch\r\n".encode("utf-8"))
+    (tmp_path / "notepad.json").write_bytes('\ufeff["sky", "road"]'.encode("utf-8"))
+    assert parse_labels(str(tmp_path / "notepad.txt")) == ["sky", "sofa, couch"]
+    assert parse_labels(str(tmp_path / "notepad.json")) == ["sky", "road"]
 
 
 def test_palette_is_distinct_and_legend_is_drawn():
