@@ -88,7 +88,6 @@ class Segmenter:
         summary += f" Note: {note}." if note else ""
         return np.asarray(overlay), rows, str(path), summary
 
-
     def prune_downloads(self) -> None:
         """Keep the label PNGs of the newest `KEEP_DOWNLOADS` requests; older ones have been downloaded or never
         will be."""
