@@ -109,6 +109,15 @@ def model_image_processor(model):
     return default
 
 
+def check_image_processor(processor) -> None:
+    """MROVSeg reads the slices its own processor cuts; another model's processor (CLIP's, say) cuts none, and the
+    pipeline then failed with "Subtask None is not supported" or a TypeError about `return_pixel_mask`."""
+    if getattr(processor, "slice_size", None) is None:
+        raise ValueError(f"MROVSeg needs its own image processor (MROVSegImageProcessor), got "
+                         f"{type(processor).__name__}: leave image_processor= out, or pass "
+                         "AutoImageProcessor.from_pretrained(<the MROVSeg checkpoint>).")
+
+
 def read_rgb(image, timeout: float | None = None) -> np.ndarray:
     """Any image input (path, URL, base64, PIL image, array, tensor) as the H x W x 3 uint8 array the model sees: EXIF
     orientation applied, 16-bit scaled, transparency on white. The one reading of the pipeline, CLI, demo and export."""
@@ -150,6 +159,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         if self.image_processor is None:  # pipeline(..., model=model_object), or a folder saved without a processor
             self.image_processor = model_image_processor(self.model)
+        check_image_processor(self.image_processor)
         mode = compile_mode(compile)
         self.compiled = compile not in (False, None)
         # CUDA graphs (modes "reduce-overhead", "max-autotune"): a replay writes its outputs into the memory of the
@@ -315,6 +325,11 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
     # no image-segmentation model uses a video processor; looking for one in an MROVSeg folder with a
     # preprocessor_config.json made transformers ask on stdin whether to run the folder's remote code
     _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.serves_mrovseg:
+            check_image_processor(self.image_processor)
 
     @property
     def serves_mrovseg(self) -> bool:

@@ -242,6 +242,17 @@ def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir
         pipeline("zero-shot-image-segmentation", model=str(bare))
 
 
+def test_another_models_image_processor_is_named(checkpoint):
+    """image_processor= CLIP's (it cuts no slices): "Subtask None is not supported" or a TypeError about
+    return_pixel_mask before; one message naming the processor MROVSeg needs."""
+    from transformers import CLIPImageProcessor
+
+    clip = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    for task in ("image-segmentation", "zero-shot-image-segmentation"):
+        with pytest.raises(ValueError, match="MROVSeg needs its own image processor"):
+            pipeline(task, model=str(checkpoint), image_processor=clip)
+
+
 def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
     """No tokenizer files: the zero-shot pipeline failed to construct (transformers' tokenizer error), and looking
     for a video processor made both pipelines ask on stdin whether to run the folder's code."""
