@@ -253,6 +253,19 @@ def test_another_models_image_processor_is_named(checkpoint):
             pipeline(task, model=str(checkpoint), image_processor=clip)
 
 
+def test_the_stock_task_serves_other_models_as_before():
+    """`import modeling_mrovseg` swaps the stock image-segmentation class for a subclass: a SegFormer still runs through
+    it with its own processor, unchecked."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    config = SegformerConfig(num_labels=3, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                             num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16)
+    segmenter = pipeline("image-segmentation", model=SegformerForSemanticSegmentation(config).eval(),
+                         image_processor=SegformerImageProcessor(size={"height": 64, "width": 64}))
+    segments = segmenter(Image.fromarray(random_image(50, 60)))
+    assert segments and all(s["mask"].size == (60, 50) for s in segments)
+
+
 def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
     """No tokenizer files: the zero-shot pipeline failed to construct (transformers' tokenizer error), and looking
     for a video processor made both pipelines ask on stdin whether to run the folder's code."""
