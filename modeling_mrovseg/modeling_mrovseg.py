@@ -720,7 +720,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             self._tokenizer_read = True
             source, hub = self._checkpoint_source
             try:
-                self._clip_tokenizer = AutoTokenizer.from_pretrained(source, **hub)
+                # CLIP's tokenizer needs no remote code: never a prompt on stdin asking to run the folder's
+                self._clip_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
             except (OSError, ValueError):  # a checkpoint saved without one (or offline): no tokenizer
                 pass
         return self._clip_tokenizer
