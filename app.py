@@ -5,9 +5,9 @@
 
 Upload or pick an image, type class names (comma separated; synonyms of one class with ";" between classes, as in the
 CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
-legend, a per-class table (pixel share, score) and a downloadable label PNG (palette indices = class order). Without
---model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's (outputs/run/model). It binds 127.0.0.1 unless --host
-says otherwise, and Gradio's analytics stay off.
+legend, a per-class table (pixel share, score) and a downloadable label PNG (pixel value = class number). Without
+--model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's (outputs/run/model). It binds
+127.0.0.1 unless --host says otherwise, and Gradio's analytics stay off.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
                 overlay = gr.Image(label="Overlay", type="numpy", format="png", interactive=False, buttons=[])
                 summary = gr.Markdown()
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="Classes found", interactive=False)
-                download = gr.File(label="Label PNG (palette index = class number)")
+                download = gr.File(label="Label PNG (pixel value = class number)")
         if examples:
             gr.Examples(examples=[[path] for path in examples], inputs=[image])
         button.click(run, [image, labels, resolution, threshold], [overlay, table, download, summary],
