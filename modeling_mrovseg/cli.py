@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
@@ -55,7 +56,7 @@ def output_stems(names: list[Path]) -> list[str]:
     `photo.png` become photo_jpg / photo_png, and names that still meet (`photo.JPG` beside `photo.jpg`, `a__b.jpg`
     beside `a/b.jpg`, `x.jpg` of two folders) are numbered, so no image's outputs overwrite another's."""
     stems = [str(name.with_suffix("")).replace("/", "__") for name in names]
-    taken = {stem: stems.count(stem) for stem in stems}
+    taken = Counter(stems)
     result, used = [], set()
     for stem, name in zip(stems, names):
         unique = f"{stem}_{name.suffix.lstrip('.').lower()}" if taken[stem] > 1 and name.suffix else stem

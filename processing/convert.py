@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -337,14 +338,15 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
         if label_dir.is_dir() else []
     labels = {p.stem: p for p in found}
     if len(labels) < len(found):
-        doubled = sorted(p.name for p in found if [q.stem for q in found].count(p.stem) > 1)
+        label_stems = Counter(p.stem for p in found)
+        doubled = sorted(p.name for p in found if label_stems[p.stem] > 1)
         raise ValueError(f"labels {doubled[:4]} name one image twice; keep one label file per image")
     pairs = [(p, labels.get(p.stem)) for p in images]
     missing = [str(label_dir / f"{image.stem}.png") for image, label in pairs if label is None]
     if not pairs or missing:
         raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing {missing[:3]}")
-    stems = [p.stem for p in images]
-    twins = sorted({p.name for p in images if stems.count(p.stem) > 1})
+    stems = Counter(p.stem for p in images)
+    twins = sorted({p.name for p in images if stems[p.stem] > 1})
     if twins:
         raise ValueError(f"images {twins[:4]} would share one label file; keep one image per name")
     if binary_masks and len(class_names) != 2:
