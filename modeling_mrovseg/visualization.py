@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .configuration_mrovseg import IGNORE_INDEX, WIDE_IGNORE_INDEX
+from .configuration_mrovseg import IGNORE_INDEX, unlabelled_value
 from .image_processing_mrovseg import to_rgb_uint8
 
 
@@ -29,8 +29,9 @@ def colorize(segmentation: np.ndarray, num_classes: int) -> Image.Image:
     the wide label maps of the datasets (ADE20K-847) are stored."""
     seg = np.asarray(segmentation)
     valid = (seg >= 0) & (seg < num_classes)
-    if num_classes > IGNORE_INDEX:
-        return Image.fromarray(np.where(valid, seg, WIDE_IGNORE_INDEX).astype(np.uint16))
+    unlabelled = unlabelled_value(num_classes)
+    if unlabelled > IGNORE_INDEX:
+        return Image.fromarray(np.where(valid, seg, unlabelled).astype(np.uint16))
     ids = np.where(valid, seg, num_classes).astype(np.uint8)
     image = Image.fromarray(ids, mode="P")
     flat = np.concatenate([palette(num_classes), np.zeros((1, 3), np.uint8)]).flatten().tolist()
@@ -72,8 +73,7 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
     draw_probe = ImageDraw.Draw(blended)
     # shares of all pixels, as in the CLI's JSON; pixels left unlabelled (score threshold) get their own row
     rows = max(base.height // row - 1, LEGEND_MIN_ROWS) - bool(unlabelled)
-    rest = shown[rows - 1 :] if len(shown) > rows else []
-    shown = shown[: len(shown) - len(rest)]
+    shown, rest = (shown[: rows - 1], shown[rows - 1 :]) if len(shown) > rows else (shown, [])
     texts = [f"{labels[i]}  {100 * counts[i] / seg.size:.1f}%" for i in shown]
     if rest:
         texts.append(f"+ {len(rest)} more classes  {100 * counts[rest].sum() / seg.size:.1f}%")

@@ -143,6 +143,11 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
     return (image.width, image.height) if swapped else (image.height, image.width)
 
 
+def stray_label_values(values: np.ndarray, num_classes: int) -> np.ndarray:
+    """The label values that are neither a class id nor the unlabelled value of `num_classes` classes."""
+    return np.setdiff1d(values, [*range(num_classes), unlabelled_value(num_classes)])
+
+
 def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.Image, np.ndarray]]],
                 class_names: list[str]) -> Path:
     """Stream (image, contiguous label array) pairs into OUT/<split>.parquet and write class_names.json. Labels are
@@ -156,7 +161,7 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
         for image, label in rows():
             if shown_size(image) != label.shape:
                 raise ValueError(f"image {shown_size(image)} and label {label.shape} differ in size")
-            stray = np.setdiff1d(np.unique(label), [*range(len(class_names)), unlabelled])
+            stray = stray_label_values(np.unique(label), len(class_names))
             if stray.size:  # never stored: an 8-bit map would wrap class 300 to 44
                 raise ValueError(f"a label holds {stray[:5].tolist()}, neither one of the {len(class_names)} classes "
                                  f"nor the unlabelled value {unlabelled}")
@@ -369,7 +374,7 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                 if binary_masks:
                     label = (label != 0).astype(np.int64)
                 values = np.unique(label)
-                bad = np.setdiff1d(values, [*range(len(class_names)), unlabelled])
+                bad = stray_label_values(values, len(class_names))
                 if bad.size:
                     raise ValueError(f"{label_path} has values {bad.tolist()[:5]} outside 0..{len(class_names) - 1} "
                                      f"and {unlabelled} (unlabelled)")
