@@ -29,24 +29,25 @@ def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[st
     would otherwise have its overlays segmented on the next run. A file named twice (itself and in its folder) once."""
     skip = out.resolve() if out is not None else None
     found: list[tuple[str, Path]] = []
-    seen: set[str] = set()
+    seen: set[Path] = set()
     for source in sources:
         if is_url(source):
             name = PurePosixPath(urlparse(source).path).name
             found.append((source, Path(name if name.strip(".") else "image")))
             continue
         path = Path(source).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (skip is not None and p.resolve().is_relative_to(skip)))
+        folder = path.is_dir()
+        if folder:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             named = [(p, p.relative_to(path)) for p in files]
         elif path.is_file():
             named = [(path, Path(path.name))]
         else:
             raise FileNotFoundError(f"{source} does not exist")
         for file, name in named:
-            if str(file.resolve()) not in seen:
-                seen.add(str(file.resolve()))
+            resolved = file.resolve()
+            if resolved not in seen and not (folder and skip is not None and resolved.is_relative_to(skip)):
+                seen.add(resolved)
                 found.append((str(file), name))
     return found
 

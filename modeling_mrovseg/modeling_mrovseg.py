@@ -42,6 +42,10 @@ REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
 # `from_pretrained` arguments that say where a checkpoint's files are; its tokenizer and processor load with them too
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 
+
+def hub_kwargs(kwargs: dict) -> dict:
+    return {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
+
 # Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
 LEGACY_KEY_MAPPING = {
     r"^vision_model\.": "mrovseg.vision_model.",
@@ -160,8 +164,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked for
         # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them
         if pretrained_model_name_or_path is not None:
-            model._checkpoint_source = (str(pretrained_model_name_or_path),
-                                        {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+            model._checkpoint_source = (str(pretrained_model_name_or_path), hub_kwargs(kwargs))
         if names is not None and names != model.vocabulary:
             if model.clip_tokenizer is None:
                 raise ValueError(f"id2label names new classes {names[:5]}, which need the CLIP tokenizer, and "
@@ -187,7 +190,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                              "class names) or call model.set_vocabulary(names, tokenizer) after loading.")
         elif isinstance(config, PretrainedConfig) and getattr(config, "id2label", None) and source is not None:
             try:
-                saved = cls.config_class.from_pretrained(source, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+                saved = cls.config_class.from_pretrained(source, **hub_kwargs(kwargs))
             except (OSError, ValueError):  # no saved config (weights from a state dict, say): nothing to compare
                 return None
             if dict(config.id2label) == dict(saved.id2label):

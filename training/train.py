@@ -195,13 +195,16 @@ def checkpoint_to_resume(output_dir: Path, args, log=print) -> tuple[Path, dict]
     resume = args.resume_from_checkpoint
     if not resume:
         return None
-    path = latest_checkpoint(output_dir, log) if resume == "latest" else Path(resume)
-    if path is None:
-        log("no checkpoint to resume from: starting from scratch")
-        return None
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise SystemExit(f"error: cannot resume from {path}: {problem}")
+    if resume == "latest":
+        path = latest_checkpoint(output_dir, log)  # the newest one checkpoint_problem passes
+        if path is None:
+            log("no checkpoint to resume from: starting from scratch")
+            return None
+    else:
+        path = Path(resume)
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise SystemExit(f"error: cannot resume from {path}: {problem}")
     state = json.loads((path / "training_state.json").read_text())
     changed = changed_run_args(state.get("run_args", {}), args)
     if changed and not args.resume_with_changed_args:
