@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import io
 import os
 import warnings
@@ -172,7 +173,21 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         self.text_cache_hits = 0
         self.text_cache_misses = 0
 
+    # a misspelt or another pipeline's parameter would otherwise be dropped silently (transformers' pipelines ignore
+    # what they do not know): `threshold=0.5` segmented without any threshold
+    _SIMILAR = {"threshold": "score_threshold", "mask_threshold": "score_threshold", "labels": "candidate_labels",
+                "class_names": "candidate_labels", "classes": "candidate_labels", "vocabulary": "candidate_labels"}
+
     def _sanitize_parameters(self, candidate_labels=None, score_threshold=None, timeout=None, **kwargs):
+        if kwargs:
+            known = ("candidate_labels", "score_threshold", "timeout")
+            hints = []
+            for name in sorted(kwargs):
+                similar = self._SIMILAR.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
+                hints.append(f"{name} (did you mean {similar}?)" if similar else name)
+            raise TypeError(f"zero-shot-image-segmentation got unknown parameter(s) {', '.join(hints)}; it takes "
+                            "candidate_labels, score_threshold, timeout, batch_size and num_workers per call "
+                            "(and text_cache_size, compile when built)")
         preprocess, postprocess = {}, {}
         if candidate_labels is not None:
             preprocess["candidate_labels"] = candidate_labels

@@ -42,7 +42,8 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
         value = _json_names(value, f"class names {value[:60]!r}")
     elif isinstance(value, str):
         path = Path(value).expanduser()
-        if allow_files and (value.strip().endswith(".json") or _is_file(path)):
+        # a name ending in .json or .txt is a file's (a missing labels.txt was one class named "labels.txt")
+        if allow_files and (value.strip().lower().endswith((".json", ".txt")) or _is_file(path)):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             try:

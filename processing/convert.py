@@ -158,13 +158,14 @@ def write_split(out: Path, split: str, rows: Callable[[], Iterator[tuple[Image.I
     dtype = np.uint8 if unlabelled == 255 else np.uint16
 
     def generate():
-        for image, label in rows():
+        for row, (image, label) in enumerate(rows()):
+            where = getattr(image, "filename", None) or f"row {row} of the {split} split"  # which one to fix
             if shown_size(image) != label.shape:
-                raise ValueError(f"image {shown_size(image)} and label {label.shape} differ in size")
+                raise ValueError(f"{where}: image {shown_size(image)} and label {label.shape} differ in size")
             stray = stray_label_values(np.unique(label), len(class_names))
             if stray.size:  # never stored: an 8-bit map would wrap class 300 to 44
-                raise ValueError(f"a label holds {stray[:5].tolist()}, neither one of the {len(class_names)} classes "
-                                 f"nor the unlabelled value {unlabelled}")
+                raise ValueError(f"{where}: the label holds {stray[:5].tolist()}, neither one of the "
+                                 f"{len(class_names)} classes nor the unlabelled value {unlabelled}")
             yield {"image": _encoded(image), "label": encode_png(label.astype(dtype))}
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})

@@ -334,6 +334,12 @@ def test_vocabularies_past_255_classes_keep_class_255_and_beyond(tmp_path, capsy
                         str(tmp_path / "list.tsv"), "--out", str(tmp_path / "wide")],
                "holds another dataset (300 classes")
     assert {p.name: p.read_bytes() for p in (tmp_path / "wide").iterdir()} == before
-    with pytest.raises(ValueError, match=r"holds \[300\], neither one of the 171 classes nor the unlabelled value 255"):
-        convert.write_split(tmp_path / "x", "validation", lambda: iter([(image(2, 2), np.full((2, 2), 300))]),
-                            COCO_STUFF_171)
+    with pytest.raises(ValueError, match=r"row 1 of the validation split: the label holds \[300\], neither one of "
+                                         r"the 171 classes nor the unlabelled value 255"):
+        convert.write_split(tmp_path / "x", "validation", lambda: iter(
+            [(image(2, 2), np.zeros((2, 2))), (image(2, 2), np.full((2, 2), 300))]), COCO_STUFF_171)
+    # the file to fix is named (the message gave two sizes and no name)
+    own_folder(tmp_path / "sizes", "jpg")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "sizes" / "mine" / "labels" / "img3.png")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "sizes" / "mine"), "--class-names", "a,b,c",
+                        "--out", str(tmp_path / "sizes" / "out")], "img3.jpg: image (8, 10) and label (4, 4) differ")

@@ -187,6 +187,17 @@ def test_zero_shot_threshold_and_errors(zero_shot):
         zero_shot(images()[0], candidate_labels="cat, Cat")
 
 
+def test_unknown_pipeline_parameters_are_refused(checkpoint, zero_shot):
+    """transformers' pipelines drop parameters they do not know: `threshold=` (the stock pipeline's name) or a typo
+    segmented every pixel with no threshold at all."""
+    with pytest.raises(TypeError, match=r"threshold \(did you mean score_threshold\?\)"):
+        zero_shot(images()[0], candidate_labels="a, b", threshold=0.5)
+    with pytest.raises(TypeError, match=r"score_treshold \(did you mean score_threshold\?\)"):
+        zero_shot(images()[0], candidate_labels="a, b", score_treshold=0.5)
+    with pytest.raises(TypeError, match=r"labels \(did you mean candidate_labels\?\)"):
+        pipeline("zero-shot-image-segmentation", model=str(checkpoint), labels=["a"])
+
+
 def test_candidate_labels_never_read_a_file(zero_shot, tmp_path):
     """A service passing its users' text as candidate_labels must not hand them the lines of a file they name."""
     secret = tmp_path / "secret.txt"
@@ -452,6 +463,8 @@ def test_class_names_from_files(tmp_path):
         parse_labels(str(tmp_path / "numbers.json"))
     with pytest.raises(ValueError, match="not found"):
         parse_labels(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="class-name file 'labels.TXT' not found"):  # not one class "labels.TXT"
+        parse_labels("labels.TXT")
     assert parse_labels(str(tmp_path / "labels.txt"), allow_files=False) == [str(tmp_path / "labels.txt")]
     # saved by Windows Notepad: a byte-order mark and CRLF lines (the BOM became part of the first name, "\ufeffsky",
     # and a JSON file with one was refused)

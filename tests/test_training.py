@@ -409,3 +409,30 @@ def test_the_launchers_mixed_precision_is_used(tiny_clip_dir, synthetic, tmp_pat
     AcceleratorState._reset_state(reset_partial_state=True)
     train.main(args(tiny_clip_dir, synthetic, tmp_path / "flag", max_steps=1, eval_split="none", mixed_precision="no"))
     assert json.loads((tmp_path / "flag" / "model" / "results.json").read_text())["args"]["mixed_precision"] == "no"
+
+
+def test_an_unreadable_training_row_is_named_and_the_run_ends_in_one_line(tiny_clip_dir, tmp_path):
+    """Row 5's label is half its image's height: the run ended with the reason in a DataLoader worker's traceback
+    but not the row, so the data could not be fixed before resuming (which meets the row again)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        label = np.zeros((96, 128), np.uint8)
+        label[10:50, 20:70] = 1 + i % 2
+        rows.append({"image": Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)),
+                     "label": Image.fromarray(label[:48] if i == 5 else label)})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    (tmp_path / "data" / "class_names.json").write_text('["ground", "a", "b"]')
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(tiny_clip_dir, tmp_path / "data", tmp_path / "run", max_steps=6, checkpointing_steps=2,
+                        crop_size=64, eval_split="none", num_workers=1))
+    assert str(stop.value) == (
+        f"error: training row 5: image (96, 128) and label (48, 128) differ in size (in {tmp_path / 'data'}); "
+        "training stopped before step 3. Fix or remove that row, then continue with --resume_from_checkpoint latest.")
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "training_state.json").is_file()  # the work before it kept

@@ -136,6 +136,11 @@ class SegmentationAugment:
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+class TrainingRowError(ValueError):
+    """A training row that cannot be used, named by its row: deep in a run it would otherwise stop the run with the
+    reason but not the row, and a resume would meet it again at the same position."""
+
+
 def sample_seed(seed: int, position: int) -> int:
     """A well-mixed 63-bit seed for the sample at global `position` of a run seeded with `seed`."""
     return int(np.random.SeedSequence([seed, position]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -179,7 +184,10 @@ class StepBatches(torch.utils.data.Dataset):
             epoch, offset = divmod(position, self.batches_per_epoch * self.global_batch)
             row = int(self.epoch_order(epoch)[offset % len(self.dataset)])
             seed = sample_seed(self.seed, position)
-            image, label = as_arrays(self.dataset[row])
+            try:
+                image, label = as_arrays(self.dataset[row])
+            except (OSError, ValueError) as error:
+                raise TrainingRowError(f"training row {row}: {one_line(error)}") from error
             image, label = self.augment(image, label, np.random.default_rng(seed))
             images.append(image)
             labels.append(label)
@@ -195,5 +203,5 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_items, world_size))
 
 
-__all__ = ["load_segmentation_dataset", "as_arrays", "SegmentationAugment", "StepBatches", "sample_seed",
-           "shard_indices", "IGNORE_INDEX"]
+__all__ = ["load_segmentation_dataset", "as_arrays", "SegmentationAugment", "StepBatches", "TrainingRowError",
+           "sample_seed", "shard_indices", "IGNORE_INDEX"]

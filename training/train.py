@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def main(argv=None) -> dict:
     import evaluate
 
     from modeling_mrovseg import MROVSegImageProcessor
-    from training.data import SegmentationAugment, StepBatches, load_segmentation_dataset, loading, shard_indices
+    from training.data import (SegmentationAugment, StepBatches, TrainingRowError, load_segmentation_dataset, loading,
+                               shard_indices)
     from training.evaluation import evaluate_segmentation, format_miou
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -344,7 +346,16 @@ def main(argv=None) -> dict:
     model.train()
     step, running, started = start_step, [], time.time()
     evaluations = []
-    for micro, batch in enumerate(loader):
+    def loader_batches():
+        """The loader's batches; a training row that cannot be read ends the run with one line naming it."""
+        try:
+            yield from loader
+        except TrainingRowError as error:  # from a worker its message holds the worker's traceback: the last line
+            reason = re.findall(r"training row \d+: [^\n]*", str(error))[-1]
+            raise SystemExit(f"error: {reason} (in {args.dataset}); training stopped before step {step + 1}. Fix or "
+                             "remove that row, then continue with --resume_from_checkpoint latest.") from None
+
+    for micro, batch in enumerate(loader_batches()):
         # StepBatches shards by itself (exact resume, N processes == 1), so the loader is not `prepare`d and its
         # CPU batches are moved here, to this process's device.
         batch = send_to_device(batch, accelerator.device, non_blocking=True)
