@@ -11,6 +11,8 @@ Shapes: B images, K slices, W CLIP width, D decoder width, E joint image-text wi
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextEmbeddings,
     CLIPVisionEmbeddings,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .configuration_mrovseg import MROVSegConfig
 from .layers import MROVSegQuickGELU
@@ -45,6 +47,19 @@ HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 
 def hub_kwargs(kwargs: dict) -> dict:
     return {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
+
+
+def check_forward_kwargs(forward, kwargs: dict) -> None:
+    """Arguments a forward does not take: transformers' own (Trainer's `num_items_in_batch`, `output_attentions`, which
+    transformers' common tests pass to every model: no maps, as masked attention never materialises them) are let
+    through, any other is refused, since a misspelt `pixel_value_slices` silently ran the single-resolution ablation."""
+    unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+    if unknown:
+        known = [name for name in inspect.signature(forward).parameters if name != "kwargs"]
+        hints = [f"{name} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(name, known, n=1))
+                 else name for name in unknown]
+        raise TypeError(f"{type(forward.__self__).__name__}.forward got unexpected argument(s) {', '.join(hints)}; "
+                        f"it takes {', '.join(known)}")
 
 # Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
 LEGACY_KEY_MAPPING = {
@@ -512,6 +527,8 @@ class MROVSegModel(MROVSegPreTrainedModel):
         pixel_mask (B, H, W) or image_sizes (B, 4: valid and canvas height and width): the canvas the grid must tile
         (checked); pixel_mask's shape gives it to a compiled forward without a host read.
         """
+        if kwargs:
+            check_forward_kwargs(self.forward, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -827,6 +844,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         or given labels; inference skips those full-resolution masks). loss_seeds (B,): per-image seeds of the
         loss's point sampling, for a loss that is reproducible call to call.
         """
+        if kwargs:
+            check_forward_kwargs(self.forward, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states

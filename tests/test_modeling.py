@@ -226,6 +226,22 @@ def test_bad_pixel_values_and_grid():
         model(pixel_values=inputs["pixel_values"], pixel_values_slices=inputs["pixel_values_slices"])
 
 
+def test_misspelt_forward_arguments_are_refused_and_transformers_own_pass():
+    """`pixel_value_slices=` (one letter short) vanished into **kwargs and the single-resolution ablation ran."""
+    model = build().eval()
+    inputs = inputs_for(model.config, (96, 200))
+    typo = {"pixel_value_slices" if k == "pixel_values_slices" else k: v for k, v in inputs.items()}
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) pixel_value_slices \(did you mean "
+                                        r"pixel_values_slices\?\)"):
+        model(**typo)
+    with pytest.raises(TypeError, match="MROVSegModel.forward got unexpected argument"):
+        model.mrovseg(**typo)
+    with torch.inference_mode():  # what transformers itself passes (Trainer, common tests) still runs
+        expected = model(**inputs).masks_queries_logits
+        passed = model(**inputs, num_items_in_batch=4, output_attentions=True).masks_queries_logits
+    assert torch.equal(passed, expected)
+
+
 def test_slices_without_image_sizes_are_an_error_not_stretched_padding(checkpoint):
     """Processor outputs passed by hand without image_sizes: the outputs then held no image_sizes, and
     post-processing took the padded canvas for the image (the main job's model: 76% of the pixels agreed)."""
