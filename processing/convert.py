@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -82,6 +83,35 @@ def encode_png(array_or_image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+OWNER_FILE = ".owner-pid"
+
+
+def remove_abandoned_staging(out: Path) -> None:
+    """Scratch folders of conversions into `out` that were killed (kill -9, power loss: no `finally` ran) held a
+    whole dataset's parquet files, hidden beside `out` for good; those whose process is gone are removed."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int((staging / OWNER_FILE).read_text())
+        except (OSError, ValueError):  # no owner written: a run from before owners were written, or one just starting
+            pid = None
+            if time.time() - staging.stat().st_mtime < 60:
+                continue
+        if pid is not None and pid != os.getpid() and process_alive(pid):
+            continue  # another conversion into the same folder, still running
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"removed {staging}, left by an interrupted conversion", file=sys.stderr)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
@@ -92,13 +122,16 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     not replaced unless `overwrite`: a mistyped --out must not cost an earlier conversion.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
         yield staging
         if not overwrite:
             check_same_dataset(out, json.loads((staging / "class_names.json").read_text()))
         out.mkdir(parents=True, exist_ok=True)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == "class_names.json"):  # class names last
+        written = [path for path in staging.iterdir() if path.name != OWNER_FILE]
+        for path in sorted(written, key=lambda p: p.name == "class_names.json"):  # class names last
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

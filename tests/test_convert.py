@@ -157,6 +157,29 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
                         str(tmp_path / "bad")], "has 3 channels (a colour mask?)")
 
 
+def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
+    """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
+    files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
+    import os
+    import subprocess
+    import sys
+
+    own_folder(tmp_path, "png")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed, old, running = (tmp_path / f".out.partial-{name}" for name in ("killed", "old", "running"))
+    for folder in (killed, old, running):
+        folder.mkdir()
+        (folder / "train.parquet").write_bytes(b"\0" * 1000)
+    (killed / ".owner-pid").write_text(gone.stdout.strip())  # its process has exited
+    (running / ".owner-pid").write_text(str(os.getppid()))  # alive: another conversion still writing
+    os.utime(old, (0, 0))  # no owner (written before owners were), untouched for decades
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a, b, c", "--out",
+                  str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == [".out.partial-running"]
+    assert "removed" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["class_names.json", "train.parquet"]
+
+
 def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
     """Validation is written first; a bad train label then fails the run: the old folder must be exactly as it was."""
     own_folder(tmp_path, "png")
