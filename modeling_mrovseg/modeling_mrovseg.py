@@ -41,6 +41,8 @@ from .slicing import SliceGrid, stitch_windows
 from .text_classifier import MROVSegOpenVocabClassifier, embed_class_names, pool_prompt_embeddings, validate_labels
 
 REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
+# beside a LoRA adapter saved by training.train: the base model, config overrides and class names it was trained with
+ADAPTER_RECIPE = "mrovseg_base.json"
 # `from_pretrained` arguments that say where a checkpoint's files are; its tokenizer and processor load with them too
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 
@@ -157,6 +159,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         as `id2label=` (or by a `config=` with other labels) become the vocabulary: embedded with the checkpoint's
         CLIP tokenizer, as `set_vocabulary` does, not written over the saved names.
         """
+        cls._refuse_training_adapter(pretrained_model_name_or_path, kwargs)
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: also pass allow_pickle=True to confirm.")
@@ -168,7 +171,6 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
-            folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
                 raise ValueError(
                     f"{folder} holds only pickled weights ({', '.join(p.name for p in folder.glob('*.bin'))}); "
@@ -187,6 +189,19 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                                  "model.set_vocabulary(names, tokenizer).")
             model.set_vocabulary(names)
         return loaded
+
+    @staticmethod
+    def _refuse_training_adapter(source, kwargs: dict) -> None:
+        """transformers' peft integration loads an adapter folder as its base plus the LoRA weights (the auto
+        classes and pipelines pass the adapter as `adapter_kwargs`): for one saved by training.train that model has
+        the base's class names, not those the adapter was trained on, and the pipelines labelled with them."""
+        adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+        for candidate in (source, adapter):
+            folder = Path(str(candidate)).expanduser()
+            if candidate is not None and (folder / ADAPTER_RECIPE).is_file():
+                raise ValueError(f"{folder} is a LoRA adapter saved by training.train, not a checkpoint: load the "
+                                 f"merged checkpoint saved beside it ({folder.parent / 'model'}), or make one with "
+                                 f"`python -m training.merge_lora --adapter {folder} --out DIR`.")
 
     @classmethod
     def _requested_vocabulary(cls, source, kwargs: dict) -> list[str] | None:

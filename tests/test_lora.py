@@ -1,6 +1,7 @@
 """LoRA with peft: precise targets, training that only moves LoRA and decoder weights, save/load, merge."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_lora_with_checkpointing_and_bf16(base):
     assert all(g.abs().sum() > 0 for g in lora_grads.values()), "a LoRA matrix got no gradient through checkpointing"
 
 
-def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch):
+def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch, capsys):
     from accelerate.state import AcceleratorState
 
     from processing.synthetic import write_parquet
@@ -160,5 +161,18 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch):
     assert merge_script.main(["--adapter", adapter, "--out", str(tmp_path / "re"), "--overwrite"]) == merged_dir
     a = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path / "run" / "model")
     b = MROVSegForOpenVocabSegmentation.from_pretrained(merged_dir)
+    # the adapter folder itself, directly or as transformers' auto classes and pipelines pass it (its base by name,
+    # the adapter in adapter_kwargs): that loaded the base + LoRA with the base's class names, not the run's
+    refused = f"{adapter} is a LoRA adapter saved by training.train, not a checkpoint: load the merged checkpoint"
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        MROVSegForOpenVocabSegmentation.from_pretrained(adapter)
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        MROVSegForOpenVocabSegmentation.from_pretrained(merged_dir, adapter_kwargs={"_adapter_model_path": adapter})
+    from modeling_mrovseg.cli import main as cli_main
+
+    Image.fromarray(random_image(30, 30)).save(tmp_path / "x.png")
+    assert cli_main(["segment", str(tmp_path / "x.png"), "--model", adapter, "--labels", "a, b", "--out",
+                     str(tmp_path / "o")]) == 2
+    assert refused in capsys.readouterr().err  # was: "has no config.json: not a saved checkpoint"
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

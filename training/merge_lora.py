@@ -20,14 +20,15 @@ def main(argv=None) -> Path:
     parser.add_argument("--base", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     args = parser.parse_args(argv)
+    from modeling_mrovseg.modeling_mrovseg import ADAPTER_RECIPE
     from training.data import loading
     from training.lora import load_lora, merge_lora
     from training.train import build_model
 
     adapter, out = Path(args.adapter), Path(args.out)
-    if not (adapter / "mrovseg_base.json").is_file():
-        parser.error(f"--adapter {adapter} is not an adapter folder saved by training.train (no mrovseg_base.json)")
-    recipe = json.loads((adapter / "mrovseg_base.json").read_text())
+    if not (adapter / ADAPTER_RECIPE).is_file():
+        parser.error(f"--adapter {adapter} is not an adapter folder saved by training.train (no {ADAPTER_RECIPE})")
+    recipe = json.loads((adapter / ADAPTER_RECIPE).read_text())
     base_source = args.base or recipe["model"]
     # the merged files never land on the adapter or the base they are made from, nor unasked on anything else
     if out.exists() and out.resolve() in {adapter.resolve(), Path(base_source).expanduser().resolve()}:

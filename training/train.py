@@ -415,13 +415,14 @@ def main(argv=None) -> dict:
             model_dir = output_dir / "model"
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             if args.lora_rank:  # the adapter (LoRA + trained decoder), then the merged plain checkpoint
+                from modeling_mrovseg.modeling_mrovseg import ADAPTER_RECIPE
                 from training.lora import merge_lora
 
                 unwrapped.save_pretrained(output_dir / "adapter")
                 # a local base by its absolute path: merge_lora may run from another folder
                 local = Path(args.model).expanduser()
                 base = str(local.resolve()) if local.exists() else args.model
-                (output_dir / "adapter" / "mrovseg_base.json").write_text(json.dumps(
+                (output_dir / "adapter" / ADAPTER_RECIPE).write_text(json.dumps(
                     {"model": base, "config": args.config_overrides, "class_names": class_names}, indent=2))
                 unwrapped = merge_lora(unwrapped)
             unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
