@@ -171,6 +171,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
+            folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
                 raise ValueError(
                     f"{folder} holds only pickled weights ({', '.join(p.name for p in folder.glob('*.bin'))}); "
