@@ -200,7 +200,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         for candidate in (source, adapter):
             folder = Path(str(candidate)).expanduser()
             if candidate is not None and (folder / ADAPTER_RECIPE).is_file():
-                raise ValueError(f"{folder} is a LoRA adapter saved by training.train, not a checkpoint: load the "
+                raise ValueError(f"{folder} is a LoRA adapter saved by training.train, not a checkpoint: use the "
                                  f"merged checkpoint saved beside it ({folder.parent / 'model'}), or make one with "
                                  f"`python -m training.merge_lora --adapter {folder} --out DIR`.")
 

@@ -163,7 +163,7 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch, capsys):
     b = MROVSegForOpenVocabSegmentation.from_pretrained(merged_dir)
     # the adapter folder itself, directly or as transformers' auto classes and pipelines pass it (its base by name,
     # the adapter in adapter_kwargs): that loaded the base + LoRA with the base's class names, not the run's
-    refused = f"{adapter} is a LoRA adapter saved by training.train, not a checkpoint: load the merged checkpoint"
+    refused = f"{adapter} is a LoRA adapter saved by training.train, not a checkpoint: use the merged checkpoint"
     with pytest.raises(ValueError, match=re.escape(refused)):
         MROVSegForOpenVocabSegmentation.from_pretrained(adapter)
     with pytest.raises(ValueError, match=re.escape(refused)):
@@ -174,5 +174,10 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch, capsys):
     assert cli_main(["segment", str(tmp_path / "x.png"), "--model", adapter, "--labels", "a, b", "--out",
                      str(tmp_path / "o")]) == 2
     assert refused in capsys.readouterr().err  # was: "has no config.json: not a saved checkpoint"
+    from hub_cards import push
+
+    with pytest.raises(SystemExit) as error:
+        push.main(["--checkpoint", adapter, "--repo-id", "org/name"])
+    assert error.value.code == 2 and refused in capsys.readouterr().err
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
