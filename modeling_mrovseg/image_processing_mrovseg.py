@@ -398,14 +398,17 @@ class MROVSegImageProcessor(PilBackend):
 
         # full-size maps (kept scores, the compiled path) are resampled channels-last, from pixel-major scores: a
         # class-major layout would be transposed first (11.9 -> 14.2 ms at 2048^2 with 150 classes on an H200)
-        scores = semantic_scores(outputs, class_major=False if return_segmentation_scores or compiled else None)
-        target_sizes = _check_target_sizes(target_sizes, scores.shape[0])
+        if return_segmentation_scores or compiled:  # full-size maps of every class: dense scores
+            scores = list(semantic_scores(outputs, class_major=False))
+        else:
+            scores = image_scores(outputs)
+        target_sizes = _check_target_sizes(target_sizes, len(scores))
         image_sizes = getattr(outputs, "image_sizes", None)
         image_sizes = None if image_sizes is None else image_sizes.tolist()  # one host read for the whole batch
         if target_sizes is not None and image_sizes is not None and "shortest_edge" in (self.size or {}):
             _check_not_turned(target_sizes, image_sizes)
         results = []
-        for i in range(scores.shape[0]):
+        for i in range(len(scores)):
             geometry = None if image_sizes is None else image_sizes[i]
             size = None if target_sizes is None else target_sizes[i]
             labelled = label_scores(scores[i], geometry, size, score_threshold, keep_scores=return_segmentation_scores,
@@ -451,6 +454,8 @@ def label_scores(score: torch.Tensor, geometry: Sequence[int] | None, size: Sequ
     only at the other pixels (segment boundaries): the same labels, a fraction of the work.
     """
     num_classes, low_h, low_w = score.shape
+    if isinstance(score, FactoredScores) and (keep_scores or compiled):
+        raise ValueError("keep_scores and compiled resample every class map: pass dense scores (semantic_scores).")
     if geometry is None:
         valid_h, valid_w, padded_h, padded_w = low_h, low_w, low_h, low_w
     else:
@@ -460,8 +465,8 @@ def label_scores(score: torch.Tensor, geometry: Sequence[int] | None, size: Sequ
     scale = (_covering_scale(low_h, out_h * padded_h / (valid_h * low_h), out_h),
              _covering_scale(low_w, out_w * padded_w / (valid_w * low_w), out_w))
     with _float32(score.device):
-        return _label_scores_float32(score.float(), scale, out_h, out_w, score_threshold, keep_scores, with_shares,
-                                     compiled)
+        score = score if isinstance(score, FactoredScores) else score.float()
+        return _label_scores_float32(score, scale, out_h, out_w, score_threshold, keep_scores, with_shares, compiled)
 
 
 def _label_scores_float32(score: torch.Tensor, scale: tuple[float, float], out_h: int, out_w: int,
@@ -588,8 +593,10 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
     """
     num_classes, low_h, low_w = score.shape
     device = score.device
-    flat = score.flatten(1)  # (C, h * w): a view in either of semantic_scores' layouts
-    low_best, low_label = flat.max(dim=0)  # the first maximum, as argmax; faster on a CPU
+    factored = isinstance(score, FactoredScores)
+    flat = None if factored else score.flatten(1)  # (C, h * w): a view in either of semantic_scores' layouts
+    # the first maximum, as argmax; faster on a CPU
+    low_best, low_label = score.class_max() if factored else flat.max(dim=0)
     low_label = low_label.view(low_h, low_w)
     rows = _device_taps(low_h, out_h, scale[0], device, source_stride=low_w, out_stride=out_w)
     cols = _device_taps(low_w, out_w, scale[1], device)
@@ -614,7 +621,8 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
         gr, gc = group_rows[start : start + chunk], group_cols[start : start + chunk]
         corners = (rows.group_sources[gr][:, :, None] + cols.group_sources[gc][:, None, :]).flatten(1)  # (n, 4)
         weight = rows.group_weights[gr][:, :, None, :, None] * cols.group_weights[gc][:, None, :, None, :]
-        blended = torch.bmm(weight.flatten(3).flatten(1, 2), class_vectors(flat, corners))  # (n, Ky*Kx, 4) @ (n, 4, C)
+        vectors = score.class_vectors(corners) if factored else class_vectors(flat, corners)  # (n, 4, C)
+        blended = torch.bmm(weight.flatten(3).flatten(1, 2), vectors)  # (n, Ky*Kx, 4) @ (n, 4, C)
         target = (rows.group_targets[gr][:, :, None] + cols.group_targets[gc][:, None, :]).flatten().clamp_(min=-1)
         if best_buffer is None:
             buffer[target] = blended.argmax(dim=2).flatten()
@@ -623,7 +631,8 @@ def _label_from_corners(score: torch.Tensor, scale: tuple[float, float], out_h: 
             buffer[target] = winner.indices.flatten()
             best_buffer[target] = winner.values.flatten()
     if with_total:  # every class's evidence, resampled
-        total = _resample(flat.sum(dim=0).view(1, 1, low_h, low_w), scale, out_h, out_w)[0, 0]
+        class_sum = score.class_sum() if factored else flat.sum(dim=0)
+        total = _resample(class_sum.view(1, 1, low_h, low_w), scale, out_h, out_w)[0, 0]
     return labels, best, total
 
 
@@ -719,6 +728,67 @@ def semantic_scores(outputs, class_major: bool | None = None) -> torch.Tensor:
     return pixels.view(batch, height, width, num_classes).permute(0, 3, 1, 2)
 
 
+class FactoredScores(NamedTuple):
+    """One image's (C, h, w) scores kept as their two factors, `probs` (N, C) and `masks` (N, h * w): the score of
+    class c at pixel p is sum_q probs[q, c] * masks[q, p]. Thousands of classes at mask resolution would take tens
+    of GB as dense maps (3,000 classes over a 1024 x 1024 mask: 12 GB); labelling reads each pixel's class vector a
+    chunk of pixels at a time instead (`image_scores`)."""
+
+    probs: torch.Tensor
+    masks: torch.Tensor
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.probs.shape[1], self.height, self.width
+
+    @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+    def _chunk(self) -> int:
+        """Pixels whose class vectors are built at once: the post-processing budget (16 MB of them on a CPU)."""
+        budget = POSTPROCESS_BUDGET_ELEMENTS if self.device.type != "cpu" else 1 << 22
+        return max(1, budget // self.probs.shape[1])
+
+    def class_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h * w,) best score and first best class of every pixel, as `(C, h * w).max(dim=0)`."""
+        pixels = self.masks.shape[1]
+        best = self.masks.new_empty(pixels)
+        label = torch.empty(pixels, dtype=torch.long, device=self.device)
+        for start in range(0, pixels, self._chunk()):
+            stop = min(pixels, start + self._chunk())
+            torch.max(self.masks[:, start:stop].t() @ self.probs, dim=1, out=(best[start:stop], label[start:stop]))
+        return best, label
+
+    def class_vectors(self, index: torch.Tensor) -> torch.Tensor:
+        """(*index.shape, C): the class vectors at the flat pixel indices `index`, as `class_vectors` reads dense
+        scores."""
+        gathered = self.masks.index_select(1, index.flatten())  # (N, n)
+        return (gathered.t() @ self.probs).view(*index.shape, self.probs.shape[1])
+
+    def class_sum(self) -> torch.Tensor:
+        """(h * w,) every pixel's evidence summed over the classes."""
+        return self.probs.sum(dim=1) @ self.masks
+
+
+def image_scores(outputs, class_major: bool | None = None) -> list[torch.Tensor | FactoredScores]:
+    """Each image's scores for labelling: the (C, h, w) slice of `semantic_scores`, or `FactoredScores` where the
+    dense maps of the batch would pass the post-processing budget (1 GB of float32; 150 classes past about
+    2,600 x 2,600 px of ViT-B/16 masks, or thousands of classes): the same labels, never the maps."""
+    masks = outputs.masks_queries_logits
+    class_logits = outputs.class_queries_logits
+    num_classes = class_logits.shape[-1] - 1
+    batch, _, height, width = masks.shape
+    if batch * num_classes * height * width <= POSTPROCESS_BUDGET_ELEMENTS:
+        return list(semantic_scores(outputs, class_major))
+    with _float32(class_logits.device):
+        probs = class_logits.float().softmax(dim=-1)[..., :-1]
+        return [FactoredScores(probs[i], masks[i].float().sigmoid().flatten(1), height, width)
+                for i in range(batch)]
+
+
 def _float32(device: torch.device):
     """Scores, their blends and maxima in float32 even inside a caller's autocast (evaluation runs under one), where
     bmm would run in bfloat16 and swap classes whose scores lie within its rounding. A caller's TF32 setting
@@ -753,4 +823,5 @@ def _resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-__all__ = ["MROVSegImageProcessor", "semantic_scores", "label_scores", "LabelledScores", "resized_size"]
+__all__ = ["MROVSegImageProcessor", "semantic_scores", "image_scores", "FactoredScores", "label_scores", "LabelledScores",
+           "resized_size"]

@@ -274,7 +274,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         return {"results": results} if "items" in model_inputs else results[0]
 
     def postprocess(self, model_outputs, score_threshold=None):
-        from .image_processing_mrovseg import label_scores, semantic_scores
+        from .image_processing_mrovseg import image_scores, label_scores
         from .modeling_mrovseg import MROVSegOutput
 
         model_outputs = model_outputs.get("results", model_outputs)
@@ -284,7 +284,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         outputs = MROVSegOutput(class_queries_logits=model_outputs["class_queries_logits"],
                                 masks_queries_logits=model_outputs["masks_queries_logits"],
                                 image_sizes=model_outputs["image_sizes"])
-        labelled = label_scores(semantic_scores(outputs)[0], model_outputs["image_sizes"][0].tolist(),
+        labelled = label_scores(image_scores(outputs)[0], model_outputs["image_sizes"][0].tolist(),
                                 model_outputs["target_size"], score_threshold, with_shares=True)
         label_map = labelled.segmentation.cpu().numpy().astype(np.int64)
         shares = labelled.class_shares.cpu().tolist()  # each class's mean share of the evidence over its mask

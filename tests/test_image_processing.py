@@ -502,6 +502,38 @@ def test_device_taps_are_reused_for_the_next_image_of_the_same_size_and_left_unc
     assert torch.equal(other.segmentation, label_scores(_blobs(seed=2), None, (61, 83), keep_scores=True).segmentation)
 
 
+def test_many_classes_are_labelled_from_the_factors_never_the_dense_maps(monkeypatch):
+    """3,000 class names made a 200 x 300 image take 5.2 GB in the zero-shot pipeline (the dense (C, h, w) scores of
+    a 512 x 768 mask); past the post-processing budget each pixel's class vector is built a chunk of pixels at a time
+    from the probabilities and masks: the same labels, best scores and class shares, and no dense scores built."""
+    from modeling_mrovseg import image_processing_mrovseg as module
+    from modeling_mrovseg.image_processing_mrovseg import FactoredScores, image_scores, label_scores
+
+    torch.manual_seed(0)
+    masks = F.interpolate(torch.randn(2, 20, 6, 9) * 4, size=(36, 54), mode="bilinear")  # smooth segments
+    outputs = MROVSegOutput(class_queries_logits=torch.randn(2, 20, 301) * 3, masks_queries_logits=masks,
+                            image_sizes=torch.tensor([[36, 50, 36, 54], [30, 54, 36, 54]]))
+    dense = module.semantic_scores(outputs)
+    expected = MROVSegImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=[(90, 125), (75, 135)])
+    monkeypatch.setattr(module, "POSTPROCESS_BUDGET_ELEMENTS", 5000)  # the batch's 1.2M scores pass it
+    scores = image_scores(outputs)
+    assert all(isinstance(score, FactoredScores) and score.shape == (300, 36, 54) for score in scores)
+    for i, (score, geometry, size) in enumerate(zip(scores, outputs.image_sizes.tolist(), [(90, 125), (75, 135)])):
+        fast = label_scores(score, geometry, size, with_shares=True)
+        full = label_scores(dense[i], geometry, size, with_shares=True)
+        assert torch.equal(fast.segmentation, full.segmentation) and len(fast.segmentation.unique()) > 5
+        torch.testing.assert_close(fast.best, full.best, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.class_shares, full.class_shares, rtol=1e-5, atol=1e-6)
+        threshold = float(full.best.median())
+        assert torch.equal(label_scores(score, geometry, size, score_threshold=threshold).segmentation,
+                           label_scores(dense[i], geometry, size, score_threshold=threshold).segmentation)
+    monkeypatch.setattr(module, "semantic_scores", None)  # post-processing must not build the dense scores
+    labels = MROVSegImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=[(90, 125), (75, 135)])
+    assert all(torch.equal(a, b) for a, b in zip(labels, expected))
+    with pytest.raises(ValueError, match="pass dense scores"):
+        label_scores(scores[0], None, (36, 54), keep_scores=True)
+
+
 def test_semantic_scores_pad_the_class_rows_without_changing_a_value():
     """The contraction runs with the class dimension padded to a multiple of 8 (aligned rows for GPU matrix kernels):
     the scores are bit-identical to the plain contraction, and labelling reads them in place."""
