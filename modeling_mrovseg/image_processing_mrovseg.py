@@ -823,5 +823,5 @@ def _resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-__all__ = ["MROVSegImageProcessor", "semantic_scores", "image_scores", "FactoredScores", "label_scores", "LabelledScores",
-           "resized_size"]
+__all__ = ["MROVSegImageProcessor", "semantic_scores", "image_scores", "FactoredScores", "label_scores",
+           "LabelledScores", "resized_size"]
