@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from modeling_mrovseg.cli import is_hub_id
+from modeling_mrovseg.cli import is_hub_id, write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 # the last line of a generated card: the digest of everything above it, so a card edited by hand is recognised
@@ -40,7 +40,8 @@ def write_card(card, checkpoint: str | Path, regenerate: bool = False) -> bool:
     if path.is_file() and not regenerate and edited_by_hand(path.read_text(encoding="utf-8")):
         print(f"kept {path}: it was edited by hand or not written by hub_cards (--regenerate-card replaces it)")
         return False
-    path.write_text(stamped(str(card)), encoding="utf-8", newline="")
+    # whole or not at all: a card cut short by a kill would lose its stamp and pass for a person's from then on
+    write_atomically(path, stamped(str(card)))
     return True
 
 

@@ -85,7 +85,7 @@ def write_atomically(path: Path, text: str) -> None:
     """Replace `path` only with a complete file (written beside it, then renamed): a run killed while writing leaves
     the earlier file, or none, never a truncated one."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    partial.write_text(text, encoding="utf-8", newline="")  # the same bytes on every system
     partial.replace(path)
 
 

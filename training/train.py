@@ -422,11 +422,11 @@ def main(argv=None) -> dict:
                 # a local base by its absolute path: merge_lora may run from another folder
                 local = Path(args.model).expanduser()
                 base = str(local.resolve()) if local.exists() else args.model
-                (output_dir / "adapter" / ADAPTER_RECIPE).write_text(json.dumps(
+                write_atomically(output_dir / "adapter" / ADAPTER_RECIPE, json.dumps(
                     {"model": base, "config": args.config_overrides, "class_names": class_names}, indent=2))
                 unwrapped = merge_lora(unwrapped)
             unwrapped.save_pretrained(model_dir, image_processor=eval_processor, tokenizer=tokenizer)
-            (model_dir / "results.json").write_text(json.dumps(results, indent=2))
+            write_atomically(model_dir / "results.json", json.dumps(results, indent=2))
             accelerator.print(f"saved {model_dir}")
     else:
         accelerator.print(f"stopped at step {step} of {args.max_steps}; continue with the same command and "
