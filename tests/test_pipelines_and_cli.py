@@ -789,3 +789,16 @@ def test_cli_compile_flag_takes_an_optional_mode(checkpoint, tmp_path, monkeypat
     assert cli_main(["segment", str(image), "--model", str(checkpoint), "--labels", "cat", "--out",
                      str(tmp_path / "o"), *argv]) == 2
     assert seen == [mode]
+
+
+def test_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """write_atomically (the CLI's JSON, the model card, training's results): a write that fails half-way leaves the
+    earlier file as it was; the bytes are UTF-8 with "\\n" line ends on every system (the card's stamp hashes them)."""
+    from modeling_mrovseg.cli import write_atomically
+
+    path = tmp_path / "README.md"
+    write_atomically(path, "café\nline two\n")
+    assert path.read_bytes() == "café\nline two\n".encode("utf-8")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomically(path, "half\ud800")  # a lone surrogate cannot be encoded: the write fails midway
+    assert path.read_bytes() == "café\nline two\n".encode("utf-8")
