@@ -261,6 +261,8 @@ def is_done(out: Path, stem: str, path: str, labels: list[str], score_threshold:
 
 def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, args, single: bool) -> bool:
     """Segment one image into its three files (the JSON last); False, with a line saying why, if it cannot be read."""
+    from tqdm.auto import tqdm
+
     from .pipelines import read_rgb
     from .visualization import colorize, draw_segmentation
 
@@ -270,7 +272,9 @@ def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, a
             print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
         result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
     except (OSError, ValueError) as error:
-        print(f"skipped {path}: {error}", file=sys.stderr)
+        reason = one_line(error)
+        # above the progress bar, not appended to it; the path once ("skipped a.png cannot be read as an image: ...")
+        tqdm.write(f"skipped {reason if reason.startswith(path) else f'{path}: {reason}'}", file=sys.stderr)
         return False
     label_map = result["label_map"]
     colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")

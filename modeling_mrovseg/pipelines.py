@@ -69,7 +69,9 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
     except (OSError, SyntaxError) as error:
         if bare_base64:  # most likely a mistyped path that happens to be valid base64
             raise ValueError(not_a_source) from None
-        raise ValueError(f"{name} cannot be read as an image: {error}") from None
+        # PIL names the in-memory buffer of a download ("cannot identify image file <_io.BytesIO object at 0x...>")
+        reason = "not a format PIL reads" if isinstance(error, Image.UnidentifiedImageError) else error
+        raise ValueError(f"{name} cannot be read as an image: {reason}") from None
 
 
 DOWNLOAD_TIMEOUT = 60.0  # seconds a URL may stall when the caller gives no timeout: an error, never a hang
@@ -80,8 +82,12 @@ def download(url: str, timeout: float | None) -> bytes:
     try:
         response = httpx.get(url, timeout=DOWNLOAD_TIMEOUT if timeout is None else timeout, follow_redirects=True)
         response.raise_for_status()
-    except httpx.HTTPError as error:
-        raise ValueError(f"{url} cannot be downloaded: {error}") from None
+    except httpx.HTTPError as error:  # its first line (httpx adds one with a link about status codes)
+        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{url} cannot be downloaded: {reason}") from None
+    kind = response.headers.get("content-type", "")
+    if kind.startswith(("text/", "application/json")):  # a web page (a photo's page, a login) rather than the photo
+        raise ValueError(f"{url} is not an image: the server sent {kind.split(';')[0]}")
     return response.content
 
 

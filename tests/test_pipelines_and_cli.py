@@ -611,6 +611,30 @@ def test_cli_takes_several_files_folders_and_urls(checkpoint, tmp_path, capsys, 
     assert Image.open(out / "street_labels.png").size == (40, 30)
 
 
+def test_cli_says_in_one_line_why_a_url_is_skipped(checkpoint, tmp_path, capsys, monkeypatch):
+    """A 404 printed httpx's two lines (the second a link about status codes), a web page in place of the photo
+    "cannot identify image file <_io.BytesIO object at 0x...>", and each line was glued onto the progress bar."""
+    from modeling_mrovseg.pipelines import httpx
+
+    pages = {"https://example.com/gone.png": (404, "text/html", b"<html>gone</html>"),
+             "https://example.com/photo-page": (200, "text/html; charset=utf-8", b"<html>a photo</html>"),
+             "https://example.com/odd.bin": (200, "application/octet-stream", b"GIF89a but not really")}
+
+    def get(url, timeout=None, follow_redirects=False):
+        status, kind, body = pages[url]
+        return httpx.Response(status, content=body, headers={"content-type": kind}, request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", get)
+    code = cli_main(["segment", *pages, "--model", str(checkpoint), "--labels", "cat, dog", "--out", str(tmp_path)])
+    lines = [line.strip("\r ") for line in capsys.readouterr().err.splitlines() if line.startswith(("skipped", "\r"))]
+    skipped = [line for line in lines if line.startswith("skipped")]
+    assert code == 1 and skipped == [
+        "skipped https://example.com/gone.png cannot be downloaded: Client error '404 Not Found' for url "
+        "'https://example.com/gone.png'",
+        "skipped https://example.com/photo-page is not an image: the server sent text/html",
+        "skipped https://example.com/odd.bin cannot be read as an image: not a format PIL reads"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--resolution", "-5"], "--resolution"),
     (["--resolution", "100000"], "--resolution"),
