@@ -108,7 +108,9 @@ def main(argv=None) -> dict:
         width = max(len(name) for name in class_names)
         for name, iou in results["per_class_iou"].items():
             print(f"{name:<{width}}  {'  n/a' if iou is None else f'{100 * iou:5.1f}'}")
-        print(f"mIoU {format_miou(results['mean_iou'])} over {count} images of {results['benchmark']} ({args.split})")
+        # the resolution too: the protocol's fixed 640 px, not the checkpoint's own processor (the main job's 512)
+        print(f"mIoU {format_miou(results['mean_iou'])} over {count} images of {results['benchmark']} ({args.split}) "
+              f"at shortest edge {args.eval_size}")
         if args.output:
             write_atomically(Path(args.output), json.dumps(results, indent=2))
     return results
