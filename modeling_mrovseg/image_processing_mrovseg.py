@@ -707,9 +707,7 @@ def semantic_scores(outputs, class_major: bool | None = None) -> torch.Tensor:
     vector contiguous) on a CPU, class-major (contiguous) on a GPU (`class_major=None`: by device). On an H200, the
     maximum over 150 classes at 1M pixels took 0.23 ms class-major against 0.68 ms pixel-major, the contraction
     0.48 ms either way; on a 2-core CPU pixel-major is the faster by 4x (maximum) and 1.5x (contraction)."""
-    class_logits = getattr(outputs, "class_queries_logits", None)
-    if class_logits is None or getattr(outputs, "masks_queries_logits", None) is None:
-        raise ValueError("outputs need `class_queries_logits` and `masks_queries_logits` (an MROVSegOutput).")
+    class_logits = _checked_logits(outputs)
     with _float32(class_logits.device):
         probs = class_logits.float().softmax(dim=-1)[..., :-1]
         num_classes = probs.shape[-1]
@@ -773,12 +771,21 @@ class FactoredScores(NamedTuple):
         return self.probs.sum(dim=1) @ self.masks
 
 
+def _checked_logits(outputs) -> torch.Tensor:
+    """The class logits of mask-classification outputs, which must also hold mask logits."""
+    class_logits = getattr(outputs, "class_queries_logits", None)
+    if class_logits is None or getattr(outputs, "masks_queries_logits", None) is None:
+        raise ValueError("outputs need `class_queries_logits` and `masks_queries_logits` (an MROVSegOutput).")
+    return class_logits
+
+
 def image_scores(outputs, class_major: bool | None = None) -> list[torch.Tensor | FactoredScores]:
     """Each image's scores for labelling: the (C, h, w) slice of `semantic_scores`, or `FactoredScores` where the
-    dense maps of the batch would pass the post-processing budget (1 GB of float32; 150 classes past about
-    2,600 x 2,600 px of ViT-B/16 masks, or thousands of classes): the same labels, never the maps."""
+    dense maps of the batch would pass the post-processing budget (1 GB of float32: thousands of classes, or 150
+    classes on images past about 2,700 x 2,700 px with ViT-B/16, whose masks have half the image's side): the same
+    labels, never the maps."""
+    class_logits = _checked_logits(outputs)
     masks = outputs.masks_queries_logits
-    class_logits = outputs.class_queries_logits
     num_classes = class_logits.shape[-1] - 1
     batch, _, height, width = masks.shape
     if batch * num_classes * height * width <= POSTPROCESS_BUDGET_ELEMENTS:
