@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
         try:
             yield from loader
         except TrainingRowError as error:  # from a worker its message holds the worker's traceback: the last line
-            reason = re.findall(r"training row \d+: [^\n]*", str(error))[-1]
+            reason = ([one_line(error)] + re.findall(r"training row \d+: [^\n]*", str(error)))[-1]
             raise SystemExit(f"error: {reason} (in {args.dataset}); training stopped before step {step + 1}. Fix or "
                              "remove that row, then continue with --resume_from_checkpoint latest.") from None
 
