@@ -360,6 +360,17 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
         if not self.serves_mrovseg:  # MROVSeg is supported: no warning
             super().check_model_type(supported_models)
 
+    def _sanitize_parameters(self, **kwargs):
+        # the stock task's thresholds steer panoptic and instance post-processing; MROVSeg's is semantic, where
+        # transformers drops them silently: `threshold=0.5` labelled every pixel as if it had not been given
+        ignored = sorted(k for k in ("threshold", "mask_threshold", "overlap_mask_area_threshold")
+                         if kwargs.get(k) is not None)
+        if ignored and self.serves_mrovseg:
+            raise ValueError(f"{', '.join(ignored)} does nothing for MROVSeg's semantic segmentation; to leave pixels "
+                             "with a low score unlabelled use pipeline('zero-shot-image-segmentation', ...)(image, "
+                             "score_threshold=...).")
+        return super()._sanitize_parameters(**kwargs)
+
     def preprocess(self, image, subtask=None, timeout=None):
         if not self.serves_mrovseg:
             return super().preprocess(image, subtask=subtask, timeout=timeout)

@@ -275,6 +275,17 @@ def test_the_stock_task_serves_other_models_as_before():
                          image_processor=SegformerImageProcessor(size={"height": 64, "width": 64}))
     segments = segmenter(Image.fromarray(random_image(50, 60)))
     assert segments and all(s["mask"].size == (60, 50) for s in segments)
+    assert segmenter(Image.fromarray(random_image(50, 60)), threshold=0.5)  # its thresholds are its own business
+
+
+def test_stock_thresholds_that_do_nothing_for_mrovseg_are_refused(checkpoint):
+    """transformers drops `threshold=` for semantic segmentation: every pixel was labelled as without it."""
+    stock = pipeline("image-segmentation", model=str(checkpoint))
+    for name in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
+        with pytest.raises(ValueError, match=f"{name} does nothing for MROVSeg's semantic segmentation"):
+            stock(images()[0], **{name: 0.5})
+    labels = [segment["label"] for segment in stock(images()[0])]
+    assert [segment["label"] for segment in stock(images()[0], subtask="semantic")] == labels
 
 
 def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(checkpoint, tmp_path, monkeypatch):
