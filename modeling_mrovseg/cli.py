@@ -42,6 +42,8 @@ def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[st
             named = [(p, p.relative_to(path)) for p in files]
         elif path.is_file():
             named = [(path, Path(path.name))]
+        elif path.exists():  # a named pipe or socket: reading it would wait forever
+            raise FileNotFoundError(f"{source} is not a regular file or folder")
         else:
             raise FileNotFoundError(f"{source} does not exist")
         for file, name in named:
@@ -272,9 +274,10 @@ def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, a
             print(f"segmenting {path} ({image.shape[1]} x {image.shape[0]})", file=sys.stderr, flush=True)
         result = segmenter(image, candidate_labels=labels, score_threshold=args.score_threshold)
     except (OSError, ValueError) as error:
-        reason = one_line(error)
+        shown = path if path.isprintable() else repr(path)[1:-1]  # a newline in a file name would split the line
+        reason = one_line(ValueError(str(error).replace(path, shown)))
         # above the progress bar, not appended to it; the path once ("skipped a.png cannot be read as an image: ...")
-        tqdm.write(f"skipped {reason if reason.startswith(path) else f'{path}: {reason}'}", file=sys.stderr)
+        tqdm.write(f"skipped {reason if reason.startswith(shown) else f'{shown}: {reason}'}", file=sys.stderr)
         return False
     label_map = result["label_map"]
     colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")

@@ -58,6 +58,8 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
         elif image.startswith("data:") or not os.path.exists(image):
             bare_base64 = not image.startswith("data:")
             source = io.BytesIO(decode_base64_image(image, not_a_source))
+        elif not os.path.isfile(image):  # a folder, or a named pipe, which would be waited on forever
+            raise ValueError(f"{name} is not a regular file.")
         else:
             source = image
         with Image.open(source) as opened:

@@ -369,12 +369,13 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     0/255 masks, which would train nothing but class 0, is an error that points to this option."""
     root = Path(source)
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    # regular files only: opening a named pipe (or a socket) called photo.jpg waited forever
     images = sorted(p for p in (root / "images").iterdir()
-                    if p.suffix.lower() in suffixes and not p.name.startswith("."))
+                    if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file())
     # label PNGs by name, the suffix in any case (IMG_0001.PNG from a camera or a Windows tool)
     label_dir = root / "labels"
-    found = sorted(p for p in label_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")) \
-        if label_dir.is_dir() else []
+    found = sorted(p for p in label_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")
+                   and p.is_file()) if label_dir.is_dir() else []
     labels = {p.stem: p for p in found}
     if len(labels) < len(found):
         label_stems = Counter(p.stem for p in found)

@@ -1,5 +1,10 @@
 """Each converter on a tiny fixture in its raw format, read back through the training loader."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +13,8 @@ from scipy.io import savemat
 from training.data import as_arrays, load_segmentation_dataset
 from processing import convert
 from processing.class_names import ADE20K_150, COCO_STUFF_171, PASCAL_CONTEXT_59, PASCAL_VOC_20, PASCAL_VOC_21
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def image(height=12, width=16, seed=0):
@@ -160,10 +167,6 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
     """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
     files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
-    import os
-    import subprocess
-    import sys
-
     own_folder(tmp_path, "png")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     killed, old, running = (tmp_path / f".out.partial-{name}" for name in ("killed", "old", "running"))
@@ -296,6 +299,15 @@ def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):
     assert names == ["background", "crack"] and len(train) == 4
     assert all(set(np.unique(label).tolist()) == {0, 1} for label in train)
     assert "appear in no label" not in capsys.readouterr().err
+    # a named pipe called pipe.png, with a label: opening it waited forever (run in a process of its own, so that a
+    # hang fails the test instead of stopping the suite)
+    os.mkfifo(source / "images" / "pipe.png")
+    Image.fromarray(np.zeros((8, 10), np.uint8)).save(labels / "pipe.png")
+    subprocess.run([sys.executable, "-m", "processing.convert", *args, "--class-names", "background, crack",
+                    "--binary-masks"], check=True, timeout=120, capture_output=True, cwd=ROOT)
+    assert len(read_back(tmp_path / "out", "train")[0]) == 4  # the pipe left out
+    (source / "images" / "pipe.png").unlink()
+    (labels / "pipe.png").unlink()
 
     Image.fromarray(np.full((8, 10), 255, dtype=np.uint8)).save(labels / "img0.png")
     for i in range(1, 5):

@@ -837,3 +837,19 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_atomically(path, "half\ud800")  # a lone surrogate cannot be encoded: the write fails midway
     assert path.read_bytes() == "café\nline two\n".encode("utf-8")
+
+
+def test_cli_leaves_named_pipes_alone(checkpoint, tmp_path, capsys):
+    """A named pipe called photo.jpg is no photo: reading it waits for a writer forever. In a folder it is left out;
+    named on its own it is a usage error (was "does not exist")."""
+    import os
+
+    Image.fromarray(random_image(30, 40)).save(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    base = ["--model", str(checkpoint), "--labels", "cat, dog", "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli_main(["segment", str(tmp_path), *base]) == 0
+    assert "segmented 1 of 1" in capsys.readouterr().out
+    assert cli_main(["segment", str(tmp_path / "pipe.jpg"), *base]) == 2
+    assert "pipe.jpg is not a regular file or folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pipe.jpg is not a regular file"):  # the pipelines' reading too
+        read_rgb(str(tmp_path / "pipe.jpg"))
