@@ -183,6 +183,26 @@ def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["class_names.json", "train.parquet"]
 
 
+def test_training_reads_a_hub_datasets_layout_from_a_local_copy(tmp_path):
+    """A downloaded or cloned Hub dataset keeps its parquet files as data/<split>-00000-of-0000N.parquet: training
+    found "no parquet file for split 'train'" in it; a folder of raw images is still refused (datasets would have
+    made it an imagefolder labelled by subfolder)."""
+    own_folder(tmp_path, "png")
+    convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a, b, c", "--val-fraction", "0.4",
+                  "--out", str(tmp_path / "converted")])
+    hub = tmp_path / "hub-copy"
+    (hub / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        (tmp_path / "converted" / f"{split}.parquet").rename(hub / "data" / f"{split}-00000-of-00001.parquet")
+    (tmp_path / "converted" / "class_names.json").rename(hub / "class_names.json")
+    train, names = read_back(hub, "train")
+    assert names == ["a", "b", "c"] and len(train) == 3 and len(read_back(hub, "validation")[0]) == 2
+    with pytest.raises(FileNotFoundError, match=r"no parquet file for split 'test' in .*Should be one of"):
+        load_segmentation_dataset(str(hub), "test")
+    with pytest.raises(FileNotFoundError, match="no parquet file for split 'train'"):
+        load_segmentation_dataset(str(tmp_path / "mine"), "train")
+
+
 def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):
     """Validation is written first; a bad train label then fails the run: the old folder must be exactly as it was."""
     own_folder(tmp_path, "png")

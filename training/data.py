@@ -36,8 +36,8 @@ def loading(flag: str, value: str):
 
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
     """
-    (dataset, class names) for a local folder of parquet files (`<split>.parquet` or `<split>/*.parquet`, and
-    `class_names.json`) or a Hub dataset id (`datasets.load_dataset(id, split=split)`; class names from
+    (dataset, class names) for a local folder of parquet files (`<split>.parquet`, `<split>/*.parquet`, or a Hub
+    dataset's layout such as `data/<split>-00000-of-00002.parquet`; and `class_names.json`) or a Hub dataset id (`datasets.load_dataset(id, split=split)`; class names from
     `class_names`, a `class_names.json` file in the repository, or the `label` feature's names).
     """
     import datasets
@@ -47,9 +47,17 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     if path.exists():
         candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
         files = [str(f) for f in candidates if f.is_file()]
-        if not files:
+        if files:
+            dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        elif path.is_dir() and any(path.rglob("*.parquet")):
+            # a downloaded or cloned Hub dataset (data/train-00000-of-00002.parquet): datasets' own split patterns,
+            # over parquet files only (a folder of images would become an imagefolder labelled by subfolder)
+            try:
+                dataset = datasets.load_dataset("parquet", data_dir=str(path), split=split)
+            except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
+                raise FileNotFoundError(f"no parquet file for split {split!r} in {path}: {one_line(error)}") from None
+        else:
             raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
-        dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
         stored = path / "class_names.json"
         if stored.is_file():
             own = parse_class_names(str(stored))
