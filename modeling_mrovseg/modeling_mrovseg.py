@@ -1027,7 +1027,15 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        clip = CLIPModel.from_pretrained(name_or_path)
+        clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
+        # transformers fills weights a checkpoint lacks with random ones and only logs it: a vision-only CLIP (or
+        # another model) gave a random text tower, so every class name embedded to noise
+        lacking = sorted(info["missing_keys"]) + sorted(str(key[0]) if isinstance(key, tuple) else str(key)
+                                                         for key in info["mismatched_keys"])
+        if lacking:
+            raise ValueError(f"{name_or_path} does not hold a whole CLIP (CLIPModel): {len(lacking)} of its weights "
+                             f"are missing or of another shape ({', '.join(lacking[:3])}, ...); MROVSeg needs both "
+                             "towers, the text one to embed class names.")
         if vocabulary is not None:
             labels = validate_labels(vocabulary)
             config_overrides.setdefault("id2label", dict(enumerate(labels)))

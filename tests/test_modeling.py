@@ -323,6 +323,21 @@ def test_from_clip_copies_weights_exactly(tiny_clip_dir):
     assert model.vocabulary_embeds.shape == (3, clip.config.projection_dim)
 
 
+def test_from_clip_refuses_a_clip_without_its_text_tower(tiny_clip_dir, tmp_path):
+    """A vision-only CLIP checkpoint loaded as CLIPModel got a random text tower (transformers only logs the missing
+    weights): every class name embedded to noise, silently."""
+    import shutil
+
+    from transformers import CLIPModel, CLIPVisionModel
+
+    vision = CLIPVisionModel(CLIPModel.from_pretrained(tiny_clip_dir).config.vision_config)
+    vision.save_pretrained(tmp_path)
+    for tokenizer_file in tiny_clip_dir.glob("*tok*"):  # a tokenizer is there: the weights are what is missing
+        shutil.copy(tokenizer_file, tmp_path)
+    with pytest.raises(ValueError, match=r"does not hold a whole CLIP \(CLIPModel\): \d+ of its weights are missing"):
+        MROVSegForOpenVocabSegmentation.from_clip(str(tmp_path), vocabulary=LABELS)
+
+
 def test_set_vocabulary_prompt_ensemble_and_synonyms(tiny_clip_dir, tiny_tokenizer):
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
                                                       num_decoder_heads=4, prompt_templates=["a photo of a {}.", "a {}"])
