@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model, dtype=torch.float32)  # as saved or not
+        model.check_complete()
     except (OSError, ValueError) as error:
         print(f"error: cannot load {args.model}: {error}", file=sys.stderr)
         return 2

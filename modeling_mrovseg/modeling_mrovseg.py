@@ -168,8 +168,9 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         # open-vocabulary heads: class names asked for are embedded, not written over the saved ones
         open_vocabulary = hasattr(cls, "set_vocabulary")
         names = cls._requested_vocabulary(pretrained_model_name_or_path, kwargs) if open_vocabulary else None
+        wants_info = kwargs.pop("output_loading_info", False)
         try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except OSError as error:
             folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
@@ -179,7 +180,10 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                     "with save_pretrained() to get model.safetensors."
                 ) from error
             raise
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked for
+        model, info = loaded
+        # weights the checkpoint lacked are random: fine to train from, never to segment with (`check_complete`)
+        model._weights_missing_on_load = sorted(info["missing_keys"]) + sorted(
+            str(key[0]) if isinstance(key, tuple) else str(key) for key in info["mismatched_keys"])
         # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them
         if pretrained_model_name_or_path is not None:
             model._checkpoint_source = (str(pretrained_model_name_or_path), hub_kwargs(kwargs))
@@ -189,7 +193,18 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                                  f"{pretrained_model_name_or_path} has none; load without id2label and call "
                                  "model.set_vocabulary(names, tokenizer).")
             model.set_vocabulary(names)
-        return loaded
+        return (model, info) if wants_info else model
+
+    def check_complete(self) -> None:
+        """A model loaded from a checkpoint that lacked some of its weights (saved by another version of the code, or
+        only the base MROVSegModel) holds random ones there: transformers logs them and goes on, and its labels
+        were noise. The pipelines, the CLI, evaluation and export call this; training from such a start is fine."""
+        missing = getattr(self, "_weights_missing_on_load", None)
+        if missing:
+            source = getattr(self, "_checkpoint_source", ("the checkpoint",))[0]
+            raise ValueError(f"{source} lacks {len(missing)} of this model's weights ({', '.join(missing[:3])}, ...), "
+                             "which are random now: it is no complete MROVSeg checkpoint for this version of the "
+                             "code. Train from it, or use a checkpoint saved with all weights.")
 
     @staticmethod
     def _refuse_training_adapter(source, kwargs: dict) -> None:

@@ -166,6 +166,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def __init__(self, *args, text_cache_size: int = 32, compile: bool | str = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model.check_complete()  # a checkpoint that lacked weights segments with random ones
         if self.image_processor is None:  # pipeline(..., model=model_object), or a folder saved without a processor
             self.image_processor = model_image_processor(self.model)
         check_image_processor(self.image_processor)
@@ -352,6 +353,7 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.serves_mrovseg:
+            self.model.check_complete()
             check_image_processor(self.image_processor)
 
     @property

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -853,3 +854,30 @@ def test_cli_leaves_named_pipes_alone(checkpoint, tmp_path, capsys):
     assert "pipe.jpg is not a regular file or folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pipe.jpg is not a regular file"):  # the pipelines' reading too
         read_rgb(str(tmp_path / "pipe.jpg"))
+
+
+def test_a_checkpoint_that_lacks_weights_is_refused_for_segmenting(checkpoint, tmp_path, capsys):
+    """transformers fills weights a checkpoint lacks with random ones and only logs a report: both pipelines, the CLI
+    and evaluation segmented with a random head. Loading it (to train from) still works and says what is missing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    model, info = MROVSegForOpenVocabSegmentation.from_pretrained(broken, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.no_object_embedding"]
+    message = "lacks 1 of this model's weights (classifier.no_object_embedding, ...), which are random now"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.check_complete()
+    for task in ("zero-shot-image-segmentation", "image-segmentation"):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipeline(task, model=str(broken))
+    Image.fromarray(random_image(30, 40)).save(tmp_path / "photo.png")
+    assert cli_main(["segment", str(tmp_path / "photo.png"), "--model", str(broken), "--labels", "a, b", "--out",
+                     str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint).check_complete()  # a whole one passes

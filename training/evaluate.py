@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
         metric = evaluate.load(args.metric)
     with loading("--model", args.model):
         model = MROVSegForOpenVocabSegmentation.from_pretrained(args.model)
+        model.check_complete()
     if args.slice_batch_size:
         model.config.slice_batch_size = args.slice_batch_size
     if model.vocabulary != list(class_names):  # the benchmark's classes, embedded with the checkpoint's tokenizer
