@@ -432,6 +432,11 @@ def main(argv=None) -> dict:
         accelerator.print(f"stopped at step {step} of {args.max_steps}; continue with the same command and "
                           f"--resume_from_checkpoint latest")
     accelerator.wait_for_everyone()
+    # the DDP wrapper goes before the process group: its Reducer would otherwise free the group last, in a destructor
+    # that keeps the GIL while it joins gloo's worker threads, one of which may need the GIL to free the tensors of
+    # the last collective (a hang at exit in 1 of 4 two-process CPU runs on a loaded machine; PyTorch's own process
+    # group objects, freed by end_training, release the GIL there)
+    model, optimizer = accelerator.free_memory(model, optimizer)
     accelerator.end_training()
     return results
 
