@@ -109,7 +109,8 @@ def test_two_cpu_processes_equal_one(tiny_clip_dir, synthetic, tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"2-process run timed out after 600 s; stdout tail:\n{stdout[-2000:]}\nstderr tail:\n{stderr[-4000:]}")
+        pytest.fail(f"2-process run timed out after 600 s; stdout tail:\n{stdout[-2000:]}\n"
+                    f"stderr tail:\n{stderr[-4000:]}")
     assert process.returncode == 0, stderr[-4000:]
     assert "step 3" in stdout
     a, b = weights(one, 3), weights(two, 3)

@@ -37,8 +37,9 @@ def loading(flag: str, value: str):
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
     """
     (dataset, class names) for a local folder of parquet files (`<split>.parquet`, `<split>/*.parquet`, or a Hub
-    dataset's layout such as `data/<split>-00000-of-00002.parquet`; and `class_names.json`) or a Hub dataset id (`datasets.load_dataset(id, split=split)`; class names from
-    `class_names`, a `class_names.json` file in the repository, or the `label` feature's names).
+    dataset's layout such as `data/<split>-00000-of-00002.parquet`; and `class_names.json`) or a Hub dataset id
+    (`datasets.load_dataset(id, split=split)`; class names from `class_names`, a `class_names.json` file in the
+    repository, or the `label` feature's names).
     """
     import datasets
 
