@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from modeling_mrovseg.cli import one_line
-from modeling_mrovseg.modeling_mrovseg import MROVSegPreTrainedModel
+from modeling_mrovseg.modeling_mrovseg import refuse_training_adapter
 
 ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -26,7 +26,7 @@ ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safeten
 def check_checkpoint(checkpoint: Path) -> None:
     """Refuse folders without safetensors weights or without the remote-code modules their config names."""
     if not (checkpoint / "config.json").is_file():
-        MROVSegPreTrainedModel._refuse_training_adapter(checkpoint, {})  # an adapter folder: where its merged model is
+        refuse_training_adapter(checkpoint)  # an adapter folder: where its merged model is
         raise FileNotFoundError(f"{checkpoint} has no config.json: not a saved checkpoint")
     if not any(checkpoint.glob("model*.safetensors")):
         pickled = [p.name for p in checkpoint.glob("*.bin")] + [p.name for p in checkpoint.glob("*.pt")]

@@ -107,9 +107,9 @@ def check_is_mrovseg(model: str) -> None:
     if not is_hub_id(model) and not local.is_dir():
         raise FileNotFoundError(f"model folder {model!r} not found (give a checkpoint folder or a Hub id ORG/NAME)")
     if not is_hub_id(model) and not (local / "config.json").is_file():
-        from .modeling_mrovseg import MROVSegPreTrainedModel
+        from .modeling_mrovseg import refuse_training_adapter
 
-        MROVSegPreTrainedModel._refuse_training_adapter(model, {})  # an adapter folder: where its merged model is
+        refuse_training_adapter(model)  # an adapter folder: where its merged model is
         raise FileNotFoundError(f"{model} has no config.json: not a saved checkpoint")
     model_type = AutoConfig.from_pretrained(model if is_hub_id(model) else str(local)).model_type
     if model_type != "mrovseg":

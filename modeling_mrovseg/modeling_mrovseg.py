@@ -51,6 +51,19 @@ def hub_kwargs(kwargs: dict) -> dict:
     return {name: kwargs[name] for name in HUB_KWARGS if name in kwargs}
 
 
+def refuse_training_adapter(*folders) -> None:
+    """transformers' peft integration loads an adapter folder as its base plus the LoRA weights (the auto classes and
+    pipelines pass the adapter as `adapter_kwargs`): for one saved by training.train that model has the base's class
+    names, not those the adapter was trained on, and the pipelines labelled with them. A ValueError naming the
+    merged checkpoint instead."""
+    for candidate in folders:
+        folder = Path(str(candidate)).expanduser()
+        if candidate is not None and (folder / ADAPTER_RECIPE).is_file():
+            raise ValueError(f"{folder} is a LoRA adapter saved by training.train, not a checkpoint: use the merged "
+                             f"checkpoint saved beside it ({folder.parent / 'model'}), or make one with `python -m "
+                             f"training.merge_lora --adapter {folder} --out DIR`.")
+
+
 def check_forward_kwargs(forward, kwargs: dict) -> None:
     """Arguments a forward does not take: transformers' own (Trainer's `num_items_in_batch`, `output_attentions`, which
     transformers' common tests pass to every model: no maps, as masked attention never materialises them) are let
@@ -159,7 +172,8 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         as `id2label=` (or by a `config=` with other labels) become the vocabulary: embedded with the checkpoint's
         CLIP tokenizer, as `set_vocabulary` does, not written over the saved names.
         """
-        cls._refuse_training_adapter(pretrained_model_name_or_path, kwargs)
+        refuse_training_adapter(pretrained_model_name_or_path,
+                                (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path"))
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: also pass allow_pickle=True to confirm.")
@@ -205,19 +219,6 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{source} lacks {len(missing)} of this model's weights ({', '.join(missing[:3])}, ...), "
                              "which are random now: it is no complete MROVSeg checkpoint for this version of the "
                              "code. Train from it, or use a checkpoint saved with all weights.")
-
-    @staticmethod
-    def _refuse_training_adapter(source, kwargs: dict) -> None:
-        """transformers' peft integration loads an adapter folder as its base plus the LoRA weights (the auto
-        classes and pipelines pass the adapter as `adapter_kwargs`): for one saved by training.train that model has
-        the base's class names, not those the adapter was trained on, and the pipelines labelled with them."""
-        adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
-        for candidate in (source, adapter):
-            folder = Path(str(candidate)).expanduser()
-            if candidate is not None and (folder / ADAPTER_RECIPE).is_file():
-                raise ValueError(f"{folder} is a LoRA adapter saved by training.train, not a checkpoint: use the "
-                                 f"merged checkpoint saved beside it ({folder.parent / 'model'}), or make one with "
-                                 f"`python -m training.merge_lora --adapter {folder} --out DIR`.")
 
     @classmethod
     def _requested_vocabulary(cls, source, kwargs: dict) -> list[str] | None:
