@@ -221,10 +221,14 @@ def _load_table_dataset(source: str, split: str):
 
     path = Path(source)
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet") if split in p.name or split in p.parent.name)
-        if not files:
-            raise FileNotFoundError(f"no parquet files for split {split!r} under {path}")
-        return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        # datasets' own split patterns (validation.parquet, data/validation-00000-of-00002.parquet, validation/...):
+        # a file's name holding the split somewhere (pretrain.parquet for "train") no longer counts
+        if not any(path.rglob("*.parquet")):
+            raise FileNotFoundError(f"no parquet files under {path}")
+        try:
+            return datasets.load_dataset("parquet", data_dir=str(path), split=split)
+        except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
+            raise FileNotFoundError(f"no parquet files for split {split!r} under {path}: {one_line(error)}") from None
     return datasets.load_dataset(source, split=split)
 
 
