@@ -114,6 +114,9 @@ def main(argv=None) -> dict:
               f"at shortest edge {args.eval_size}")
         if args.output:
             write_atomically(Path(args.output), json.dumps(results, indent=2))
+    # the process group goes while the interpreter is whole: left to its finalisation, gloo's workers may still hold
+    # tensors of the last gather, whose release then needs a GIL that is going away
+    accelerator.end_training()
     return results
 
 
