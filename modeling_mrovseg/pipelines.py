@@ -41,27 +41,35 @@ def parse_candidate_labels(candidate_labels: str | Sequence[str] | None, fallbac
 
 def open_image(image, timeout: float | None = None) -> Image.Image:
     """
-    A path, URL (`http://`, `https://`), data URL or base64 string opens with PIL as it is: 16-bit, alpha and EXIF
-    orientation are left to the image processor, which handles them (transformers' `load_image` would flatten them
-    to 8-bit RGB first). Unreadable inputs and decompression bombs raise a `ValueError` naming the input.
+    A path, URL (`http://`, `https://`), data URL, base64 string or the bytes of an image file (an upload, a
+    response body) opens with PIL as it is: 16-bit, alpha and EXIF orientation are left to the image processor, which
+    handles them (transformers' `load_image` would flatten them to 8-bit RGB first). Unreadable inputs and
+    decompression bombs raise a `ValueError` naming the input.
     """
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _open_pil(io.BytesIO(image), f"the given {len(image)} bytes")
     if not isinstance(image, str):
-        raise TypeError(f"expected a path, URL, base64 string, PIL image, numpy array or tensor, got {type(image)}")
+        raise TypeError(f"expected a path, URL, base64 string, file bytes, PIL image, numpy array or tensor, got "
+                        f"{type(image)}")
     name = image if len(image) <= 200 else image[:60] + f"... ({len(image)} characters)"
     not_a_source = f"{name} is not an existing file, an http(s) URL or a base64-encoded image."
-    bare_base64 = False
+    if image.startswith(("http://", "https://")):
+        return _open_pil(io.BytesIO(download(image, timeout)), name)
+    if image.startswith("data:"):
+        return _open_pil(io.BytesIO(decode_base64_image(image, not_a_source)), name)
+    if not os.path.exists(image):  # a bare base64 string, or more likely a mistyped path that happens to be valid base64
+        return _open_pil(io.BytesIO(decode_base64_image(image, not_a_source)), name, instead=not_a_source)
+    if not os.path.isfile(image):  # a folder, or a named pipe, which would be waited on forever
+        raise ValueError(f"{name} is not a regular file.")
+    return _open_pil(image, name)
+
+
+def _open_pil(source, name: str, instead: str | None = None) -> Image.Image:
+    """PIL's reading of `source` (a path or a buffer); what it cannot read is a ValueError naming the input (`instead`:
+    the message to give in its place)."""
     try:
-        if image.startswith(("http://", "https://")):
-            source = io.BytesIO(download(image, timeout))
-        elif image.startswith("data:") or not os.path.exists(image):
-            bare_base64 = not image.startswith("data:")
-            source = io.BytesIO(decode_base64_image(image, not_a_source))
-        elif not os.path.isfile(image):  # a folder, or a named pipe, which would be waited on forever
-            raise ValueError(f"{name} is not a regular file.")
-        else:
-            source = image
         with Image.open(source) as opened:
             opened.load()
             return opened.copy()
@@ -69,9 +77,9 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
         raise ValueError(f"{name}: {error} Resize it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust "
                          "it.") from None
     except (OSError, SyntaxError) as error:
-        if bare_base64:  # most likely a mistyped path that happens to be valid base64
-            raise ValueError(not_a_source) from None
-        # PIL names the in-memory buffer of a download ("cannot identify image file <_io.BytesIO object at 0x...>")
+        if instead is not None:
+            raise ValueError(instead) from None
+        # PIL names an in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>")
         reason = "not a format PIL reads" if isinstance(error, Image.UnidentifiedImageError) else error
         raise ValueError(f"{name} cannot be read as an image: {reason}") from None
 

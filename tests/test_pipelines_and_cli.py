@@ -113,8 +113,8 @@ def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
         url = "https://example.com/" + path.rsplit("/", 1)[-1]
         served[url] = data
         encoded = base64.b64encode(data).decode()
-        for source in (url, "data:image/png;base64," + encoded, encoded):
-            assert np.array_equal(read_rgb(source, timeout=5), rgb), source[:40]
+        for source in (url, "data:image/png;base64," + encoded, encoded, data, bytearray(data)):  # file bytes too
+            assert np.array_equal(read_rgb(source, timeout=5), rgb), str(source)[:40]
     assert requests[0][1] == 5  # the pipeline's timeout reaches the download
     read_rgb(url)
     assert requests[-1][1] == 60  # without one a stalled server is an error after a minute, never a hang
@@ -125,6 +125,8 @@ def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
             open_image(source)
     with pytest.raises(ValueError, match="cannot be read as an image"):
         open_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())
+    with pytest.raises(ValueError, match="the given 12 bytes cannot be read as an image: not a format PIL reads"):
+        open_image(b"not an image")
 
 
 def stock_label_map(segments) -> np.ndarray:
