@@ -752,11 +752,11 @@ class FactoredScores(NamedTuple):
 
     def class_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(h * w,) best score and first best class of every pixel, as `(C, h * w).max(dim=0)`."""
-        pixels = self.masks.shape[1]
+        pixels, chunk = self.masks.shape[1], self._chunk()
         best = self.masks.new_empty(pixels)
         label = torch.empty(pixels, dtype=torch.long, device=self.device)
-        for start in range(0, pixels, self._chunk()):
-            stop = min(pixels, start + self._chunk())
+        for start in range(0, pixels, chunk):
+            stop = min(pixels, start + chunk)
             torch.max(self.masks[:, start:stop].t() @ self.probs, dim=1, out=(best[start:stop], label[start:stop]))
         return best, label
 

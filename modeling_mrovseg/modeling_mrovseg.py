@@ -76,6 +76,14 @@ def check_forward_kwargs(forward, kwargs: dict) -> None:
         raise TypeError(f"{type(forward.__self__).__name__}.forward got unexpected argument(s) {', '.join(hints)}; "
                         f"it takes {', '.join(known)}")
 
+
+def weights_not_loaded(info: dict) -> list[str]:
+    """The weights a `from_pretrained(..., output_loading_info=True)` left random: missing from the checkpoint, or
+    there in another shape. transformers fills them and only logs it."""
+    mismatched = (str(key[0]) if isinstance(key, tuple) else str(key) for key in info["mismatched_keys"])
+    return sorted(info["missing_keys"]) + sorted(mismatched)
+
+
 # Checkpoints written before the base model / head split: their keys, renamed to today's layout on load.
 LEGACY_KEY_MAPPING = {
     r"^vision_model\.": "mrovseg.vision_model.",
@@ -196,8 +204,7 @@ class MROVSegPreTrainedModel(PreTrainedModel):
             raise
         model, info = loaded
         # weights the checkpoint lacked are random: fine to train from, never to segment with (`check_complete`)
-        model._weights_missing_on_load = sorted(info["missing_keys"]) + sorted(
-            str(key[0]) if isinstance(key, tuple) else str(key) for key in info["mismatched_keys"])
+        model._weights_missing_on_load = weights_not_loaded(info)
         # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them
         if pretrained_model_name_or_path is not None:
             model._checkpoint_source = (str(pretrained_model_name_or_path), hub_kwargs(kwargs))
@@ -1044,10 +1051,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         from transformers import AutoTokenizer, CLIPModel
 
         clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
-        # transformers fills weights a checkpoint lacks with random ones and only logs it: a vision-only CLIP (or
-        # another model) gave a random text tower, so every class name embedded to noise
-        lacking = sorted(info["missing_keys"]) + sorted(str(key[0]) if isinstance(key, tuple) else str(key)
-                                                         for key in info["mismatched_keys"])
+        # a vision-only CLIP (or another model) gave a random text tower: every class name embedded to noise
+        lacking = weights_not_loaded(info)
         if lacking:
             raise ValueError(f"{name_or_path} does not hold a whole CLIP (CLIPModel): {len(lacking)} of its weights "
                              f"are missing or of another shape ({', '.join(lacking[:3])}, ...); MROVSeg needs both "
