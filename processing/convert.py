@@ -44,6 +44,7 @@ from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
+from training.data import load_parquet_split
 
 from .class_names import (
     ADE20K_150,
@@ -220,15 +221,8 @@ def _load_table_dataset(source: str, split: str):
     import datasets
 
     path = Path(source)
-    if path.is_dir():
-        # datasets' own split patterns (validation.parquet, data/validation-00000-of-00002.parquet, validation/...):
-        # a file's name holding the split somewhere (pretrain.parquet for "train") no longer counts
-        if not any(path.rglob("*.parquet")):
-            raise FileNotFoundError(f"no parquet files under {path}")
-        try:
-            return datasets.load_dataset("parquet", data_dir=str(path), split=split)
-        except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
-            raise FileNotFoundError(f"no parquet files for split {split!r} under {path}: {one_line(error)}") from None
+    if path.exists():  # the same local layouts training reads
+        return load_parquet_split(path, split)
     return datasets.load_dataset(source, split=split)
 
 

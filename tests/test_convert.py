@@ -61,7 +61,7 @@ def test_ade20k_150_reduces_labels(tmp_path):
     assert names == ADE20K_150 and label[0].tolist() == [255, 0, 149, 74]
     # splits as datasets finds them: "pretrain" files are no "train" split (a substring match took them)
     write_table(tmp_path / "raw" / "data", "pretrain", "annotation", [raw, raw])
-    with pytest.raises(FileNotFoundError, match=r"no parquet files for split 'train' under .*Should be one of"):
+    with pytest.raises(FileNotFoundError, match=r"no parquet file for split 'train' in .*Should be one of"):
         convert.convert_ade20k_150(str(tmp_path / "raw"), tmp_path / "out2", "train")
     write_table(tmp_path / "reduced", "validation", "annotation", [np.full((4, 4), 255)])  # labels reduced already
     with pytest.raises(ValueError, match=r"holds mask values \[255\]"):

@@ -191,7 +191,8 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
 
     # a damaged newest checkpoint is named and skipped; an explicit damaged one is an error naming it
     (tmp_path / "checkpoints" / "step_4" / "model.safetensors").write_bytes(b"\x00" * 5)
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    path, state = train.latest_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoints" / "step_2" and state["step"] == 2
     assert "step_4 cannot be resumed from: model.safetensors" in capsys.readouterr().out
     (tmp_path / "checkpoints" / "step_2" / "training_state.json").write_text("")
     assert train.latest_checkpoint(tmp_path) is None

@@ -46,19 +46,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     names = parse_class_names(class_names)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
-        files = [str(f) for f in candidates if f.is_file()]
-        if files:
-            dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
-        elif path.is_dir() and any(path.rglob("*.parquet")):
-            # a downloaded or cloned Hub dataset (data/train-00000-of-00002.parquet): datasets' own split patterns,
-            # over parquet files only (a folder of images would become an imagefolder labelled by subfolder)
-            try:
-                dataset = datasets.load_dataset("parquet", data_dir=str(path), split=split)
-            except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
-                raise FileNotFoundError(f"no parquet file for split {split!r} in {path}: {one_line(error)}") from None
-        else:
-            raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
+        dataset = load_parquet_split(path, split)
         stored = path / "class_names.json"
         if stored.is_file():
             own = parse_class_names(str(stored))
@@ -76,6 +64,27 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     if missing:
         raise ValueError(f"{name_or_path} lacks the column(s) {sorted(missing)}; convert it with processing/.")
     return dataset, list(names)
+
+
+def load_parquet_split(path: Path, split: str):
+    """
+    One split of a local parquet file or folder: `<split>.parquet` or `<split>/*.parquet` (any split name), else
+    datasets' own split patterns (a downloaded Hub dataset's `data/train-00000-of-00002.parquet`), over parquet files
+    only: datasets would make a folder of images an imagefolder labelled by subfolder. A file whose name merely holds
+    the split (`pretrain.parquet` for "train") is not that split.
+    """
+    import datasets
+
+    candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
+    files = [str(f) for f in candidates if f.is_file()]
+    if files:
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    if path.is_dir() and any(path.rglob("*.parquet")):
+        try:
+            return datasets.load_dataset("parquet", data_dir=str(path), split=split)
+        except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
+            raise FileNotFoundError(f"no parquet file for split {split!r} in {path}: {one_line(error)}") from None
+    raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
 
 
 def _hub_class_names(repo_id: str, dataset):

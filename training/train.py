@@ -132,35 +132,36 @@ def build_model(model: str, config_overrides: dict, class_names: list[str]):
     return mrovseg, tokenizer
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be resumed from (None when it is complete): a checkpoint is written before its
-    training_state.json, and every file must be readable."""
+def read_checkpoint(path: Path) -> dict:
+    """The training state of a checkpoint that can be resumed from, else a ValueError saying why not: a checkpoint is
+    written before its training_state.json, and every file must be readable."""
     from safetensors import safe_open
 
     try:
         state = json.loads((path / "training_state.json").read_text())
-        if not isinstance(state.get("step"), int):
-            return "training_state.json holds no step"
-    except (OSError, ValueError, AttributeError) as error:
-        return f"training_state.json is missing or unreadable ({error})"
+    except (OSError, ValueError) as error:
+        raise ValueError(f"training_state.json is missing or unreadable ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("training_state.json holds no step")
     for weights in sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]:
         try:  # opening checks the header and that the file covers every tensor it declares (truncation)
             with safe_open(str(weights), "pt"):
                 pass
         except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-            return f"{weights.name} is unreadable ({error})"
-    return None
+            raise ValueError(f"{weights.name} is unreadable ({error})") from None
+    return state
 
 
-def latest_checkpoint(output_dir: Path, log=print) -> Path | None:
-    """The newest complete checkpoint; incomplete or damaged newer ones are reported and skipped."""
+def latest_checkpoint(output_dir: Path, log=print) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint and its training state; incomplete or damaged newer ones are reported and
+    skipped."""
     steps = sorted(((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
                     if p.name.split("_")[1].isdigit()), reverse=True)
     for _, path in steps:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        log(f"checkpoint {path} cannot be resumed from: {problem}; trying the one before it")
+        try:
+            return path, read_checkpoint(path)
+        except ValueError as problem:
+            log(f"checkpoint {path} cannot be resumed from: {problem}; trying the one before it")
     return None
 
 
@@ -197,16 +198,17 @@ def checkpoint_to_resume(output_dir: Path, args, log=print) -> tuple[Path, dict]
     if not resume:
         return None
     if resume == "latest":
-        path = latest_checkpoint(output_dir, log)  # the newest one checkpoint_problem passes
-        if path is None:
+        found = latest_checkpoint(output_dir, log)  # the newest one read_checkpoint passes
+        if found is None:
             log("no checkpoint to resume from: starting from scratch")
             return None
+        path, state = found
     else:
         path = Path(resume)
-        problem = checkpoint_problem(path)
-        if problem is not None:
-            raise SystemExit(f"error: cannot resume from {path}: {problem}")
-    state = json.loads((path / "training_state.json").read_text())
+        try:
+            state = read_checkpoint(path)
+        except ValueError as problem:
+            raise SystemExit(f"error: cannot resume from {path}: {problem}") from None
     changed = changed_run_args(state.get("run_args", {}), args)
     if changed and not args.resume_with_changed_args:
         raise SystemExit(f"error: {path} was written by a run with other arguments ({'; '.join(changed)}): resuming "
