@@ -63,8 +63,13 @@ def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[
                                                               "crop_size", "lora_rank", "lora_targets")
                                  if k in data.get("args", {})}
             records.append(final)
-            why = "the run had no final evaluation" if data["final_evaluation"] is None else \
-                "its evaluation images had no labelled pixel"
+            if data.get("final_evaluation_error"):  # training saved the model, but its final evaluation failed
+                why = f"its final evaluation failed ({data['final_evaluation_error']})"
+                final["evaluation_failed"] = True
+            elif data["final_evaluation"] is None:
+                why = "the run had no final evaluation"
+            else:
+                why = "its evaluation images had no labelled pixel"
         elif "mean_iou" in data:
             records.append(data)
             why = "its evaluation images had no labelled pixel"
@@ -123,6 +128,7 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
         num_labels=len(labels), vocabulary_preview=", ".join(labels[:20]) + (", ..." if len(labels) > 20 else ""),
         training_description=training_description, eval_rows=rows,
         eval_size=next((r.get("eval_size") for r in results if r.get("eval_size")), 640), extra_limitations=extra,
+        eval_failed=any(r.get("evaluation_failed") for r in results),
     )
 
 

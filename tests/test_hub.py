@@ -266,6 +266,15 @@ def test_card_states_what_the_run_did_and_no_machine_paths(checkpoint, tmp_path)
     assert "a local `tiny-clip` CLIP on a local `cracks` data" in card
     assert "/home/me" not in card and "SAN recipe" not in card
 
+    # a run whose final evaluation failed: its card says so (not "no results were supplied"), without the error's
+    # paths; asked for by name, that results file is refused with the error
+    run.update(final_evaluation=None, final_evaluation_error="cannot identify image file '/home/me/data/x.png'")
+    (folder / "results.json").write_text(json.dumps(run))
+    card = str(build_card(folder, load_results([folder / "results.json"], allow_unscored=True), "acme/x"))
+    assert "final evaluation failed" in " ".join(card.split()) and "No evaluation results" not in card and "/home/me" not in card
+    with pytest.raises(ValueError, match="holds no mIoU: its final evaluation failed .cannot identify image file"):
+        load_results([folder / "results.json"])
+
 
 def test_card_written_again_unless_edited_by_hand(checkpoint, tmp_path, capsys):
     """hub_cards.card rewrites its own card (new results show), keeps one a person edited or wrote, and replaces that
