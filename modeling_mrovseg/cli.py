@@ -315,6 +315,17 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _compile_mode(text: str) -> str:
+    """A mode torch.compile knows (the installed torch's own list, as the pipeline checks it)."""
+    from .pipelines import compile_mode
+
+    try:
+        compile_mode(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace(f"compile={text!r}: give True, False or", "give")) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mrovseg", description="MROVSeg open-vocabulary segmentation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -335,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="leave pixels whose best class score is below this unlabelled")
     segment.add_argument("--dtype", choices=DTYPES, default="auto",
                          help="weights' dtype (default: as saved); bfloat16 is the fast choice on a GPU")
-    segment.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    segment.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE", type=_compile_mode,
                          help="torch.compile the model: faster for many images of one size, slow for the first; "
                               "MODE reduce-overhead adds CUDA graphs (the fastest on a GPU for small images)")
     segment.add_argument("--skip-done", action="store_true",

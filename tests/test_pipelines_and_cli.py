@@ -655,7 +655,7 @@ def test_cli_says_in_one_line_why_a_url_is_skipped(checkpoint, tmp_path, capsys,
     (["--slice-batch-size", "-1"], "--slice-batch-size"),
     (["--score-threshold", "nan"], "--score-threshold"),
     (["--dtype", "int8"], "--dtype"),
-    (["--compile", "fastest"], "--compile"),
+    (["--compile", "fastest"], "--compile: give one of torch.compile's modes"),
 ])
 def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys, argv, message):
     image = tmp_path / "x.png"
