@@ -17,6 +17,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # `kill`, `docker stop`, a Space restarting: SIGTERM ends the server as Ctrl-C does, so the exit handlers run and
+    # the users' label PNGs go with it (by default SIGTERM ends Python without them, leaving the folder behind)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     folder = ROOT / "docs" / "examples"
     examples = sorted(str(p) for p in folder.iterdir() if p.suffix in (".png", ".jpg")) if folder.is_dir() else []
     try:

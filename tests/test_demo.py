@@ -30,9 +30,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server(checkpoint, tmp_path_factory):
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    tmp = tmp_path_factory.mktemp("server-tmp")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port)],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -48,8 +49,10 @@ def server(checkpoint):
         process.kill()
         pytest.fail("app.py did not start listening within 180 s")
     yield url
-    process.terminate()
-    process.wait(timeout=30)
+    assert list(tmp.glob("mrovseg-demo-*/*/*_labels.png"))  # the requests' downloads
+    process.terminate()  # SIGTERM (kill, docker stop): the server stops as on Ctrl-C and removes them
+    assert process.wait(timeout=30) == 0
+    assert not list(tmp.glob("mrovseg-demo-*")), "the users' label PNGs outlived the server"
 
 
 @pytest.fixture(scope="module")
