@@ -190,6 +190,21 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         self.text_cache_hits = 0
         self.text_cache_misses = 0
 
+    def __call__(self, image=None, /, **kwargs):
+        """`image`: one image (path, URL, base64, bytes, PIL, numpy, tensor), an `{"image", "candidate_labels"}`
+        dict, or a list or generator of them; also by keyword as `image=` (transformers' zero-shot pipelines),
+        `images=` or `inputs=`. An empty list gives an empty list."""
+        given = [(f"{name}=", kwargs.pop(name)) for name in ("image", "images", "inputs") if name in kwargs]
+        given = [("an image", image)] * (image is not None) + given
+        if len(given) != 1:
+            raise TypeError(f"zero-shot-image-segmentation takes one image or list of images, got "
+                            f"{' and '.join(name for name, _ in given) or 'none'}")
+        image = given[0][1]
+        if isinstance(image, (list, tuple)) and not image:  # an empty folder's images (the base class would fail)
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            return []
+        return super().__call__(image, **kwargs)
+
     # a misspelt or another pipeline's parameter would otherwise be dropped silently (transformers' pipelines ignore
     # what they do not know): `threshold=0.5` segmented without any threshold
     _SIMILAR = {"threshold": "score_threshold", "mask_threshold": "score_threshold", "labels": "candidate_labels",
@@ -382,6 +397,12 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
                              "with a low score unlabelled use pipeline('zero-shot-image-segmentation', ...)(image, "
                              "score_threshold=...).")
         return super()._sanitize_parameters(**kwargs)
+
+    def __call__(self, inputs=None, **kwargs):
+        if self.serves_mrovseg and isinstance(inputs, (list, tuple)) and not inputs:  # transformers: an IndexError
+            self._sanitize_parameters(**kwargs)
+            return []
+        return super().__call__(inputs, **kwargs)
 
     def preprocess(self, image, subtask=None, timeout=None):
         if not self.serves_mrovseg:

@@ -201,6 +201,26 @@ def test_unknown_pipeline_parameters_are_refused(checkpoint, zero_shot):
         pipeline("zero-shot-image-segmentation", model=str(checkpoint), labels=["a"])
 
 
+def test_images_by_keyword_and_an_empty_list(checkpoint, zero_shot):
+    """`image=` as transformers' zero-shot pipelines name it (also `images=`, `inputs=`); an empty list of images
+    (an empty folder's) gives no results in both pipelines instead of transformers' IndexError, its parameters still
+    checked."""
+    first = zero_shot(images()[0], candidate_labels="a, b")["label_map"]
+    for name in ("image", "images", "inputs"):
+        np.testing.assert_array_equal(zero_shot(**{name: images()[0]}, candidate_labels="a, b")["label_map"], first)
+    with pytest.raises(TypeError, match="got an image and image="):
+        zero_shot(images()[0], image=images()[1])
+    with pytest.raises(TypeError, match="got none"):
+        zero_shot(candidate_labels="a, b")
+    assert zero_shot([], candidate_labels="a, b", batch_size=2) == []
+    with pytest.raises(TypeError, match="did you mean score_threshold"):
+        zero_shot([], threshold=0.5)
+    stock = pipeline("image-segmentation", model=str(checkpoint))
+    assert stock([]) == [] and stock([], batch_size=2) == []
+    with pytest.raises(ValueError, match="score_threshold"):
+        stock([], threshold=0.5)
+
+
 def test_candidate_labels_never_read_a_file(zero_shot, tmp_path):
     """A service passing its users' text as candidate_labels must not hand them the lines of a file they name."""
     secret = tmp_path / "secret.txt"
