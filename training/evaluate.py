@@ -64,7 +64,6 @@ def check_writable_file(path: Path) -> None:
         raise ValueError(f"--output {path} cannot be written: {error.strerror or error}") from None
 
 
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import evaluate
