@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import string
 import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
@@ -310,8 +312,27 @@ class MROVSegConfig(PretrainedConfig):
         return self.slice_size - self.slice_overlap
 
     @classmethod
+    def unknown_fields(cls, names: Iterable[str]) -> list[str]:
+        """The names among `names` that are no field of this config, each with the closest field if one is near: a
+        config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
+        known = set(cls().to_dict())
+        unknown = []
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return unknown
+
+    @classmethod
+    def check_field_names(cls, names: Iterable[str]) -> None:
+        unknown = cls.unknown_fields(names)
+        if unknown:
+            raise TypeError(f"MROVSegConfig has no field(s) {', '.join(unknown)}")
+
+    @classmethod
     def from_clip_config(cls, clip_config: CLIPConfig | dict, **kwargs) -> "MROVSegConfig":
         """Build a config around the shapes of an existing `CLIPConfig` (e.g. `CLIPConfig.from_pretrained(id)`)."""
+        cls.check_field_names(kwargs)
         if isinstance(clip_config, dict):
             clip_config = CLIPConfig(**clip_config)
         kwargs.setdefault("projection_dim", clip_config.projection_dim)
@@ -324,6 +345,7 @@ class MROVSegConfig(PretrainedConfig):
         """Shapes of a known CLIP without downloading it: one of `CLIP_PRESETS` ("vit-b-16", "vit-l-14", ...)."""
         if name not in CLIP_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(CLIP_PRESETS)}.")
+        cls.check_field_names(kwargs)
         preset = CLIP_PRESETS[name]
         vision = {**preset["vision"], "projection_dim": preset["projection_dim"], "hidden_act": "quick_gelu"}
         text = {**preset["text"], "projection_dim": preset["projection_dim"], "hidden_act": "quick_gelu"}

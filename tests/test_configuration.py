@@ -82,9 +82,15 @@ def test_validation_names_field_and_range(overrides, field, allowed):
     assert f"MROVSegConfig.{field}=" in str(error.value) and allowed in str(error.value)
 
 
-def test_unknown_preset():
+def test_unknown_preset_and_unknown_fields():
     with pytest.raises(ValueError, match="Unknown preset"):
         MROVSegConfig.from_preset("vit-h-14")
+    # the builders take fields only: a config stores any other keyword and the model would use the default
+    with pytest.raises(TypeError, match=r"no field\(s\) num_querys \(did you mean num_queries\?\)"):
+        MROVSegConfig.from_preset("tiny", num_querys=50)
+    with pytest.raises(TypeError, match="no field"):
+        MROVSegConfig.from_clip_config(MROVSegConfig.from_preset("tiny").to_dict(), slice_sise=224)
+    assert MROVSegConfig.from_preset("tiny", num_queries=50, id2label={0: "a"}, label2id={"a": 0}).num_queries == 50
 
 
 def test_unlabelled_value_stays_outside_the_class_ids():

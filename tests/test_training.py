@@ -208,7 +208,10 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
                                  ("lr", "inf", "--lr must be a finite number > 0, got inf"),
                                  ("poly_power", "-1", "--poly_power must be a finite number >= 0"),
                                  ("seed", "-1", "--seed must lie in [0, 2**32 - 1]"),
-                                 ("num_workers", "-1", "--num_workers must be >= 0")):
+                                 ("num_workers", "-1", "--num_workers must be >= 0"),
+                                 # a config keeps any name: the misspelt field trained the default number of queries
+                                 ("config", '{"num_querys": 8}',
+                                  "--config names no MROVSegConfig field: num_querys (did you mean num_queries?)")):
         with pytest.raises(SystemExit) as error:
             train.main(args(tiny_clip_dir, synthetic, tmp_path / "other", **{flag: value}))
         assert error.value.code == 2 and message in capsys.readouterr().err
@@ -229,6 +232,11 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
             train.main(args(values["clip"], values["data"], tmp_path, max_steps=2, overwrite_output_dir=None))
         assert message in str(error.value.code) + capsys.readouterr().err
         assert (tmp_path / "checkpoints" / "step_4").is_dir() and (tmp_path / "model").is_dir()
+
+    # fine-tuning the trained model with another architecture: one line, not a traceback after transformers' table
+    with pytest.raises(SystemExit, match="--model .*--config changes num_queries 8 -> 5, which changes the shapes"):
+        train.main(args(tmp_path / "model", synthetic, tmp_path / "other", max_steps=1,
+                        config=json.dumps({"num_queries": 5})))
 
     results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
                               overwrite_output_dir=None))

@@ -100,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not isinstance(overrides, dict):
         parser.error(f'--config must be a JSON object of MROVSegConfig fields, e.g. {{"num_queries": 50}}, '
                      f"got {args.config}")
+    from modeling_mrovseg import MROVSegConfig
+
+    unknown = MROVSegConfig.unknown_fields(overrides)
+    if unknown:  # a config keeps any name as an attribute: a typo would have trained the default silently
+        parser.error(f"--config names no MROVSegConfig field: {', '.join(unknown)}")
     args.config_overrides = overrides  # parsed once; `config` keeps the text as given
     check_source(parser, "--model", args.model, "a CLIP or MROVSeg checkpoint folder")
     check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
@@ -122,7 +127,16 @@ def build_model(model: str, config_overrides: dict, class_names: list[str]):
     config = AutoConfig.from_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     if config.model_type == "mrovseg":
-        mrovseg = MROVSegForOpenVocabSegmentation.from_pretrained(model, **config_overrides)
+        try:
+            mrovseg = MROVSegForOpenVocabSegmentation.from_pretrained(model, **config_overrides)
+        except RuntimeError as error:  # transformers' "You set `ignore_mismatched_sizes` to `False`", after its table
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            changed = [f"{name} {getattr(config, name, None)} -> {value}" for name, value in config_overrides.items()
+                       if getattr(config, name, None) != value]
+            raise ValueError(f"--config changes {'; '.join(changed)}, which changes the shapes of the checkpoint's "
+                             "weights (the table above): a trained MROVSeg fine-tunes with its own architecture; to "
+                             "change it, train a new one from a CLIP") from None
         mrovseg.clip_tokenizer = tokenizer
         if mrovseg.vocabulary != list(class_names):
             mrovseg.set_vocabulary(class_names)
