@@ -86,6 +86,9 @@ def default_feature_layers(depth: int) -> list[int]:
     return [layer for layer in layers if layer < depth] or [max(0, depth - 1)]
 
 
+LEGACY_FIELD = "mask_decoder_channels"  # pixel_decoder_channels, as configs saved before the rename call it
+
+
 class MROVSegConfig(PretrainedConfig):
     r"""
     Configuration of [`MROVSegForOpenVocabSegmentation`].
@@ -167,7 +170,7 @@ class MROVSegConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        legacy_channels = kwargs.pop("mask_decoder_channels", None)  # the field's name before the rename
+        legacy_channels = kwargs.pop(LEGACY_FIELD, None)  # the field's name before the rename
         if self.pixel_decoder_channels is None and legacy_channels is not None:
             self.pixel_decoder_channels = legacy_channels
         super().__post_init__(**kwargs)
@@ -315,7 +318,7 @@ class MROVSegConfig(PretrainedConfig):
     def unknown_fields(cls, names: Iterable[str]) -> list[str]:
         """The names among `names` that are no field of this config, each with the closest field if one is near: a
         config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
-        known = set(cls().to_dict())
+        known = set(cls().to_dict()) | {LEGACY_FIELD}
         unknown = []
         for name in names:
             if name not in known:
