@@ -17,6 +17,7 @@ Input conventions (documented fallbacks rather than errors):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,6 +231,15 @@ class MROVSegImageProcessor(PilBackend):
     padding_value = 0.0  # what pipelines' collate pads missing slices with (the model never reads them)
 
     def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
+        # transformers keeps any other keyword as an attribute (saved bookkeeping such as image_processor_type), so a
+        # misspelt setting (`sise=`, `slice_sise=`) processed with the default silently: names near a setting are
+        # refused
+        settings = list(self.valid_kwargs.__annotations__)
+        misspelt = {name: close[0] for name in kwargs if name not in settings
+                    for close in [difflib.get_close_matches(name, settings, n=1, cutoff=0.8)] if close}
+        if misspelt:
+            raise TypeError(f"MROVSegImageProcessor got unknown setting(s) "
+                            f"{', '.join(f'{name} (did you mean {close}?)' for name, close in misspelt.items())}")
         super().__init__(**kwargs)
         _check_overlap(self.slice_size, self.slice_overlap)
 

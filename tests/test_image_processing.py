@@ -324,9 +324,16 @@ def test_segmentation_map_size_mismatch():
         _process([random_image(20, 30)] * 2, segmentation_maps=[np.zeros((20, 30), np.uint8)])
 
 
-def test_invalid_overlap():
+def test_invalid_overlap_and_misspelt_settings():
     with pytest.raises(ValueError, match="slice_overlap"):
         MROVSegImageProcessor(slice_size=32, slice_overlap=32)
+    # transformers keeps unknown keywords as attributes: slice_sise=32 sliced 224 px windows without a word
+    with pytest.raises(TypeError, match=r"slice_sise \(did you mean slice_size\?\)"):
+        MROVSegImageProcessor(slice_sise=32)
+    with pytest.raises(TypeError, match=r"do_resise \(did you mean do_resize\?\)"):
+        MROVSegImageProcessor(do_resise=False)
+    # what transformers saves beside the settings still loads
+    assert MROVSegImageProcessor(image_processor_type="MROVSegImageProcessor", auto_map={}).slice_size == 224
 
 
 # ---------------------------------------------------------------- post-processing
