@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import string
@@ -171,6 +172,11 @@ class MROVSegConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         legacy_channels = kwargs.pop(LEGACY_FIELD, None)  # the field's name before the rename
+        # other keywords are kept as attributes (what transformers saves beside the fields); one near a field's name
+        # (`num_querys=`, CLIP's `logit_scale_init_value=`) is a mistake that would leave the field at its default
+        misspelt = [name for name in self.unknown_fields(kwargs) if "(did you mean" in name]
+        if misspelt:
+            raise TypeError(f"MROVSegConfig has no field(s) {', '.join(misspelt)}")
         if self.pixel_decoder_channels is None and legacy_channels is not None:
             self.pixel_decoder_channels = legacy_channels
         super().__post_init__(**kwargs)
@@ -318,11 +324,11 @@ class MROVSegConfig(PretrainedConfig):
     def unknown_fields(cls, names: Iterable[str]) -> list[str]:
         """The names among `names` that are no field of this config, each with the closest field if one is near: a
         config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
-        known = set(cls().to_dict()) | {LEGACY_FIELD}
+        known = {field.name for field in dataclasses.fields(cls)} | {LEGACY_FIELD, "output_attentions"}
         unknown = []
         for name in names:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
                 unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
         return unknown
 

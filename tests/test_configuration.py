@@ -91,6 +91,11 @@ def test_unknown_preset_and_unknown_fields():
     with pytest.raises(TypeError, match="no field"):
         MROVSegConfig.from_clip_config(MROVSegConfig.from_preset("tiny").to_dict(), slice_sise=224)
     assert MROVSegConfig.from_preset("tiny", num_queries=50, id2label={0: "a"}, label2id={"a": 0}).num_queries == 50
+    # built directly, a config keeps other keywords (what transformers saves beside the fields), but not one near a
+    # field's name
+    with pytest.raises(TypeError, match=r"logit_scale_init_value \(did you mean logit_scale_init\?\)"):
+        MROVSegConfig(logit_scale_init_value=2.0)
+    assert MROVSegConfig(architectures=["MROVSegForOpenVocabSegmentation"], note="mine").note == "mine"
 
 
 def test_unlabelled_value_stays_outside_the_class_ids():
