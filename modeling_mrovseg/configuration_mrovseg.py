@@ -174,7 +174,7 @@ class MROVSegConfig(PretrainedConfig):
         legacy_channels = kwargs.pop(LEGACY_FIELD, None)  # the field's name before the rename
         # other keywords are kept as attributes (what transformers saves beside the fields); one near a field's name
         # (`num_querys=`, CLIP's `logit_scale_init_value=`) is a mistake that would leave the field at its default
-        misspelt = [name for name in self.unknown_fields(kwargs) if "(did you mean" in name]
+        misspelt = [f"{name} (did you mean {near}?)" for name in kwargs if (near := self.field_near(name))]
         if misspelt:
             raise TypeError(f"MROVSegConfig has no field(s) {', '.join(misspelt)}")
         if self.pixel_decoder_channels is None and legacy_channels is not None:
@@ -321,16 +321,23 @@ class MROVSegConfig(PretrainedConfig):
         return self.slice_size - self.slice_overlap
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        return {field.name for field in dataclasses.fields(cls)} | {LEGACY_FIELD, "output_attentions"}
+
+    @classmethod
+    def field_near(cls, name: str) -> str | None:
+        """The field `name` is likely a misspelling of (None for a field itself, or a name near none)."""
+        known = cls.field_names()
+        close = [] if name in known else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        return close[0] if close else None
+
+    @classmethod
     def unknown_fields(cls, names: Iterable[str]) -> list[str]:
-        """The names among `names` that are no field of this config, each with the closest field if one is near: a
+        """The names among `names` that are no field of this config, each with the field it is near, if any: a
         config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
-        known = {field.name for field in dataclasses.fields(cls)} | {LEGACY_FIELD, "output_attentions"}
-        unknown = []
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-                unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
-        return unknown
+        known = cls.field_names()
+        return [f"{name} (did you mean {near}?)" if (near := cls.field_near(name)) else name
+                for name in names if name not in known]
 
     @classmethod
     def check_field_names(cls, names: Iterable[str]) -> None:
