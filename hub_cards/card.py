@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from modeling_mrovseg.cli import is_hub_id, write_atomically
+from modeling_mrovseg.cli import is_hub_id, one_line, write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 # the last line of a generated card: the digest of everything above it, so a card edited by hand is recognised
@@ -53,7 +53,10 @@ def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[
     describes the run), as for the checkpoint's own results.json."""
     records = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise ValueError(f"{path} is not a results JSON file ({error})") from None
         if "final_evaluation" in data:  # training results: the final evaluation on its eval split
             final = dict(data["final_evaluation"] or {})
             final.setdefault("benchmark", Path(str(data.get("dataset", "validation"))).name)
@@ -162,8 +165,12 @@ def main(argv=None) -> Path:
     parser.add_argument("--regenerate-card", action="store_true", help="replace a README.md edited by hand")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id)
-    if write_card(card, checkpoint, args.regenerate_card):
+    try:  # a results file that is missing or not JSON (a shell glob that matched nothing), a folder with no config
+        card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id)
+        written = write_card(card, checkpoint, args.regenerate_card)
+    except (OSError, ValueError) as error:
+        parser.exit(1, f"error: {one_line(error)}; no card was written.\n")
+    if written:
         print(f"wrote {checkpoint / 'README.md'}")
     return checkpoint / "README.md"
 

@@ -299,3 +299,22 @@ def test_card_written_again_unless_edited_by_hand(checkpoint, tmp_path, capsys):
     replaced = card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json"),
                           "--regenerate-card"]).read_text()
     assert "31.25" in replaced and "A card written by a person" not in replaced
+
+
+def test_card_tool_names_results_it_cannot_read(checkpoint, tmp_path, capsys):
+    """`--results results/*.json` where the glob matched nothing (the shell passes it as is), or a file that is not
+    JSON: one line naming it and exit status 1 (it was a traceback), the checkpoint's card untouched."""
+    from hub_cards import card
+
+    before = (checkpoint / "README.md").read_bytes() if (checkpoint / "README.md").exists() else None
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for results, message in ((str(tmp_path / "results" / "*.json"), "No such file or directory"),
+                             (str(broken), "broken.json is not a results JSON file")):
+        with pytest.raises(SystemExit) as exit_info:
+            card.main(["--checkpoint", str(checkpoint), "--results", results])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert message in err and err.endswith("no card was written.\n") and len(err.splitlines()) == 1
+    after = (checkpoint / "README.md").read_bytes() if (checkpoint / "README.md").exists() else None
+    assert after == before
