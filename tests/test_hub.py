@@ -192,6 +192,15 @@ def test_publishing_tools_fail_with_one_line_and_lose_nothing(checkpoint, tmp_pa
                  "--no-push")
     assert result.returncode == 0 and json.loads((tmp_path / "space" / "mrovseg_space.json").read_text()) == {
         "model": "acme/y"}
+    # a local --model that is no checkpoint (a typo): refused, where it built a Space that failed at its start
+    for model in (tmp_path / "no-such-model", "mrovseg"):
+        result = run("hub_cards.space", "--model", str(model), "--repo-id", "acme/demo", "--out",
+                     str(tmp_path / "space2"), "--no-push")
+        assert result.returncode == 2 and "is neither a Hub id (ORG/NAME) nor a checkpoint folder" in result.stderr
+    assert not (tmp_path / "space2").exists()
+    result = run("hub_cards.space", "--model", str(checkpoint), "--repo-id", "acme/demo", "--out",
+                 str(tmp_path / "space2"), "--no-push")
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
