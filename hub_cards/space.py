@@ -27,6 +27,8 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
     import gradio
     from huggingface_hub import SpaceCard, SpaceCardData
 
+    if not is_hub_id(model):  # a local folder by its absolute path: the page starts from the Space folder
+        model = str(Path(model).expanduser().resolve())
     out = Path(out)
     if out.exists():  # rebuilt in place only if this tool built it: `--out .` must never empty a project
         if not out.is_dir() or (any(out.iterdir()) and not (out / "mrovseg_space.json").is_file()):

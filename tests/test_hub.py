@@ -198,9 +198,11 @@ def test_publishing_tools_fail_with_one_line_and_lose_nothing(checkpoint, tmp_pa
                      str(tmp_path / "space2"), "--no-push")
         assert result.returncode == 2 and "is neither a Hub id (ORG/NAME) nor a checkpoint folder" in result.stderr
     assert not (tmp_path / "space2").exists()
-    result = run("hub_cards.space", "--model", str(checkpoint), "--repo-id", "acme/demo", "--out",
+    result = run("hub_cards.space", "--model", os.path.relpath(checkpoint, ROOT), "--repo-id", "acme/demo", "--out",
                  str(tmp_path / "space2"), "--no-push")
     assert result.returncode == 0, result.stderr[-2000:]
+    # by its absolute path: `python app.py` starts in the Space folder, where a relative path means another folder
+    assert json.loads((tmp_path / "space2" / "mrovseg_space.json").read_text()) == {"model": str(checkpoint)}
 
 
 def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
