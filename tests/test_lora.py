@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -158,6 +159,16 @@ def test_train_script_with_lora(tiny_clip_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         merge_script.main(["--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "other")])
     assert not (tmp_path / "other").exists()
+    # the run folder on another machine, where the recorded base is not: named, with --base as the way on (it was
+    # "cannot load --base ...: Repo id must be in the form 'repo_name'", a flag the user never gave)
+    moved = json.loads((tmp_path / "run" / "adapter" / "mrovseg_base.json").read_text())
+    shutil.copytree(tmp_path / "run" / "adapter", tmp_path / "moved")
+    (tmp_path / "moved" / "mrovseg_base.json").write_text(json.dumps({**moved, "model": "/nowhere/tiny-clip"}))
+    with pytest.raises(SystemExit) as error:
+        merge_script.main(["--adapter", str(tmp_path / "moved"), "--out", str(tmp_path / "other")])
+    assert error.value.code == 2 and "base model /nowhere/tiny-clip (recorded in" in capsys.readouterr().err
+    assert merge_script.main(["--adapter", str(tmp_path / "moved"), "--out", str(tmp_path / "other"),
+                              "--base", str(tiny_clip_dir)]) == tmp_path / "other"
     assert merge_script.main(["--adapter", adapter, "--out", str(tmp_path / "re"), "--overwrite"]) == merged_dir
     a = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path / "run" / "model")
     b = MROVSegForOpenVocabSegmentation.from_pretrained(merged_dir)

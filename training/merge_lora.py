@@ -30,6 +30,10 @@ def main(argv=None) -> Path:
         parser.error(f"--adapter {adapter} is not an adapter folder saved by training.train (no {ADAPTER_RECIPE})")
     recipe = json.loads((adapter / ADAPTER_RECIPE).read_text())
     base_source = args.base or recipe["model"]
+    if args.base is None and Path(base_source).is_absolute() and not Path(base_source).exists():
+        # a run folder moved or copied to another machine: its recorded local base is not there
+        parser.error(f"the adapter's base model {base_source} (recorded in {adapter / ADAPTER_RECIPE}) is not there; "
+                     "give its new place with --base")
     # the merged files never land on the adapter or the base they are made from, nor unasked on anything else
     if out.exists() and out.resolve() in {adapter.resolve(), Path(base_source).expanduser().resolve()}:
         parser.error(f"--out {out} is the adapter or the base model itself; give a new folder")
