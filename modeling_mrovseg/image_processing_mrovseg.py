@@ -232,8 +232,8 @@ class MROVSegImageProcessor(PilBackend):
 
     def __init__(self, **kwargs: Unpack[MROVSegImageProcessorKwargs]):
         # transformers keeps any other keyword as an attribute (saved bookkeeping such as image_processor_type), so a
-        # misspelt setting (`sise=`, `slice_sise=`) processed with the default silently: names near a setting are
-        # refused
+        # misspelt setting (`slice_sise=`, `do_resise=`) processed with the default silently: names near a setting
+        # are refused
         settings = list(self.valid_kwargs.__annotations__)
         misspelt = {name: close[0] for name in kwargs if name not in settings
                     for close in [difflib.get_close_matches(name, settings, n=1, cutoff=0.8)] if close}
