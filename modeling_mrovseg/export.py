@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +86,26 @@ def export(model, height: int, width: int, out: str | Path, format: str = "onnx"
     with torch.no_grad():
         program = torch.export.export(module, args, strict=False)
         if format == "torch-export":
-            torch.export.save(program, str(out), extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+            save_atomically(out, lambda path: torch.export.save(
+                program, str(path), extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)}))
             return out
         onnx_program = torch.onnx.export(program, args, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                                          dynamo=True, optimize=True, verbose=False)
     onnx_program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)  # onnx_ir model
-    onnx_program.save(str(out))
+    save_atomically(out, lambda path: onnx_program.save(str(path)))
     return out
+
+
+def save_atomically(out: Path, save: Callable[[Path], None]) -> None:
+    """`save(path)` into a hidden folder beside `out` under `out`'s own name (ONNX names its external data file after
+    it, past 2 GB), then moved into place: a failed or interrupted export leaves an earlier file at `out` whole."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        save(staging / out.name)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == out.name):  # the file naming the others last
+            os.replace(path, out.parent / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 class ExportedSegmenter:

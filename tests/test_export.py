@@ -100,3 +100,31 @@ def test_a_checkpoint_saved_in_bfloat16_exports_in_float32(model, tmp_path, caps
     assert labels.shape == (64, 64)
     with pytest.raises(ValueError, match="the model's weights are torch.bfloat16; export a float32 model"):
         export(copy.deepcopy(model).to(torch.bfloat16), 64, 64, tmp_path / "n.onnx")
+
+
+@pytest.mark.parametrize("fmt,name", [("onnx", "m.onnx"), ("torch-export", "m.pt2")])
+def test_a_failed_export_leaves_the_earlier_file_whole(model, exported, tmp_path, monkeypatch, fmt, name):
+    """Re-exporting over a file wrote it in place: a run that failed or was killed while writing left a truncated file
+    where a working one had been. The new file is written beside it and moved in when complete."""
+    import shutil
+
+    out = tmp_path / name
+    shutil.copy(exported[fmt], out)
+    before = out.read_bytes()
+
+    def half_written(self_or_program, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    if fmt == "onnx":
+        monkeypatch.setattr(torch.onnx.ONNXProgram, "save", half_written)
+    else:
+        monkeypatch.setattr(torch.export, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        export(model, 100, 150, out, fmt)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    monkeypatch.undo()
+    assert export(model, 64, 64, out, fmt) == out
+    assert ExportedSegmenter(out).describe().startswith(f"{name} serves images resized to 64 x 64")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
