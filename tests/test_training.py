@@ -361,8 +361,9 @@ def test_a_missing_evaluation_split_is_found_before_training_and_none_trains_wit
     assert (model_dir / "model.safetensors").is_file()
     text = card.main(["--checkpoint", str(model_dir), "--repo-id", "me/b"]).read_text()
     assert "No evaluation results were supplied." in text and "Trained from" in text
-    with pytest.raises(ValueError, match="holds no mIoU: the run had no final evaluation"):
+    with pytest.raises(SystemExit) as exit_info:
         card.main(["--checkpoint", str(model_dir), "--results", str(model_dir / "results.json")])
+    assert exit_info.value.code == 1 and "holds no mIoU: the run had no final evaluation" in capsys.readouterr().err
 
 
 def test_labels_outside_the_class_names_stop_an_evaluation_and_not_the_training(tiny_clip_dir, tiny_tokenizer,
