@@ -515,7 +515,8 @@ def training_smoke(args) -> dict:
             if result.returncode != 0:
                 return {"ok": False, "failed": " ".join(command[:4]), "stderr": result.stderr[-1500:]}
         evaluation = json.loads((tmp / "eval.json").read_text())
-        log = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
+        log = [record for line in (tmp / "run" / "log.jsonl").read_text().splitlines()
+               if "loss" in (record := json.loads(line))]  # evaluations are logged too
         return {"ok": True, "steps": args.smoke_steps, "seconds": round(time.perf_counter() - started, 1),
                 "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "mean_iou": evaluation["mean_iou"]}
 

@@ -63,8 +63,12 @@ def test_training_loss_falls_and_saves_everything(tiny_clip_dir, synthetic, tmp_
 
 def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic, tmp_path, monkeypatch):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train.main(args(tiny_clip_dir, synthetic, straight, max_steps=6, checkpointing_steps=3))
-    train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3, stop_after_steps=3))
+    train.main(args(tiny_clip_dir, synthetic, straight, max_steps=6, checkpointing_steps=3, eval_steps=2))
+    train.main(args(tiny_clip_dir, synthetic, interrupted, max_steps=6, checkpointing_steps=3, stop_after_steps=3,
+                    eval_steps=2))
+    # killed after step 3's checkpoint, mid-way through writing step 4's line: the resume logs from its checkpoint
+    with (interrupted / "log.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 1.0, "lr": 0.001}\n{"step": 5, "lo')
     assert not (interrupted / "checkpoints" / "step_6").exists()
     # another batch size, seed or learning rate would not continue the run: refused before anything loads
     with pytest.raises(SystemExit, match=r"other arguments \(--batch_size 2 -> 4; --seed 0 -> 1\)"):
@@ -72,10 +76,21 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic
                         seed=1, resume_from_checkpoint="latest"))
     monkeypatch.chdir(synthetic.parent)  # the dataset by another spelling of its path is the same dataset
     train.main(args(tiny_clip_dir, Path(".") / synthetic.name, interrupted, max_steps=6, checkpointing_steps=3,
-                    resume_from_checkpoint="latest", config=json.dumps(TINY, indent=1)))  # and --config spaced out
+                    eval_steps=2, resume_from_checkpoint="latest",
+                    config=json.dumps(TINY, indent=1)))  # and --config spaced out
     a, b = weights(straight, 6), weights(interrupted, 6)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the same record of the run: every step's loss and every periodic evaluation, also those before the stop
+    # (results.json held only the steps and evaluations since the resume)
+    def record(folder):
+        saved = json.loads((folder / "model" / "results.json").read_text())
+        return ([(r["step"], r["loss"]) for r in saved["history"]],
+                [(r["step"], r["mean_iou"]) for r in saved["evaluations"]])
+
+    assert record(interrupted) == record(straight)
+    assert [step for step, _ in record(straight)[0]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in record(straight)[1]] == [2, 4, 6]
     assert not all(torch.equal(a[k], weights(straight, 3)[k]) for k in a)  # training did move the weights
     saved = json.loads((interrupted / "checkpoints" / "step_6" / "training_state.json").read_text())["run_args"]
     assert saved["batch_size"] == 2 and saved["seed"] == 0 and saved["max_steps"] == 6

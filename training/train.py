@@ -233,6 +233,25 @@ def checkpoint_to_resume(output_dir: Path, args, log=print) -> tuple[Path, dict]
     return path, state
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a run's log.jsonl (losses, and evaluations as `{"step", "evaluation"}`); a line a killed run
+    left half-written is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def append_log(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def earlier_run(output_dir: Path, args) -> list[str]:
     """What an earlier run left in `output_dir` that this one would replace: a new run is refused there (like
     transformers' Trainer) unless it resumes or `--overwrite_output_dir` asks to start over."""
@@ -344,6 +363,10 @@ def main(argv=None) -> dict:
         torch.utils.data.Subset(batches, range(start_step * accum, stop_step * accum)), batch_size=None,
         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
     log_path = output_dir / "log.jsonl"
+    if accelerator.is_main_process and resume is not None:
+        # the log continues from the checkpoint: what a killed run logged after it is done again (and a line it left
+        # half-written would swallow the next record)
+        write_atomically(log_path, "".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= start_step))
     history = []
 
     def run_evaluation(step: int) -> dict:
@@ -397,8 +420,7 @@ def main(argv=None) -> dict:
             history.append(record)
             progress.set_postfix(loss=f"{mean_loss:.3f}")
             if accelerator.is_main_process:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                append_log(log_path, record)
         if step % args.checkpointing_steps == 0 or step == stop_step:
             path = output_dir / "checkpoints" / f"step_{step}"
             accelerator.save_state(str(path))
@@ -413,8 +435,14 @@ def main(argv=None) -> dict:
             except (OSError, ValueError) as error:  # a bad evaluation image stops the evaluation, not the training
                 accelerator.print(f"step {step}: evaluation failed: {one_line(error)}; training goes on")
                 evaluations.append({"step": step, "error": str(error)})
+            if accelerator.is_main_process:  # logged: a resumed run's results hold the evaluations before it too
+                append_log(log_path, {"step": step, "evaluation": evaluations[-1]})
     progress.close()
 
+    if accelerator.is_main_process:  # the whole run's, across interruptions (this process saw the steps since resuming)
+        logged = read_log(log_path)
+        history = [record for record in logged if "loss" in record]
+        evaluations = [record["evaluation"] for record in logged if "evaluation" in record]
     results = {"history": history, "evaluations": evaluations, "stopped_at": step, "max_steps": args.max_steps}
     if step >= args.max_steps:
         final = None
