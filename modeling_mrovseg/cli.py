@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -132,8 +133,15 @@ def load_pipeline(model: str, device: str | None, resolution: int | None, slice_
 
     register_pipelines()
     check_is_mrovseg(model)
-    segmenter = pipeline("zero-shot-image-segmentation", model=model if is_hub_id(model) else str(Path(model).expanduser()),
-                         device=device, compile=compile, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    try:
+        segmenter = pipeline("zero-shot-image-segmentation",
+                             model=model if is_hub_id(model) else str(Path(model).expanduser()), device=device,
+                             compile=compile, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    except ValueError as error:  # transformers wraps a failed load in "Could not load model ..." and its tracebacks
+        text = str(error).strip()
+        if not text.startswith("Could not load model"):
+            raise
+        raise OSError(re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])) from None  # the cause: the last line
     if resolution is not None:
         segmenter.image_processor.size = MROVSegImageProcessor.size_for_resolution(resolution)
     if slice_batch_size is not None:

@@ -686,6 +686,25 @@ def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys,
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_damaged_weights_are_named_in_one_line(checkpoint, tmp_path, capsys):
+    """A model.safetensors cut short (an interrupted download or save): safetensors' own error is neither an OSError
+    nor a ValueError, and the pipeline wrapped it with its traceback; the CLI printed a traceback."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(OSError, match="the weights of .*damaged are damaged or incomplete"):
+        MROVSegForOpenVocabSegmentation.from_pretrained(damaged)
+    image = tmp_path / "x.png"
+    Image.fromarray(random_image(30, 30)).save(image)
+    assert cli_main(["segment", str(image), "--model", str(damaged), "--labels", "cat", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the weights of") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeypatch):
     image = tmp_path / "x.png"
     Image.fromarray(random_image(30, 30)).save(image)
