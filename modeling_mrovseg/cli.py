@@ -230,6 +230,7 @@ def segment_command(args: argparse.Namespace) -> int:
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
                                   args.dtype)
+        segmenter.text_embeddings(labels)  # once, before any image: a checkpoint that cannot embed them stops here
         notes = [emulated_precision_note(segmenter.model), one_class_note(labels, args.score_threshold)]
         for note in notes:
             if note and not args.quiet:

@@ -786,9 +786,20 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             try:
                 # CLIP's tokenizer needs no remote code: never a prompt on stdin asking to run the folder's
                 self._clip_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
-            except (OSError, ValueError):  # a checkpoint saved without one (or offline): no tokenizer
-                pass
+            except Exception as error:  # noqa: BLE001 - tokenizers raises its own types for a damaged tokenizer.json
+                # a checkpoint saved without one (or offline): no tokenizer; files that are there but do not load
+                # (a copy cut short) are named where a tokenizer is needed
+                names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+                if not Path(source).is_dir() or any((Path(source) / name).is_file() for name in names):
+                    lines = str(error).strip().splitlines() or [type(error).__name__]
+                    self._tokenizer_problem = f"its tokenizer does not load: {lines[-1]}"
         return self._clip_tokenizer
+
+    _tokenizer_problem: str | None = None
+
+    def missing_tokenizer(self) -> str:
+        """Why this model has no CLIP tokenizer, for the errors that need one."""
+        return self._tokenizer_problem or "none was given or saved with it"
 
     @clip_tokenizer.setter
     def clip_tokenizer(self, tokenizer) -> None:
@@ -814,8 +825,9 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         """(C, E) embeddings: every name (and synonym) in every prompt template, averaged and normalised."""
         tokenizer = tokenizer if tokenizer is not None else self.clip_tokenizer
         if tokenizer is None:
-            raise ValueError("New class names need the CLIP tokenizer: pass `tokenizer=` (AutoTokenizer.from_pretrained "
-                             "of the checkpoint or of its CLIP), or precomputed `text_embeds`.")
+            raise ValueError(f"New class names need the CLIP tokenizer ({self.missing_tokenizer()}): pass `tokenizer=` "
+                             "(AutoTokenizer.from_pretrained of the checkpoint or of its CLIP), or precomputed "
+                             "`text_embeds`.")
         return embed_class_names(self.encode_text, labels, tokenizer, self.config.prompt_templates,
                                  self.text_projection.weight.device, self.config.text_config.max_position_embeddings)
 

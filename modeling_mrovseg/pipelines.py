@@ -243,8 +243,9 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         tokenizer = self.tokenizer if self.tokenizer is not None else self.model.clip_tokenizer
         if tokenizer is None:
             raise ValueError(
-                f"This checkpoint has no CLIP tokenizer, so it can only segment its stored vocabulary "
-                f"{self.model.vocabulary}; for other candidate_labels pass `tokenizer=` (the CLIP's) to pipeline().")
+                f"This checkpoint has no CLIP tokenizer ({self.model.missing_tokenizer()}), so it can only segment "
+                f"its stored vocabulary {self.model.vocabulary}; for other candidate_labels pass `tokenizer=` (the "
+                "CLIP's) to pipeline().")
         embeds = self.model.embed_class_names(labels, tokenizer)
         self._text_cache[key] = embeds
         if len(self._text_cache) > self._text_cache_size:

@@ -686,7 +686,7 @@ def test_cli_out_of_range_numbers_are_usage_errors(checkpoint, tmp_path, capsys,
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_damaged_weights_are_named_in_one_line(checkpoint, tmp_path, capsys):
+def test_damaged_files_are_named_in_one_line(checkpoint, tmp_path, capsys):
     """A model.safetensors cut short (an interrupted download or save): safetensors' own error is neither an OSError
     nor a ValueError, and the pipeline wrapped it with its traceback; the CLI printed a traceback."""
     import shutil
@@ -703,6 +703,16 @@ def test_damaged_weights_are_named_in_one_line(checkpoint, tmp_path, capsys):
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the weights of") and "Traceback" not in err and len(err.splitlines()) == 1
+    # a tokenizer.json cut short: named (it said "no CLIP tokenizer"), once before any image (it was once per image)
+    shutil.copy(checkpoint / "model.safetensors", damaged / "model.safetensors")
+    text = (damaged / "tokenizer.json").read_text()
+    (damaged / "tokenizer.json").write_text(text[: len(text) // 2])
+    Image.fromarray(random_image(30, 30)).save(tmp_path / "y.png")
+    assert cli_main(["segment", str(image), str(tmp_path / "y.png"), "--model", str(damaged), "--labels", "cat",
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: This checkpoint has no CLIP tokenizer (its tokenizer does not load: ")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o" / "x.json").exists()
 
 
 def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeypatch):

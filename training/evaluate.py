@@ -86,8 +86,9 @@ def main(argv=None) -> dict:
         model.config.slice_batch_size = args.slice_batch_size
     if model.vocabulary != list(class_names):  # the benchmark's classes, embedded with the checkpoint's tokenizer
         if model.clip_tokenizer is None:
-            raise SystemExit(f"error: {args.model} has no CLIP tokenizer to embed the dataset's class names with (its "
-                             f"vocabulary is {model.vocabulary[:5]}...); save the checkpoint with its tokenizer")
+            raise SystemExit(f"error: {args.model} has no CLIP tokenizer ({model.missing_tokenizer()}) to embed the "
+                             f"dataset's class names with (its vocabulary is {model.vocabulary[:5]}...); save the "
+                             "checkpoint with its tokenizer")
         model.set_vocabulary(class_names)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     config = accelerator.unwrap_model(model).config
