@@ -105,6 +105,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_a_folder_in_use_by_another_run_is_refused(tiny_clip_dir, synthetic, tmp_path):
+    """A job re-queued while the first still runs (or the command started twice): both wrote checkpoints and log lines
+    into one folder. The second is refused, naming the first's process; once the first ends, it resumes."""
+    fcntl = pytest.importorskip("fcntl")
+
+    train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2, stop_after_steps=2))
+    other = open(tmp_path / ".run.lock", "a+")  # another run's lock (flock: one per open file, even in one process)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.seek(0)
+    other.truncate()
+    other.write("4242\n")
+    other.flush()
+    with pytest.raises(SystemExit, match=r"is in use by another training run \(process 4242\)"):
+        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2,
+                        resume_from_checkpoint="latest"))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"]
+    other.close()  # the other run ended
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2,
+                              resume_from_checkpoint="latest"))
+    assert results["stopped_at"] == 4
+
+
 def test_two_cpu_processes_equal_one(tiny_clip_dir, synthetic, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(max_steps=3, checkpointing_steps=3, gradient_accumulation_steps=1)

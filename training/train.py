@@ -265,6 +265,50 @@ def earlier_run(output_dir: Path, args) -> list[str]:
     return earlier
 
 
+# the lock each output folder of this process holds (a run that ended in an exception leaves its handle to be
+# replaced by the next run here, not kept alive by a traceback)
+_RUN_LOCKS: dict[Path, object] = {}
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """An advisory lock on `output_dir` for as long as this process runs in it: a second run into the same folder (a
+    job re-queued while the first still runs, the command started twice) would write its checkpoints and log among the
+    first one's. The operating system releases it when the process ends, however it ends. Where the file system has no
+    locks (Windows, some network mounts) the run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = output_dir.resolve()
+    earlier = _RUN_LOCKS.pop(key, None)
+    if earlier is not None:
+        earlier.close()
+    handle = open(output_dir / ".run.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        who = f" (process {owner})" if owner else ""
+        raise SystemExit(f"error: {output_dir} is in use by another training run{who}: wait for it to end (or stop "
+                         "it), then continue with --resume_from_checkpoint latest") from None
+    except OSError:
+        handle.close()
+        return
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _RUN_LOCKS[key] = handle
+
+
+def unlock_output_dir(output_dir: Path) -> None:
+    handle = _RUN_LOCKS.pop(output_dir.resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
 def prepare_output_dir(output_dir: Path, args) -> None:
     """Delete the earlier run `--overwrite_output_dir` replaces; called once the dataset and model have loaded, so a
     mistyped argument never costs the earlier run."""
@@ -299,6 +343,8 @@ def main(argv=None) -> dict:
                          f"processes = {args.gradient_accumulation_steps} x {world}")
     output_dir = Path(args.output_dir)
     earlier_run(output_dir, args)  # refused before anything loads
+    if accelerator.is_main_process and output_dir.is_dir():  # before its checkpoints are read
+        lock_output_dir(output_dir)
     resume = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
@@ -317,6 +363,8 @@ def main(argv=None) -> dict:
         model, tokenizer = build_model(args.model, args.config_overrides, class_names)
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, args)
+        if output_dir.resolve() not in _RUN_LOCKS:  # a new folder
+            lock_output_dir(output_dir)
     accelerator.wait_for_everyone()
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -482,6 +530,7 @@ def main(argv=None) -> dict:
     # group objects, freed by end_training, release the GIL there)
     model, optimizer = accelerator.free_memory(model, optimizer)
     accelerator.end_training()
+    unlock_output_dir(output_dir)
     return results
 
 
