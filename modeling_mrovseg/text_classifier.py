@@ -36,7 +36,8 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     """
     if value is None:
         return None
-    if isinstance(value, Mapping) or not isinstance(value, (str, Iterable)):  # {0: "cat"} would give its keys
+    # {0: "cat"} would give its keys, b"cat,dog" its byte values
+    if isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, (str, Iterable)):
         raise ValueError(f"class names are a list of names or a string, got {type(value).__name__}: {str(value)[:60]}")
     if isinstance(value, str) and value.strip().startswith("["):  # an inline JSON list, as the scripts' help says
         value = _json_names(value, f"class names {value[:60]!r}")

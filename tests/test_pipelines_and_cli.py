@@ -480,7 +480,8 @@ def test_parse_labels():
     with pytest.raises(ValueError, match="is not a JSON list of names"):
         parse_labels('["sky", "road"')
     # a mapping gave its keys ({"cat": 0} -> ["cat"]; id2label's ints an odd error), a number "not iterable"
-    for value, kind in (({"cat": 0, "dog": 1}, "dict"), (5, "int")):
+    # bytes gave their byte values ("Class names must be strings, got int: 115")
+    for value, kind in (({"cat": 0, "dog": 1}, "dict"), (5, "int"), (b"sky,road", "bytes")):
         with pytest.raises(ValueError, match=f"class names are a list of names or a string, got {kind}"):
             parse_labels(value)
     assert parse_labels(("sky", "road")) == ["sky", "road"] and parse_labels(np.array(["sky"])) == ["sky"]
