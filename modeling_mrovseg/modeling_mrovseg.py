@@ -196,8 +196,8 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except SafetensorError as error:  # neither an OSError nor a ValueError: the CLI and scripts showed a traceback
-            raise OSError(f"the weights of {pretrained_model_name_or_path} are damaged or incomplete (a download or save "
-                          f"that was cut short?): {error}; download or save them again") from None
+            raise OSError(f"the weights of {pretrained_model_name_or_path} are damaged or incomplete (a download or "
+                          f"save that was cut short?): {error}; download or save them again") from None
         except OSError as error:
             folder = Path(str(pretrained_model_name_or_path))
             if not allow_pickle and folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
