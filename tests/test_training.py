@@ -108,20 +108,22 @@ def free_port() -> int:
 def test_a_folder_in_use_by_another_run_is_refused(tiny_clip_dir, synthetic, tmp_path):
     """A job re-queued while the first still runs (or the command started twice): both wrote checkpoints and log lines
     into one folder. The second is refused, naming the first's process; once the first ends, it resumes."""
-    fcntl = pytest.importorskip("fcntl")
+    pytest.importorskip("fcntl")
 
     train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2, stop_after_steps=2))
-    other = open(tmp_path / ".run.lock", "a+")  # another run's lock (flock: one per open file, even in one process)
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    other.seek(0)
-    other.truncate()
-    other.write("4242\n")
-    other.flush()
-    with pytest.raises(SystemExit, match=r"is in use by another training run \(process 4242\)"):
-        train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2,
-                        resume_from_checkpoint="latest"))
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"]
-    other.close()  # the other run ended
+    holder = subprocess.Popen(  # another run, holding the folder's lock as training.train does
+        [sys.executable, "-c", "import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\n"
+         "fcntl.lockf(f, fcntl.LOCK_EX, 0, 0, os.SEEK_SET)\nf.seek(0)\nf.truncate()\nf.write('4242')\nf.flush()\n"
+         "print('locked', flush=True)\ntime.sleep(120)", str(tmp_path / ".run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=r"is in use by another training run \(process 4242\)"):
+            train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2,
+                            resume_from_checkpoint="latest"))
+        assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"]
+    finally:
+        holder.kill()  # the other run ended
+        holder.wait()
     results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4, checkpointing_steps=2,
                               resume_from_checkpoint="latest"))
     assert results["stopped_at"] == 4
@@ -491,3 +493,15 @@ def test_an_unreadable_training_row_is_named_and_the_run_ends_in_one_line(tiny_c
         f"error: training row 5: image (96, 128) and label (48, 128) differ in size (in {tmp_path / 'data'}); "
         "training stopped before step 3. Fix or remove that row, then continue with --resume_from_checkpoint latest.")
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "training_state.json").is_file()  # the work before it kept
+    # the row fixed, another holds a class id past the 3 class names (labels of another vocabulary): named the same
+    # way before its step (the loss refused it inside the step, with a traceback naming no row)
+    rows[5]["label"] = rows[4]["label"]
+    bad = np.asarray(rows[6]["label"]).copy()
+    bad[:4, :4] = 9
+    rows[6]["label"] = Image.fromarray(bad)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "data" / "train.parquet"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(tiny_clip_dir, tmp_path / "data", tmp_path / "run", max_steps=6, checkpointing_steps=2,
+                        crop_size=64, eval_split="none", resume_from_checkpoint="latest"))
+    assert str(stop.value).startswith("error: training row 6: its label holds [9], neither class ids 0..2 of the 3 "
+                                      "class names nor unlabelled (255)")

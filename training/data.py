@@ -173,10 +173,11 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, processor, augment: SegmentationAugment, seed: int, global_batch: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, num_classes: int | None = None):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.dataset, self.processor, self.augment = dataset, processor, augment
+        self.num_classes = num_classes  # label values past it are refused, naming the row
         self.seed, self.global_batch, self.rank, self.world_size = seed, global_batch, rank, world_size
         self.per_process = global_batch // world_size
         self.batches_per_epoch = max(1, len(dataset) // global_batch)
@@ -191,6 +192,17 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:  # effectively unbounded: the training loop decides when to stop
         return 2**31 - 1
 
+    def check_label_values(self, label: np.ndarray) -> None:
+        """Values that are neither a class id nor unlabelled (labels of another vocabulary): the model's loss refused
+        them deep in a step, with a traceback that named no row."""
+        if self.num_classes is None:
+            return
+        ignore = self.processor.ignore_index
+        stray = np.unique(label[(label != ignore) & ((label < 0) | (label >= self.num_classes))])
+        if stray.size:
+            raise ValueError(f"its label holds {stray[:5].tolist()}, neither class ids 0..{self.num_classes - 1} of "
+                             f"the {self.num_classes} class names nor unlabelled ({ignore})")
+
     def positions(self, index: int) -> list[int]:
         """Global sample positions (epoch-major) of this process's share of micro-batch `index`."""
         start = index * self.global_batch + self.rank * self.per_process
@@ -204,6 +216,7 @@ class StepBatches(torch.utils.data.Dataset):
             seed = sample_seed(self.seed, position)
             try:
                 image, label = as_arrays(self.dataset[row])
+                self.check_label_values(label)
             except (OSError, ValueError) as error:
                 raise TrainingRowError(f"training row {row}: {one_line(error)}") from error
             image, label = self.augment(image, label, np.random.default_rng(seed))

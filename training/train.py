@@ -12,6 +12,7 @@ checkpoint to continue from. Checkpoints (`accelerator.save_state`) go to OUTPUT
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -265,8 +266,8 @@ def earlier_run(output_dir: Path, args) -> list[str]:
     return earlier
 
 
-# the lock each output folder of this process holds (a run that ended in an exception leaves its handle to be
-# replaced by the next run here, not kept alive by a traceback)
+# the lock file each output folder of this process holds open (a run that ended in an exception leaves its handle to
+# be replaced by the next run here, not kept alive by a traceback)
 _RUN_LOCKS: dict[Path, object] = {}
 
 
@@ -284,18 +285,17 @@ def lock_output_dir(output_dir: Path) -> None:
     if earlier is not None:
         earlier.close()
     handle = open(output_dir / ".run.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    try:  # a POSIX lock: held by this process alone (DataLoader workers forked from it do not inherit it)
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)
+    except OSError as error:
         handle.seek(0)
         owner = handle.read().strip()
         handle.close()
+        if error.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system
+            return
         who = f" (process {owner})" if owner else ""
         raise SystemExit(f"error: {output_dir} is in use by another training run{who}: wait for it to end (or stop "
                          "it), then continue with --resume_from_checkpoint latest") from None
-    except OSError:
-        handle.close()
-        return
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
     per_step = args.batch_size // args.gradient_accumulation_steps
     augment = SegmentationAugment(crop_size=args.crop_size, ignore_index=config.ignore_index)  # pads as unlabelled
     batches = StepBatches(train_set, train_processor, augment, args.seed, global_batch=per_step,
-                          rank=accelerator.process_index, world_size=world)
+                          rank=accelerator.process_index, world_size=world, num_classes=len(class_names))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, args.lr, args.weight_decay, accelerator.device)
