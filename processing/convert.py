@@ -382,7 +382,12 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     pairs = [(p, labels.get(p.stem)) for p in images]
     missing = [str(label_dir / f"{image.stem}.png") for image, label in pairs if label is None]
     if not pairs or missing:
-        raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing {missing[:3]}")
+        lossy = sorted(p.name for p in label_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")) \
+            if label_dir.is_dir() else []
+        hint = (f" (labels such as {lossy[0]} are JPEGs: JPEG compression changes class ids along every edge, so "
+                "labels must be PNGs, saved from the tool that drew them)") if lossy else ""
+        raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing "
+                                f"{missing[:3]}{hint}")
     stems = Counter(p.stem for p in images)
     twins = sorted({p.name for p in images if stems[p.stem] > 1})
     if twins:

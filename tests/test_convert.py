@@ -166,6 +166,10 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     Image.fromarray(colour).save(tmp_path / "mine" / "labels" / "img0.png")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                         str(tmp_path / "bad")], "has 3 channels (a colour mask?)")
+    # labels saved as JPEG: named as such (it said only that labels/img0.png was missing)
+    (tmp_path / "mine" / "labels" / "img0.png").rename(tmp_path / "mine" / "labels" / "img0.jpg")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
+                        str(tmp_path / "bad")], "labels such as img0.jpg are JPEGs")
 
 
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
