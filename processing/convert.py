@@ -362,34 +362,48 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                    seed: int = 0, binary_masks: bool = False) -> list[Path]:
     """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count).
 
-    Hidden files (`.DS_Store`, macOS `._photo.jpg` copies) are skipped. `binary_masks`: each label is a mask, 0 for
+    Sub-folders are read too (images/b1/x.jpg with labels/b1/x.png); hidden files (`.DS_Store`, macOS `._photo.jpg`
+    copies) are skipped. `binary_masks`: each label is a mask, 0 for
     class 0 and any other value (1, 255) for class 1 (two class names); otherwise 255 is unlabelled, so a folder of
     0/255 masks, which would train nothing but class 0, is an error that points to this option."""
     root = Path(source)
+    image_dir, label_dir = root / "images", root / "labels"
+    if not root.is_dir():
+        raise FileNotFoundError(f"source folder {root} not found")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{root} has no images/ folder: give a folder holding images/ and labels/ (a "
+                                "<name>.png per image)")
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-    # regular files only: opening a named pipe (or a socket) called photo.jpg waited forever
-    images = sorted(p for p in (root / "images").iterdir()
-                    if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file())
-    # label PNGs by name, the suffix in any case (IMG_0001.PNG from a camera or a Windows tool)
-    label_dir = root / "labels"
-    found = sorted(p for p in label_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")
-                   and p.is_file()) if label_dir.is_dir() else []
-    labels = {p.stem: p for p in found}
+
+    def files(folder: Path, kinds: set[str]) -> list[Path]:
+        """Regular files below `folder` (sub-folders too, as the CLI reads them) with these suffixes in any case
+        (IMG_0001.PNG), none hidden (`.DS_Store`, macOS `._photo.jpg`); a named pipe called photo.jpg waited
+        forever."""
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in kinds and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+    def key(path: Path, folder: Path) -> str:  # images/b1/x.jpg pairs with labels/b1/x.png
+        return path.relative_to(folder).with_suffix("").as_posix()
+
+    images = files(image_dir, suffixes)
+    found = files(label_dir, {".png"}) if label_dir.is_dir() else []
+    labels = {key(p, label_dir): p for p in found}
     if len(labels) < len(found):
-        label_stems = Counter(p.stem for p in found)
-        doubled = sorted(p.name for p in found if label_stems[p.stem] > 1)
+        label_keys = Counter(key(p, label_dir) for p in found)
+        doubled = sorted(p.name for p in found if label_keys[key(p, label_dir)] > 1)
         raise ValueError(f"labels {doubled[:4]} name one image twice; keep one label file per image")
-    pairs = [(p, labels.get(p.stem)) for p in images]
-    missing = [str(label_dir / f"{image.stem}.png") for image, label in pairs if label is None]
-    if not pairs or missing:
-        lossy = sorted(p.name for p in label_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")) \
-            if label_dir.is_dir() else []
-        hint = (f" (labels such as {lossy[0]} are JPEGs: JPEG compression changes class ids along every edge, so "
-                "labels must be PNGs, saved from the tool that drew them)") if lossy else ""
-        raise FileNotFoundError(f"need images/ and a labels/<name>.png for each image in {root}; missing "
-                                f"{missing[:3]}{hint}")
-    stems = Counter(p.stem for p in images)
-    twins = sorted({p.name for p in images if stems[p.stem] > 1})
+    pairs = [(p, labels.get(key(p, image_dir))) for p in images]
+    missing = [str(label_dir / f"{key(image, image_dir)}.png") for image, label in pairs if label is None]
+    if not pairs:
+        raise FileNotFoundError(f"no images in {image_dir} (looked for {', '.join(sorted(suffixes))})")
+    if missing:
+        lossy = files(label_dir, {".jpg", ".jpeg"}) if label_dir.is_dir() else []
+        hint = (f" (labels such as {lossy[0].name} are JPEGs: JPEG compression changes class ids along every edge, "
+                "so labels must be PNGs, saved from the tool that drew them)") if lossy else ""
+        raise FileNotFoundError(f"need a labels/<name>.png for each image in {image_dir}; missing {missing[:3]}"
+                                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}{hint}")
+    stems = Counter(key(p, image_dir) for p in images)
+    twins = sorted({p.name for p in images if stems[key(p, image_dir)] > 1})
     if twins:
         raise ValueError(f"images {twins[:4]} would share one label file; keep one image per name")
     if binary_masks and len(class_names) != 2:

@@ -137,7 +137,9 @@ def test_cli_and_missing_source(tmp_path, capsys):
     fails_with(capsys, ["pascal-voc", "--source", str(tmp_path), "--variant", "20", "--out", str(tmp_path / "o")],
                "split list")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "nowhere"), "--class-names", "a,b", "--out",
-                        str(tmp_path / "o")], "No such file or directory")
+                        str(tmp_path / "o")], "nowhere not found")
+    fails_with(capsys, ["folder", "--source", str(tmp_path), "--class-names", "a,b", "--out",
+                        str(tmp_path / "o")], "has no images/ folder")
     assert not (tmp_path / "o").exists()
 
 
@@ -166,6 +168,17 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     Image.fromarray(colour).save(tmp_path / "mine" / "labels" / "img0.png")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                         str(tmp_path / "bad")], "has 3 channels (a colour mask?)")
+    # images in sub-folders, labels at the same place below labels/ (only the top folder's were read: the others
+    # were left out without a word, or "missing []" when all were in sub-folders)
+    (tmp_path / "nested" / "images" / "day1").mkdir(parents=True)
+    (tmp_path / "nested" / "labels" / "day1").mkdir(parents=True)
+    for i, where in enumerate(("", "day1/")):
+        image(8, 10, seed=i).save(tmp_path / "nested" / "images" / f"{where}img.jpg")  # one name in two folders
+        Image.fromarray(np.full((8, 10), i, dtype=np.uint8)).save(tmp_path / "nested" / "labels" / f"{where}img.png")
+    convert.main(["folder", "--source", str(tmp_path / "nested"), "--class-names", "a, b", "--val-fraction", "0",
+                  "--out", str(tmp_path / "nested_out")])
+    nested, _ = read_back(tmp_path / "nested_out", "train")
+    assert sorted(int(label[0, 0]) for label in nested) == [0, 1]
     # labels saved as JPEG: named as such (it said only that labels/img0.png was missing)
     (tmp_path / "mine" / "labels" / "img0.png").rename(tmp_path / "mine" / "labels" / "img0.jpg")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
