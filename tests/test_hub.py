@@ -93,6 +93,21 @@ def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
 
 def check_snapshot(snapshot: Path):
     image = random_image(70, 110)
+    # the card's own usage code runs as written, on remote code alone (it loaded the base feature extractor,
+    # AutoModel, whose outputs no post-processing takes)
+    card = (snapshot / "README.md").read_text()
+    usage = card.split("```python\n", 1)[1].split("```", 1)[0]
+    Image.fromarray(image).save(snapshot / "photo.jpg")
+    usage = usage.replace('"acme/mrovseg-test"', repr(str(snapshot)))
+    usage = usage.replace('"photo.jpg"', repr(str(snapshot / "photo.jpg")))
+    check = ("\nassert tuple(label_map.shape) == (70, 110)"
+             "\nassert set(label_map.unique().tolist()) <= set(model.config.id2label)"
+             "\nassert segments and result['labels'] == ['road', 'cyclist', 'traffic cone']\nprint('card ok')")
+    ran = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['modeling_mrovseg'] = None\n" + usage + check],
+                         capture_output=True, text=True, timeout=300, cwd=snapshot.parent,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert ran.returncode == 0 and "card ok" in ran.stdout, ran.stderr[-3000:]
+    (snapshot / "photo.jpg").unlink()
     model = MROVSegForOpenVocabSegmentation.from_pretrained(snapshot).eval()
     processor = MROVSegProcessor.from_pretrained(snapshot)
     with torch.inference_mode():
