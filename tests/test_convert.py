@@ -222,6 +222,15 @@ def test_training_reads_a_hub_datasets_layout_from_a_local_copy(tmp_path):
         load_segmentation_dataset(str(hub), "test")
     with pytest.raises(FileNotFoundError, match="no parquet file for split 'train'"):
         load_segmentation_dataset(str(tmp_path / "mine"), "train")
+    # a split file without rows: named (datasets said 'Instruction "train" corresponds to no data!')
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"image": [], "label": []}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Image()}))
+    (tmp_path / "empty").mkdir()
+    empty.to_parquet(str(tmp_path / "empty" / "train.parquet"))
+    with pytest.raises(ValueError, match="the 'train' split in .*empty holds no rows"):
+        load_segmentation_dataset(str(tmp_path / "empty"), "train", ["a", "b"])
 
 
 def test_failed_rerun_leaves_the_earlier_conversion_untouched(tmp_path, capsys):

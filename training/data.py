@@ -78,7 +78,12 @@ def load_parquet_split(path: Path, split: str):
     candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
     files = [str(f) for f in candidates if f.is_file()]
     if files:
-        return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        try:
+            return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        except ValueError as error:  # datasets: 'Instruction "train" corresponds to no data!'
+            if "corresponds to no data" not in str(error):
+                raise
+            raise ValueError(f"the {split!r} split in {path} holds no rows ({', '.join(files)})") from None
     if path.is_dir() and any(path.rglob("*.parquet")):
         try:
             return datasets.load_dataset("parquet", data_dir=str(path), split=split)
