@@ -87,6 +87,17 @@ def default_feature_layers(depth: int) -> list[int]:
     return [layer for layer in layers if layer < depth] or [max(0, depth - 1)]
 
 
+def near_name(name: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The name among `known` that `name` most likely misspells (difflib's similarity at least `cutoff`), or None."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def with_hint(name: str, near: str | None) -> str:
+    """`name` for an error message, with the name meant where one is near: "num_querys (did you mean num_queries?)"."""
+    return f"{name} (did you mean {near}?)" if near else name
+
+
 LEGACY_FIELD = "mask_decoder_channels"  # pixel_decoder_channels, as configs saved before the rename call it
 
 
@@ -174,7 +185,7 @@ class MROVSegConfig(PretrainedConfig):
         legacy_channels = kwargs.pop(LEGACY_FIELD, None)  # the field's name before the rename
         # other keywords are kept as attributes (what transformers saves beside the fields); one near a field's name
         # (`num_querys=`, CLIP's `logit_scale_init_value=`) is a mistake that would leave the field at its default
-        misspelt = [f"{name} (did you mean {near}?)" for name in kwargs if (near := self.field_near(name))]
+        misspelt = [with_hint(name, near) for name in kwargs if (near := self.field_near(name))]
         if misspelt:
             raise TypeError(f"MROVSegConfig has no field(s) {', '.join(misspelt)}")
         if self.pixel_decoder_channels is None and legacy_channels is not None:
@@ -328,16 +339,14 @@ class MROVSegConfig(PretrainedConfig):
     def field_near(cls, name: str) -> str | None:
         """The field `name` is likely a misspelling of (None for a field itself, or a name near none)."""
         known = cls.field_names()
-        close = [] if name in known else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-        return close[0] if close else None
+        return None if name in known else near_name(name, known, cutoff=0.8)
 
     @classmethod
     def unknown_fields(cls, names: Iterable[str]) -> list[str]:
         """The names among `names` that are no field of this config, each with the field it is near, if any: a
         config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
         known = cls.field_names()
-        return [f"{name} (did you mean {near}?)" if (near := cls.field_near(name)) else name
-                for name in names if name not in known]
+        return [with_hint(name, cls.field_near(name)) for name in names if name not in known]
 
     @classmethod
     def check_field_names(cls, names: Iterable[str]) -> None:
@@ -384,4 +393,4 @@ def normalize_class_name(name: str) -> str:
 
 
 __all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "WIDE_IGNORE_INDEX", "unlabelled_value",
-           "HIGH_RES_ENCODINGS", "default_feature_layers", "normalize_class_name"]
+           "HIGH_RES_ENCODINGS", "default_feature_layers", "normalize_class_name", "near_name", "with_hint"]

@@ -17,7 +17,6 @@ Input conventions (documented fallbacks rather than errors):
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
-from .configuration_mrovseg import IGNORE_INDEX
+from .configuration_mrovseg import IGNORE_INDEX, near_name, with_hint
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
 
@@ -234,12 +233,11 @@ class MROVSegImageProcessor(PilBackend):
         # transformers keeps any other keyword as an attribute (saved bookkeeping such as image_processor_type), so a
         # misspelt setting (`slice_sise=`, `do_resise=`) processed with the default silently: names near a setting
         # are refused
-        settings = list(self.valid_kwargs.__annotations__)
-        misspelt = {name: close[0] for name in kwargs if name not in settings
-                    for close in [difflib.get_close_matches(name, settings, n=1, cutoff=0.8)] if close}
+        settings = self.valid_kwargs.__annotations__
+        misspelt = [with_hint(name, near) for name in kwargs
+                    if name not in settings and (near := near_name(name, settings, cutoff=0.8))]
         if misspelt:
-            raise TypeError(f"MROVSegImageProcessor got unknown setting(s) "
-                            f"{', '.join(f'{name} (did you mean {close}?)' for name, close in misspelt.items())}")
+            raise TypeError(f"MROVSegImageProcessor got unknown setting(s) {', '.join(misspelt)}")
         super().__init__(**kwargs)
         _check_overlap(self.slice_size, self.slice_overlap)
 

@@ -11,7 +11,6 @@ Shapes: B images, K slices, W CLIP width, D decoder width, E joint image-text wi
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils import ModelOutput, TransformersKwargs
 
-from .configuration_mrovseg import MROVSegConfig
+from .configuration_mrovseg import MROVSegConfig, near_name, with_hint
 from .layers import MROVSegQuickGELU
 from .loss_mrovseg import MROVSegLoss
 from .mask_decoder import MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder
@@ -71,8 +70,7 @@ def check_forward_kwargs(forward, kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
     if unknown:
         known = [name for name in inspect.signature(forward).parameters if name != "kwargs"]
-        hints = [f"{name} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(name, known, n=1))
-                 else name for name in unknown]
+        hints = [with_hint(name, near_name(name, known)) for name in unknown]
         raise TypeError(f"{type(forward.__self__).__name__}.forward got unexpected argument(s) {', '.join(hints)}; "
                         f"it takes {', '.join(known)}")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import io
 import os
 import warnings
@@ -29,6 +28,7 @@ try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer
 except ImportError:
     import httpx
 
+from .configuration_mrovseg import near_name, with_hint
 from .text_classifier import parse_class_names
 
 
@@ -213,10 +213,7 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
     def _sanitize_parameters(self, candidate_labels=None, score_threshold=None, timeout=None, **kwargs):
         if kwargs:
             known = ("candidate_labels", "score_threshold", "timeout")
-            hints = []
-            for name in sorted(kwargs):
-                similar = self._SIMILAR.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
-                hints.append(f"{name} (did you mean {similar}?)" if similar else name)
+            hints = [with_hint(name, self._SIMILAR.get(name) or near_name(name, known)) for name in sorted(kwargs)]
             raise TypeError(f"zero-shot-image-segmentation got unknown parameter(s) {', '.join(hints)}; it takes "
                             "candidate_labels, score_threshold, timeout, batch_size and num_workers per call "
                             "(and text_cache_size, compile when built)")
