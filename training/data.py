@@ -203,9 +203,9 @@ class StepBatches(torch.utils.data.Dataset):
         if self.num_classes is None:
             return
         ignore = self.processor.ignore_index
-        stray = np.unique(label[(label != ignore) & ((label < 0) | (label >= self.num_classes))])
-        if stray.size:
-            raise ValueError(f"its label holds {stray[:5].tolist()}, neither class ids 0..{self.num_classes - 1} of "
+        stray = stray_label_values(label, self.num_classes, ignore)
+        if stray:
+            raise ValueError(f"its label holds {stray[:5]}, neither class ids 0..{self.num_classes - 1} of "
                              f"the {self.num_classes} class names nor unlabelled ({ignore})")
 
     def positions(self, index: int) -> list[int]:
@@ -234,10 +234,15 @@ class StepBatches(torch.utils.data.Dataset):
         return dict(batch)
 
 
+def stray_label_values(label: np.ndarray, num_classes: int, ignore: int) -> list[int]:
+    """The values of a label map that are neither a class id (0..num_classes - 1) nor `ignore`, in order."""
+    return np.unique(label[(label != ignore) & ((label < 0) | (label >= num_classes))]).tolist()
+
+
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     """Evaluation shard of one process: every `world_size`-th item, starting at `rank`."""
     return list(range(rank, num_items, world_size))
 
 
 __all__ = ["load_segmentation_dataset", "as_arrays", "SegmentationAugment", "StepBatches", "TrainingRowError",
-           "sample_seed", "shard_indices", "IGNORE_INDEX"]
+           "sample_seed", "shard_indices", "stray_label_values", "IGNORE_INDEX"]

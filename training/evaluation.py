@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from modeling_mrovseg.cli import one_line
 
-from .data import as_arrays
+from .data import as_arrays, stray_label_values
 
 
 @torch.inference_mode()
@@ -34,9 +34,9 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     for index in tqdm(indices, desc="evaluating", disable=not show_progress, unit="image"):
         try:
             image, label = as_arrays(dataset[int(index)])
-            stray = (label != ignore) & ((label < 0) | (label >= num_classes))
-            if stray.any():  # the metric counts no class there: a mismatched vocabulary would score silently high
-                raise ValueError(f"its label holds values {np.unique(label[stray])[:5].tolist()}, neither class ids "
+            stray = stray_label_values(label, num_classes, ignore)
+            if stray:  # the metric counts no class there: a mismatched vocabulary would score silently high
+                raise ValueError(f"its label holds values {stray[:5]}, neither class ids "
                                  f"0..{num_classes - 1} of the {num_classes} class names nor unlabelled ({ignore}): "
                                  "the labels and the class names do not match")
         except (OSError, ValueError) as error:
