@@ -44,6 +44,8 @@ REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
 ADAPTER_RECIPE = "mrovseg_base.json"
 # `from_pretrained` arguments that say where a checkpoint's files are; its tokenizer and processor load with them too
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+# what other APIs call the class names (the training scripts, the zero-shot pipeline): `vocabulary` here
+VOCABULARY_ALIASES = ("class_names", "candidate_labels", "labels", "classes")
 
 
 def hub_kwargs(kwargs: dict) -> dict:
@@ -1065,6 +1067,12 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         """
         from transformers import AutoTokenizer, CLIPModel
 
+        unknown = [name for name in config_overrides if name not in MROVSegConfig.field_names()]
+        if unknown:  # before the download; `class_names=` is the likeliest slip (the training scripts' name)
+            hints = [with_hint(name, "vocabulary" if name in VOCABULARY_ALIASES else MROVSegConfig.field_near(name))
+                     for name in unknown]
+            raise TypeError(f"from_clip() got unknown keyword(s) {', '.join(hints)}; it takes vocabulary (the class "
+                            "names), tokenizer and MROVSegConfig fields.")
         clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
         # a vision-only CLIP (or another model) gave a random text tower: every class name embedded to noise
         lacking = weights_not_loaded(info)

@@ -370,12 +370,29 @@ class MROVSegImageSegmentationPipeline(ImageSegmentationPipeline):
     # no image-segmentation model uses a video processor; looking for one in an MROVSeg folder with a
     # preprocessor_config.json made transformers ask on stdin whether to run the folder's remote code
     _load_video_processor = False
+    # optional, so that a model object comes without one (see __init__; other models still need theirs)
+    _load_image_processor = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.image_processor is None and not self.serves_mrovseg:
+            self._raise_missing_image_processor()
         if self.serves_mrovseg:
             self.model.check_complete()
+            if self.image_processor is None:  # pipeline(..., model=model_object): transformers guessed none
+                self.image_processor = model_image_processor(self.model)
             check_image_processor(self.image_processor)
+
+    def _raise_missing_image_processor(self) -> None:
+        """Another model without an image processor fails as in transformers: the error of loading it from the
+        model's folder or Hub id (which the optional flag above swallowed), else transformers' own message."""
+        from transformers import AutoImageProcessor
+
+        source = getattr(self.model, "name_or_path", "") or ""
+        if source:
+            AutoImageProcessor.from_pretrained(source)
+        raise Exception("Impossible to guess which image processor to use. Please provide a PreTrainedImageProcessor "
+                        "class or a path/identifier to a pretrained image processor.")
 
     @property
     def serves_mrovseg(self) -> bool:

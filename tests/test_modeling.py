@@ -338,6 +338,15 @@ def test_from_clip_refuses_a_clip_without_its_text_tower(tiny_clip_dir, tmp_path
         MROVSegForOpenVocabSegmentation.from_clip(str(tmp_path), vocabulary=LABELS)
 
 
+def test_from_clip_names_a_keyword_it_does_not_take(tmp_path):
+    """`from_clip(..., class_names=[...])` (the training scripts' name) said "MROVSegConfig has no field(s)
+    class_names", as if the config were at fault; it is refused before CLIP loads (the folder here holds none)."""
+    for keyword, meant in (("class_names", "vocabulary"), ("labels", "vocabulary"), ("num_querys", "num_queries")):
+        with pytest.raises(TypeError, match=rf"from_clip\(\) got unknown keyword\(s\) {keyword} \(did you mean {meant}\?\)"
+                                            r"; it takes vocabulary \(the class names\), tokenizer and MROVSegConfig"):
+            MROVSegForOpenVocabSegmentation.from_clip(str(tmp_path), **{keyword: ["a"]})
+
+
 def test_set_vocabulary_prompt_ensemble_and_synonyms(tiny_clip_dir, tiny_tokenizer):
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
                                                       num_decoder_heads=4, prompt_templates=["a photo of a {}.", "a {}"])

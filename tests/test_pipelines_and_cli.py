@@ -44,10 +44,13 @@ def test_processor_round_trip_and_prompt_pooling(checkpoint, tiny_tokenizer):
 
 # ---------------------------------------------------------------- image-segmentation pipeline
 def test_image_segmentation_pipeline_from_folder_and_object(checkpoint):
+    """A model object needs no image_processor= (transformers' "Impossible to guess which image processor to use"
+    before): it brings its checkpoint's."""
     model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
     for segmenter in (pipeline("image-segmentation", model=str(checkpoint)),
                       pipeline("image-segmentation", model=model,
-                               image_processor=AutoProcessor.from_pretrained(checkpoint).image_processor)):
+                               image_processor=AutoProcessor.from_pretrained(checkpoint).image_processor),
+                      pipeline("image-segmentation", model=model)):
         batch = images()
         results = segmenter(batch)
         assert len(results) == 3
@@ -266,6 +269,9 @@ def test_zero_shot_pipeline_takes_a_model_object_alone(checkpoint, tiny_clip_dir
                                                       num_decoder_heads=4, prompt_templates=TEMPLATES)
     segmenter = pipeline("zero-shot-image-segmentation", model=fresh)
     assert segmenter.image_processor.to_dict() == MROVSegImageProcessor.from_model_config(fresh.config).to_dict()
+    stock = pipeline("image-segmentation", model=fresh)  # the stock task too
+    assert stock.image_processor.to_dict() == segmenter.image_processor.to_dict()
+    assert {segment["label"] for segment in stock(image)} <= {"sky", "road"}
     assert segmenter(image, candidate_labels="cat; dog")["label_map"].shape == (60, 200)
     # a folder saved without a processor: the defaults, said (the checkpoint's resolution is unknown)
     import shutil
@@ -287,7 +293,7 @@ def test_another_models_image_processor_is_named(checkpoint):
             pipeline(task, model=str(checkpoint), image_processor=clip)
 
 
-def test_the_stock_task_serves_other_models_as_before():
+def test_the_stock_task_serves_other_models_as_before(tmp_path):
     """`import modeling_mrovseg` swaps the stock image-segmentation class for a subclass: a SegFormer still runs through
     it with its own processor, unchecked."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
@@ -299,6 +305,12 @@ def test_the_stock_task_serves_other_models_as_before():
     segments = segmenter(Image.fromarray(random_image(50, 60)))
     assert segments and all(s["mask"].size == (60, 50) for s in segments)
     assert segmenter(Image.fromarray(random_image(50, 60)), threshold=0.5)  # its thresholds are its own business
+    # without a processor it fails as in transformers (MROVSeg's model objects bring theirs)
+    with pytest.raises(Exception, match="Impossible to guess which image processor to use"):
+        pipeline("image-segmentation", model=SegformerForSemanticSegmentation(config).eval())
+    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path)  # a folder without one: transformers' error
+    with pytest.raises(OSError, match="Can't load image processor for"):
+        pipeline("image-segmentation", model=str(tmp_path))
 
 
 def test_stock_thresholds_that_do_nothing_for_mrovseg_are_refused(checkpoint):
