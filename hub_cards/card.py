@@ -15,6 +15,7 @@ from pathlib import Path
 from modeling_mrovseg.cli import is_hub_id, one_line, write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+DEFAULT_LICENSE = "apache-2.0"  # the code's (LICENSE)
 # the last line of a generated card: the digest of everything above it, so a card edited by hand is recognised
 STAMP = "<!-- written by hub_cards.card (sha256 {}): a card edited by hand is kept -->"
 STAMP_PATTERN = re.compile(r"\n<!-- written by hub_cards\.card \(sha256 ([0-9a-f]{64})\): [^\n]*-->\n?$")
@@ -65,6 +66,8 @@ def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[
             final["training"] = {k: data["args"][k] for k in ("model", "dataset", "max_steps", "batch_size", "lr",
                                                               "crop_size", "lora_rank", "lora_targets")
                                  if k in data.get("args", {})}
+            if "hub_ids" in data:  # runs since it was recorded; older ones are judged by the names alone
+                final["training"]["hub_ids"] = list(data["hub_ids"])
             records.append(final)
             if data.get("final_evaluation_error"):  # training saved the model, but its final evaluation failed
                 why = f"its final evaluation failed ({data['final_evaluation_error']})"
@@ -92,8 +95,10 @@ def checkpoint_results(checkpoint: Path, named: list[str | Path] | None) -> list
     return load_results([own], allow_unscored=True) if own.is_file() else []
 
 
-def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = "apache-2.0"):
-    """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result."""
+def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = DEFAULT_LICENSE):
+    """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result and, where the
+    run started from a Hub model (a CLIP, or an MROVSeg it fine-tuned), that model as `base_model`: the Hub links the
+    two."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -106,17 +111,16 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
                    metric_value=round(100 * float(r["mean_iou"]), 2))
         for r in scored
     ]
-    datasets = sorted({str(r["training"]["dataset"]) for r in results if "training" in r
-                       and is_hub_id(str(r["training"]["dataset"]))})
-    card_data = ModelCardData(
-        model_name=repo_id.split("/")[-1], license=license, library_name="transformers",
-        pipeline_tag="image-segmentation", tags=["mrovseg", "open-vocabulary", "semantic-segmentation", "clip"],
-        datasets=datasets or None, eval_results=eval_results or None,
-    )
-    vision = config.get("vision_config", {})
+    datasets = sorted({hub_source(r["training"], "dataset") for r in results if "training" in r} - {None})
     training = next((r["training"] for r in results if "training" in r), None)
     if training is None:  # what training.train wrote next to the weights, if anything
         training = next((r["training"] for r in checkpoint_results(Path(checkpoint), None) if "training" in r), None)
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1], license=license, library_name="transformers",
+        pipeline_tag="image-segmentation", tags=["mrovseg", "open-vocabulary", "semantic-segmentation", "clip"],
+        datasets=datasets or None, eval_results=eval_results or None, base_model=hub_source(training, "model"),
+    )
+    vision = config.get("vision_config", {})
     training_description = describe_training(training, config)
     tiny = int(vision.get("hidden_size", 768)) < 256
     extra = ("The CLIP inside is a tiny randomly initialised one (width "
@@ -135,10 +139,33 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
     )
 
 
-def _source(name) -> str:
+def hub_source(training: dict | None, name: str) -> str | None:
+    """The run's `model` or `dataset` where it was a Hub id (as training.train recorded; by the name alone for runs
+    that did not record it), else None."""
+    value = str((training or {}).get(name) or "")
+    hub = name in training["hub_ids"] if training and "hub_ids" in training else is_hub_id(value)
+    return value if value and hub else None
+
+
+def add_license_argument(parser) -> None:
+    parser.add_argument("--license", type=license_id, default=DEFAULT_LICENSE,
+                        help=f"the weights' license on the card, a Hub license id (default {DEFAULT_LICENSE}, the "
+                             "code's; weights may owe their CLIP's and data's terms: mit, cc-by-4.0, other ...)")
+
+
+def license_id(value: str) -> str:
+    """A Hub license id is lowercase letters, digits, '.', '-' and '_' ("apache-2.0", "cc-by-nc-4.0", "other"); the
+    Hub rejects a card whose license is anything else, after the upload has begun."""
+    text = value.strip().lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a license id such as apache-2.0, mit, cc-by-4.0 or other")
+    return text
+
+
+def _source(training: dict, name: str) -> str:
     """A Hub id as is; a local path by its folder name only (a card never shows a machine's paths)."""
-    text = str(name)
-    return f"`{text}`" if is_hub_id(text) else f"a local `{Path(text).name}`"
+    hub = hub_source(training, name)
+    return f"`{hub}`" if hub else f"a local `{Path(str(training.get(name))).name}`"
 
 
 def describe_training(training: dict | None, config: dict) -> str:
@@ -151,7 +178,7 @@ def describe_training(training: dict | None, config: dict) -> str:
     if int(training.get("lora_rank") or 0) > 0:
         clip_part = (f"LoRA rank {training['lora_rank']} on CLIP's {training.get('lora_targets', 'vision')} attention, "
                      "the rest of CLIP frozen")
-    return (f"Trained from {_source(training.get('model'))} CLIP on {_source(training.get('dataset'))} data for "
+    return (f"Trained from {_source(training, 'model')} CLIP on {_source(training, 'dataset')} data for "
             f"{training.get('max_steps')} steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')} "
             f"with a poly schedule, {training.get('crop_size')} px crops after random scaling (0.5-1.5x), flips and "
             f"colour jitter; {clip_part}; Hungarian-matched class / BCE / dice losses on sampled points.")
@@ -163,10 +190,11 @@ def main(argv=None) -> Path:
     parser.add_argument("--results", nargs="*", default=[], help="results JSON files (default: CHECKPOINT/results.json)")
     parser.add_argument("--repo-id", default="your-name/mrovseg")
     parser.add_argument("--regenerate-card", action="store_true", help="replace a README.md edited by hand")
+    add_license_argument(parser)
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     try:  # a results file that is missing or not JSON (a shell glob that matched nothing), a folder with no config
-        card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id)
+        card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id, args.license)
         written = write_card(card, checkpoint, args.regenerate_card)
     except (OSError, ValueError) as error:
         parser.exit(1, f"error: {one_line(error)}; no card was written.\n")

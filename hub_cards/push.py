@@ -1,6 +1,7 @@
 """Publish an MROVSeg checkpoint to the Hugging Face Hub.
 
     python -m hub_cards.push --checkpoint runs/x/model --repo-id ORG/NAME [--private] [--results a.json ...]
+                             [--license mit]
 
 Uploads `model.safetensors`, `config.json`, the processor and tokenizer files, the remote-code modules named in
 `auto_map` (so `trust_remote_code=True` works without this package) and a model card whose `model-index`
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.modeling_mrovseg import refuse_training_adapter
+
+from .card import DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_results, write_card
 
 ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -41,16 +44,14 @@ def check_checkpoint(checkpoint: Path) -> None:
 
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: list[str] | None = None,
          token: str | None = None, endpoint: str | None = None, commit_message: str | None = None,
-         regenerate_card: bool = False) -> str | None:
+         regenerate_card: bool = False, license: str = DEFAULT_LICENSE) -> str | None:
     """Create the repo if needed, write the card (a README.md edited by hand is kept and uploaded as it is), upload
     the allowed files; returns the commit URL (None if no-op)."""
     from huggingface_hub import HfApi
 
-    from .card import build_card, checkpoint_results, write_card
-
     checkpoint = Path(checkpoint)
     check_checkpoint(checkpoint)
-    card = build_card(checkpoint, checkpoint_results(checkpoint, results), repo_id)
+    card = build_card(checkpoint, checkpoint_results(checkpoint, results), repo_id, license)
     card.validate()
     write_card(card, checkpoint, regenerate_card)
     api = HfApi(endpoint=endpoint, token=token)
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--token", default=None, help="default: the saved login / HF_TOKEN")
     parser.add_argument("--regenerate-card", action="store_true",
                         help="replace a README.md edited by hand with a generated card")
+    add_license_argument(parser)
     args = parser.parse_args(argv)
     try:
         check_checkpoint(Path(args.checkpoint))
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
         parser.exit(2, f"error: {error}\n")
     with hub_errors_exit(parser, "nothing was uploaded"):
         push(args.checkpoint, args.repo_id, args.private, args.results, args.token,
-             regenerate_card=args.regenerate_card)
+             regenerate_card=args.regenerate_card, license=args.license)
 
 
 @contextlib.contextmanager

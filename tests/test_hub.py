@@ -291,6 +291,20 @@ def test_card_states_what_the_run_did_and_no_machine_paths(checkpoint, tmp_path)
     assert "for 60 steps, batch 2" in card and "LoRA rank 4 on CLIP's vision attention" in card
     assert "a local `tiny-clip` CLIP on a local `cracks` data" in card
     assert "/home/me" not in card and "SAN recipe" not in card
+    assert "base_model" not in card  # a local CLIP is no Hub model to link
+
+    # a run from a Hub CLIP names it as base_model; the license is the caller's
+    run["args"]["model"] = "openai/clip-vit-base-patch16"
+    (folder / "results.json").write_text(json.dumps(run))
+    card = build_card(folder, [], "acme/x", license="mit")
+    assert card.data.base_model == "openai/clip-vit-base-patch16" and card.data.license == "mit"
+    assert "base_model: openai/clip-vit-base-patch16" in str(card) and "license: mit" in str(card)
+    # relative local folders read like Hub ids where the card is built: the run recorded which were Hub ids
+    run["args"].update(model="clips/tiny", dataset="data/cracks")
+    (folder / "results.json").write_text(json.dumps({**run, "hub_ids": []}))
+    card = build_card(folder, [], "acme/x")
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "a local `tiny` CLIP on a local `cracks` data" in str(card)
 
     # a run whose final evaluation failed: its card says so (not "no results were supplied"), without the error's
     # paths; asked for by name, that results file is refused with the error
@@ -344,3 +358,20 @@ def test_card_tool_names_results_it_cannot_read(checkpoint, tmp_path, capsys):
         assert message in err and err.endswith("no card was written.\n") and len(err.splitlines()) == 1
     after = (checkpoint / "README.md").read_bytes() if (checkpoint / "README.md").exists() else None
     assert after == before
+
+
+def test_card_and_push_take_the_weights_license(checkpoint, tmp_path, capsys):
+    """The card always said apache-2.0 (the code's license), whatever the weights owe their CLIP and data; a value
+    the Hub would reject after the upload began is refused first."""
+    import shutil
+
+    from hub_cards import card, push
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("README.md"))
+    assert "license: cc-by-4.0" in card.main(["--checkpoint", str(folder), "--license", "CC-BY-4.0"]).read_text()
+    for main in (card.main, push.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(folder), "--repo-id", "acme/x", "--license", "Apache 2"])
+        assert exit_info.value.code == 2
+        assert "'Apache 2' is not a license id such as apache-2.0" in capsys.readouterr().err

@@ -55,6 +55,7 @@ def test_training_loss_falls_and_saves_everything(tiny_clip_dir, synthetic, tmp_
     saved = json.loads((model_dir / "results.json").read_text())
     assert 0.0 <= saved["final_evaluation"]["mean_iou"] <= 1.0
     assert set(saved["final_evaluation"]["per_class_iou"]) == {"grass", "road", "building", "car", "sign"}
+    assert saved["hub_ids"] == []  # local CLIP and data: the card names no Hub base model or dataset
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation
 
     model = MROVSegForOpenVocabSegmentation.from_pretrained(model_dir)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from modeling_mrovseg import MEAN_IOU
-from modeling_mrovseg.cli import check_source, one_line, write_atomically
+from modeling_mrovseg.cli import check_source, is_hub_id, one_line, write_atomically
 
 import torch
 
@@ -501,8 +501,10 @@ def main(argv=None) -> dict:
             except (OSError, ValueError) as error:  # an unreadable evaluation image: the model is saved all the same
                 accelerator.print(f"final evaluation failed: {one_line(error)}; saving the model without it")
                 results["final_evaluation_error"] = str(error)
+        # which sources were Hub ids here: a relative local folder ("data/mine") reads like one where the card is built
         results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
-                       class_names=class_names, args=vars(args))
+                       class_names=class_names, args=vars(args),
+                       hub_ids=[name for name in ("model", "dataset") if is_hub_id(getattr(args, name))])
         if accelerator.is_main_process:
             model_dir = output_dir / "model"
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
