@@ -2,8 +2,8 @@
 
     python -m hub_cards.space --model ORG/mrovseg-vit-b16 --repo-id ORG/mrovseg-demo [--out space/] [--no-push]
 
-The Space folder holds `app.py`, the `modeling_mrovseg` library it imports, `requirements.txt`, a `mrovseg_space.json`
-naming the checkpoint, and a README whose YAML header (`sdk: gradio`, `app_file: app.py`) makes the Hub run it.
+The Space folder holds `app.py`, the `modeling_mrovseg` library it imports (and its `LICENSE`), `requirements.txt`, a
+`mrovseg_space.json` naming the checkpoint, and a README whose YAML header (`sdk: gradio`, `app_file: app.py`) makes the Hub run it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
         shutil.rmtree(out)
     shutil.copytree(ROOT / "modeling_mrovseg", out / "modeling_mrovseg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "app.py", out / "app.py")
+    shutil.copy2(ROOT / "LICENSE", out / "LICENSE")  # the code's, which the Space redistributes
     shutil.copytree(ROOT / "docs" / "examples", out / "docs" / "examples")  # the page's example images
     (out / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
     (out / "mrovseg_space.json").write_text(json.dumps({"model": model}, indent=1))

@@ -229,6 +229,7 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
     card = SpaceCard.load(folder / "README.md")
     assert (card.data.sdk, card.data.app_file) == ("gradio", "app.py") and card.data.sdk_version
     assert (folder / "app.py").is_file() and (folder / "modeling_mrovseg" / "modeling_mrovseg.py").is_file()
+    assert (folder / "LICENSE").read_text() == (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
     assert any((folder / "docs" / "examples").iterdir())
     assert "gradio" in (folder / "requirements.txt").read_text()
     assert json.loads((folder / "mrovseg_space.json").read_text()) == {"model": "acme/mrovseg-test"}
