@@ -428,3 +428,45 @@ def test_vocabularies_past_255_classes_keep_class_255_and_beyond(tmp_path, capsy
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "sizes" / "mine" / "labels" / "img3.png")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "sizes" / "mine"), "--class-names", "a,b,c",
                         "--out", str(tmp_path / "sizes" / "out")], "img3.jpg: image (8, 10) and label (4, 4) differ")
+
+
+def test_a_parquet_written_with_pandas_reads_as_images(tmp_path):
+    """pandas writes image columns as file paths or {"bytes", "path"} dicts, which datasets reads back as strings and
+    dicts: training and evaluation stopped at the first row with "image 0 has unsupported type str". They are images
+    now, relative paths read from the dataset's folder, and paths that name no file are refused up front."""
+    import io
+    import json
+
+    import pandas as pd
+
+    labels = [np.random.default_rng(i).integers(0, 3, (12, 16)) for i in range(3)]
+    (tmp_path / "paths" / "files").mkdir(parents=True)
+    (tmp_path / "bytes").mkdir()
+    path_rows, byte_rows = [], []
+    for i, label in enumerate(labels):
+        image(seed=i).save(tmp_path / "paths" / "files" / f"{i}.jpg")
+        Image.fromarray(label.astype(np.uint8)).save(tmp_path / "paths" / "files" / f"{i}.png")
+        path_rows.append({"image": f"files/{i}.jpg", "label": str(tmp_path / "paths" / "files" / f"{i}.png")})
+        encoded = {}
+        pictures = (("image", image(seed=i), "JPEG"), ("label", Image.fromarray(label.astype(np.uint8)), "PNG"))
+        for column, picture, kind in pictures:
+            buffer = io.BytesIO()
+            picture.save(buffer, kind)
+            encoded[column] = {"bytes": buffer.getvalue(), "path": None}
+        byte_rows.append(encoded)
+    for folder, rows in (("paths", path_rows), ("bytes", byte_rows)):
+        pd.DataFrame(rows).to_parquet(tmp_path / folder / "validation.parquet")
+        (tmp_path / folder / "class_names.json").write_text(json.dumps(["a", "b", "c"]))
+    from_paths, names = read_back(tmp_path / "paths")
+    from_bytes, _ = read_back(tmp_path / "bytes")
+    assert names == ["a", "b", "c"]
+    for label, one, other in zip(labels, from_paths, from_bytes):
+        np.testing.assert_array_equal(one, label)
+        np.testing.assert_array_equal(other, label)
+    dataset, _ = load_segmentation_dataset(str(tmp_path / "paths"), "validation")
+    np.testing.assert_array_equal(as_arrays(dataset[0])[0], as_arrays(load_segmentation_dataset(
+        str(tmp_path / "bytes"), "validation")[0][0])[0])  # the same JPEG decoded either way
+    (tmp_path / "paths" / "files" / "2.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 image paths name no file \(the first: 'files/2.jpg'\); "
+                                                r"relative paths are read from .*paths"):
+        load_segmentation_dataset(str(tmp_path / "paths"), "validation")

@@ -1,6 +1,7 @@
 """Segmentation datasets for training and evaluation: loading, deterministic augmentation, batching.
 
-One schema for every dataset: an `image` column and a `label` column (images; label values are class indices,
+One schema for every dataset: an `image` column and a `label` column (images, or file paths or `{"bytes", "path"}`
+dicts as pandas writes them, cast to images on load; label values are class indices,
 255 = unlabelled, or 65535 in 16-bit label maps past 255 classes: `unlabelled_value`) plus the list of class names
 (`class_names.json` beside local parquet files). Everything random is derived from (seed, epoch, position), so a
 run is reproducible whatever the number of processes and wherever it is resumed.
@@ -63,7 +64,40 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     missing = {"image", "label"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"{name_or_path} lacks the column(s) {sorted(missing)}; convert it with processing/.")
-    return dataset, list(names)
+    return as_image_columns(dataset, path if path.is_dir() else path.parent if path.exists() else None), list(names)
+
+
+def as_image_columns(dataset, folder: Path | None):
+    """
+    `image` and `label` as `datasets.Image` columns. A parquet file written with pandas holds file paths (strings)
+    or `{"bytes", "path"}` dicts, which datasets reads back as such, not as images; cast, they decode as any image
+    column does. Relative paths are taken from the dataset's folder (else the working directory); a path that
+    names no file is an error here, naming it, not at the step that first reads it.
+    """
+    import datasets
+
+    for column in ("image", "label"):
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            paths = [_resolved(value, folder) for value in dataset[column]]
+            absent = [value for value in paths if value is None or not Path(value).is_file()]
+            if absent:
+                raise FileNotFoundError(f"{len(absent)} of the {len(paths)} {column} paths name no file (the first: "
+                                        f"{absent[0]!r}); relative paths are read from {folder or Path.cwd()}")
+            dataset = dataset.remove_columns(column).add_column(column, paths)
+        elif not (isinstance(feature, dict) and "bytes" in feature):  # an Image column already, or arrays
+            continue
+        dataset = dataset.cast_column(column, datasets.Image())
+    return dataset
+
+
+def _resolved(value: str | None, folder: Path | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and folder is not None and (folder / path).is_file():
+        path = folder / path
+    return str(path)
 
 
 def load_parquet_split(path: Path, split: str):
