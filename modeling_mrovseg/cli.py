@@ -24,10 +24,19 @@ def is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
+def files_below(folder: Path, suffixes: set[str]) -> list[Path]:
+    """Regular files below `folder`, sub-folders too, with one of these suffixes in any case (IMG_0001.PNG), none
+    hidden: macOS's `._photo.jpg` beside each copied photo is no image, and `.thumbnails/` or `.ipynb_checkpoints/`
+    hold copies (a named pipe called photo.jpg waited forever)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[str, Path]]:
     """(where to read it, its name below its source) for every image named: files as given (`photos/*.jpg`), folders
-    searched recursively, http(s) URLs as given. Anything under `out` is left out: an output folder inside a source
-    would otherwise have its overlays segmented on the next run. A file named twice (itself and in its folder) once."""
+    searched recursively (`files_below`: hidden files and folders left out), http(s) URLs as given. Anything under
+    `out` is left out: an output folder inside a source would otherwise have its overlays segmented on the next run.
+    A file named twice (itself and in its folder) once."""
     skip = out.resolve() if out is not None else None
     found: list[tuple[str, Path]] = []
     seen: set[Path] = set()
@@ -39,8 +48,7 @@ def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[st
         path = Path(source).expanduser()
         folder = path.is_dir()
         if folder:
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            named = [(p, p.relative_to(path)) for p in files]
+            named = [(p, p.relative_to(path)) for p in files_below(path, IMAGE_SUFFIXES)]
         elif path.is_file():
             named = [(path, Path(path.name))]
         elif path.exists():  # a named pipe or socket: reading it would wait forever
@@ -222,10 +230,13 @@ def segment_command(args: argparse.Namespace) -> int:
                                  f"as photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
         images = collect_images(args.sources, out)
         if not images:
-            others = sorted(p.name for source in folders for p in source.rglob("*") if p.is_file())
+            others = sorted(p.relative_to(source).as_posix() for source in folders for p in source.rglob("*")
+                            if p.is_file())
+            hidden = any(part.startswith(".") for other in others for part in other.split("/"))
             raise ValueError(f"no images found in {', '.join(args.sources)} (looked for "
                              f"{', '.join(sorted(IMAGE_SUFFIXES))}"
-                             + (f"; {len(others)} other files, such as {others[0]}" if others else "") + ")")
+                             + (f"; {len(others)} other files, such as {others[0]}" if others else "")
+                             + ("; hidden files and folders are not searched" if hidden else "") + ")")
         prepare_output(out)
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
@@ -341,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     segment = commands.add_parser("segment", help="segment an image or a folder of images",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("sources", nargs="+", metavar="IMAGE_OR_FOLDER",
-                         help="image files (photos/*.jpg), folders (searched recursively) or http(s) URLs")
+                         help="image files (photos/*.jpg), folders (searched recursively, hidden files left out) "
+                              "or http(s) URLs")
     segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
                          'a file: a JSON list or one class per line')

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
-from modeling_mrovseg.cli import one_line
+from modeling_mrovseg.cli import files_below, one_line
 from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
@@ -375,18 +375,11 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                                 "<name>.png per image)")
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
-    def files(folder: Path, kinds: set[str]) -> list[Path]:
-        """Regular files below `folder` (sub-folders too, as the CLI reads them) with these suffixes in any case
-        (IMG_0001.PNG), none hidden (`.DS_Store`, macOS `._photo.jpg`); a named pipe called photo.jpg waited
-        forever."""
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in kinds and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
     def key(path: Path, folder: Path) -> str:  # images/b1/x.jpg pairs with labels/b1/x.png
         return path.relative_to(folder).with_suffix("").as_posix()
 
-    images = files(image_dir, suffixes)
-    found = files(label_dir, {".png"}) if label_dir.is_dir() else []
+    images = files_below(image_dir, suffixes)
+    found = files_below(label_dir, {".png"}) if label_dir.is_dir() else []
     labels = {key(p, label_dir): p for p in found}
     if len(labels) < len(found):
         label_keys = Counter(key(p, label_dir) for p in found)
@@ -397,7 +390,7 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     if not pairs:
         raise FileNotFoundError(f"no images in {image_dir} (looked for {', '.join(sorted(suffixes))})")
     if missing:
-        lossy = files(label_dir, {".jpg", ".jpeg"}) if label_dir.is_dir() else []
+        lossy = files_below(label_dir, {".jpg", ".jpeg"}) if label_dir.is_dir() else []
         hint = (f" (labels such as {lossy[0].name} are JPEGs: JPEG compression changes class ids along every edge, "
                 "so labels must be PNGs, saved from the tool that drew them)") if lossy else ""
         raise FileNotFoundError(f"need a labels/<name>.png for each image in {image_dir}; missing {missing[:3]}"

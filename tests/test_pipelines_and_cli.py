@@ -351,12 +351,27 @@ def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
     Image.fromarray(random_image(64, 80)).save(source / "nested" / "park.png")
     (source / "broken.png").write_bytes(b"this is not a png")
     (source / "notes.txt").write_text("ignored: not an image suffix")
+    # hidden files and folders are no photos of the folder: macOS's AppleDouble `._street.jpg` (which failed and made
+    # the run exit 1), thumbnails and notebook checkpoints (which were segmented as copies)
+    (source / "._street.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (source / ".thumbnails").mkdir()
+    Image.fromarray(random_image(20, 20)).save(source / ".thumbnails" / "street.png")
     out = tmp_path / "out"
     code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "sofa, couch; lamp; floor",
                      "--out", str(out), "--quiet"])
     assert code == 1  # one file failed
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.png" in captured.err and "2 of 3" in captured.out
+    assert "._street" not in captured.err and not list(out.glob(".*"))
+    # named, a hidden folder is searched; a folder holding only hidden files says they are not searched
+    assert cli_main(["segment", str(source / ".thumbnails"), "--model", str(checkpoint), "--labels", "lamp", "--out",
+                     str(tmp_path / "one"), "--quiet"]) == 0
+    assert (tmp_path / "one" / "street.json").is_file()
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "._IMG_0001.jpg").write_bytes(b"\x00\x05\x16\x07")
+    assert cli_main(["segment", str(tmp_path / "copied"), "--model", str(checkpoint), "--labels", "lamp", "--out",
+                     str(tmp_path / "none")]) == 2
+    assert "1 other files, such as ._IMG_0001.jpg; hidden files and folders are not searched)" in capsys.readouterr().err
     summary = json.loads((out / "street.json").read_text())
     assert summary["labels"] == ["sofa, couch", "lamp", "floor"]
     assert abs(sum(c["pixel_share"] for c in summary["classes"].values()) - 1.0) < 1e-6
