@@ -44,6 +44,9 @@ REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
 ADAPTER_RECIPE = "mrovseg_base.json"
 # `from_pretrained` arguments that say where a checkpoint's files are; its tokenizer and processor load with them too
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+# the weights of MROVSegForOpenVocabSegmentation outside its feature extractor (`mrovseg.`)
+HEAD_KEYS = (r"^(classifier|logit_scale|mask_head|masked_attention|text_model|text_projection|visual_projection"
+             r"|vocabulary_embeds)(\.|$)")
 # what other APIs call the class names (the training scripts, the zero-shot pipeline): `vocabulary` here
 VOCABULARY_ALIASES = ("class_names", "candidate_labels", "labels", "classes")
 
@@ -414,6 +417,10 @@ class MROVSegModel(MROVSegPreTrainedModel):
     ```
     """
 
+    # a whole checkpoint loaded as the feature extractor (AutoModel) leaves the head's weights unused by design;
+    # transformers listed each of them as UNEXPECTED
+    _keys_to_ignore_on_load_unexpected = [HEAD_KEYS]
+
     def __init__(self, config: MROVSegConfig):
         super().__init__(config)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
@@ -734,6 +741,8 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         self.criterion = MROVSegLoss(config)
         self._clip_tokenizer = None
         self.post_init()
+        # post_init gathered the feature extractor's pattern: here such keys are the model's own and never unused
+        self._keys_to_ignore_on_load_unexpected.discard(HEAD_KEYS)
         self.freeze_clip()
 
     # ------------------------------------------------------------------ parameter groups

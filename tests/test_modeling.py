@@ -293,8 +293,9 @@ def test_save_and_load_gives_identical_outputs(tmp_path):
     inputs = inputs_for(model.config, (96, 200))
     with torch.inference_mode():
         expected = model(**inputs)
-        base = AutoModel.from_pretrained(tmp_path).eval()  # the base model, like Mask2FormerModel
-        assert isinstance(base, MROVSegModel)
+        # the base model, like Mask2FormerModel; the head's weights are left out by design, not reported UNEXPECTED
+        base, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+        assert isinstance(base.eval(), MROVSegModel) and not info["unexpected_keys"] and not info["missing_keys"]
         torch.testing.assert_close(base(**inputs).pixel_decoder_last_hidden_state,
                                    model.mrovseg(**inputs).pixel_decoder_last_hidden_state, rtol=0, atol=0)
         for cls in (MROVSegForOpenVocabSegmentation, AutoModelForSemanticSegmentation):
@@ -304,6 +305,13 @@ def test_save_and_load_gives_identical_outputs(tmp_path):
             assert torch.equal(got.class_queries_logits, expected.class_queries_logits)
             assert torch.equal(got.masks_queries_logits, expected.masks_queries_logits)
             assert torch.equal(loaded.vocabulary_embeds, model.vocabulary_embeds)
+    # the head ignores none of its own keys: a stray one is still reported
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "classifier.stray": torch.zeros(1)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = MROVSegForOpenVocabSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["unexpected_keys"]) == {"classifier.stray"}
 
 
 # ---------------------------------------------------------------- text side and CLIP weights
