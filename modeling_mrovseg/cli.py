@@ -122,8 +122,9 @@ def check_is_mrovseg(model: str) -> None:
         raise FileNotFoundError(f"{model} has no config.json: not a saved checkpoint")
     model_type = AutoConfig.from_pretrained(model if is_hub_id(model) else str(local)).model_type
     if model_type != "mrovseg":
-        raise ValueError(f"{model} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
-                         "training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained.")
+        from .configuration_mrovseg import NotAnMROVSegCheckpoint
+
+        raise NotAnMROVSegCheckpoint(model_type, model)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

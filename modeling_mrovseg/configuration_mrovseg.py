@@ -98,6 +98,17 @@ def with_hint(name: str, near: str | None) -> str:
     return f"{name} (did you mean {near}?)" if near else name
 
 
+class NotAnMROVSegCheckpoint(ValueError):
+    """Another model's checkpoint (most often the CLIP training starts from) where an MROVSeg one was needed:
+    transformers would build MROVSegConfig from its config with a warning, then fail on a field it does not know."""
+
+    def __init__(self, model_type: str, source: str = "this config"):
+        self.model_type, self.source = model_type, source
+        hint = "; around a CLIP, build one with MROVSegForOpenVocabSegmentation.from_clip" if model_type == "clip" else ""
+        super().__init__(f"{source} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
+                         f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}.")
+
+
 LEGACY_FIELD = "mask_decoder_channels"  # pixel_decoder_channels, as configs saved before the rename call it
 
 
@@ -180,6 +191,13 @@ class MROVSegConfig(PretrainedConfig):
     train_position_embeddings: bool = True
     ignore_index: int = IGNORE_INDEX
     initializer_range: float = 0.02
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "MROVSegConfig":
+        other = config_dict.get("model_type")
+        if other not in (None, cls.model_type):
+            raise NotAnMROVSegCheckpoint(other)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         legacy_channels = kwargs.pop(LEGACY_FIELD, None)  # the field's name before the rename
@@ -392,5 +410,5 @@ def normalize_class_name(name: str) -> str:
     return " ".join(unicodedata.normalize("NFC", name).split())
 
 
-__all__ = ["MROVSegConfig", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "WIDE_IGNORE_INDEX", "unlabelled_value",
+__all__ = ["MROVSegConfig", "NotAnMROVSegCheckpoint", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "WIDE_IGNORE_INDEX", "unlabelled_value",
            "HIGH_RES_ENCODINGS", "default_feature_layers", "normalize_class_name", "near_name", "with_hint"]

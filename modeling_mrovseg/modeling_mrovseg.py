@@ -30,7 +30,7 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils import ModelOutput, TransformersKwargs
 
-from .configuration_mrovseg import MROVSegConfig, near_name, with_hint
+from .configuration_mrovseg import MROVSegConfig, NotAnMROVSegCheckpoint, near_name, with_hint
 from .layers import MROVSegQuickGELU
 from .loss_mrovseg import MROVSegLoss
 from .mask_decoder import MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder
@@ -198,6 +198,8 @@ class MROVSegPreTrainedModel(PreTrainedModel):
 
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except NotAnMROVSegCheckpoint as error:  # named by its path, not as "this config"
+            raise NotAnMROVSegCheckpoint(error.model_type, str(pretrained_model_name_or_path)) from None
         except SafetensorError as error:  # neither an OSError nor a ValueError: the CLI and scripts showed a traceback
             raise OSError(f"the weights of {pretrained_model_name_or_path} are damaged or incomplete (a download or "
                           f"save that was cut short?): {error}; download or save them again") from None

@@ -28,7 +28,7 @@ try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer
 except ImportError:
     import httpx
 
-from .configuration_mrovseg import near_name, with_hint
+from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, with_hint
 from .text_classifier import parse_class_names
 
 
@@ -174,6 +174,9 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
 
     def __init__(self, *args, text_cache_size: int = 32, compile: bool | str = False, **kwargs):
         super().__init__(*args, **kwargs)
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type != "mrovseg":  # a CLIP folder loads as CLIPModel, which failed on the next line
+            raise NotAnMROVSegCheckpoint(model_type, self.model.name_or_path or type(self.model).__name__)
         self.model.check_complete()  # a checkpoint that lacked weights segments with random ones
         if self.image_processor is None:  # pipeline(..., model=model_object), or a folder saved without a processor
             self.image_processor = model_image_processor(self.model)

@@ -960,3 +960,25 @@ def test_a_checkpoint_that_lacks_weights_is_refused_for_segmenting(checkpoint, t
                      str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint).check_complete()  # a whole one passes
+
+
+def test_a_clip_folder_where_an_mrovseg_checkpoint_is_needed(tiny_clip_dir, tmp_path, capsys):
+    """The CLIP that training starts from, given to evaluation or export: a traceback ending in "MROVSegConfig has no
+    field(s) logit_scale_init_value" (transformers builds the config from CLIP's with a warning); to the zero-shot
+    pipeline: "'CLIPModel' object has no attribute 'check_complete'". One message naming the folder and from_clip."""
+    from modeling_mrovseg.export import main as export_main
+    from training import evaluate
+
+    message = rf"{re.escape(str(tiny_clip_dir))} is a 'clip' checkpoint, not an MROVSeg model: .*from_clip\."
+    with pytest.raises(ValueError, match=message):
+        MROVSegForOpenVocabSegmentation.from_pretrained(tiny_clip_dir)
+    with pytest.raises(ValueError, match=message):
+        pipeline("zero-shot-image-segmentation", model=str(tiny_clip_dir))
+    assert export_main(["--model", str(tiny_clip_dir), "--height", "64", "--width", "64",
+                        "--out", str(tmp_path / "x.onnx")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    from processing.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "data", num_train=1, num_val=1, height=64, width=64)
+    with pytest.raises(SystemExit, match=f"error: cannot load --model .*{message}"):
+        evaluate.main(["--model", str(tiny_clip_dir), "--dataset", str(data), "--no_progress"])
