@@ -242,6 +242,17 @@ class MROVSegImageProcessor(PilBackend):
         _check_overlap(self.slice_size, self.slice_overlap)
 
     @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs):
+        # another model's processor (CLIP's, most likely, beside the weights `from_clip` reads) loaded as this class:
+        # its 224 px size and crop became MROVSeg's resolution without a word, the full-resolution view lost
+        other = image_processor_dict.get("image_processor_type") or image_processor_dict.get("feature_extractor_type")
+        if other and other.removesuffix("Fast") != cls.__name__:
+            raise ValueError(f"this is a {other} configuration, another model's image processor, not MROVSeg's: build "
+                             f"MROVSeg's with {cls.__name__}.from_model_config(model.config), or load it from an "
+                             "MROVSeg checkpoint.")
+        return super().from_dict(image_processor_dict, **kwargs)
+
+    @classmethod
     def from_model_config(cls, config, **kwargs) -> "MROVSegImageProcessor":
         """A processor whose windows and unlabelled value match the model's (`slice_size`, `slice_overlap`,
         `ignore_index`); `kwargs` set the rest."""

@@ -29,6 +29,13 @@ class MROVSegProcessor(ProcessorMixin):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, prompt_templates: Sequence[str] | None = None, **kwargs):
+        if image_processor is not None and getattr(image_processor, "slice_size", None) is None:
+            # from_pretrained(a CLIP folder) loaded CLIP's processor: 224 px centre crops, no slices, and the model
+            # then ran its single-resolution ablation on them, its masks stretched over the uncropped image
+            raise ValueError(f"MROVSegProcessor needs MROVSeg's image processor, got {type(image_processor).__name__} "
+                             "(another model's, such as a CLIP folder's): build it with "
+                             "MROVSegProcessor.from_model_config(model.config, tokenizer) or load it from an MROVSeg "
+                             "checkpoint.")
         self.prompt_templates = list(prompt_templates or VILD_TEMPLATES)
         super().__init__(image_processor, tokenizer, **kwargs)
 

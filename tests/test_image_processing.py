@@ -605,3 +605,26 @@ def test_semantic_scores_class_major_on_a_gpu_labels_as_pixel_major():
     assert torch.equal(results[0].segmentation, results[1].segmentation)
     torch.testing.assert_close(results[1].best, results[0].best, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1].class_shares, results[0].class_shares, rtol=1e-5, atol=1e-6)
+
+
+def test_another_models_processor_config_is_refused(tiny_clip_dir, checkpoint, tmp_path):
+    """`MROVSegImageProcessor.from_pretrained(<a CLIP>)` took CLIP's 224 px size (and ignored its centre crop): the
+    full-resolution view lost without a word. `MROVSegProcessor.from_pretrained(<a CLIP>)` held CLIP's own processor,
+    whose 224 px crops ran the model's single-resolution ablation. Both name the problem; MROVSeg folders load."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    from modeling_mrovseg import MROVSegProcessor
+
+    clip = tmp_path / "clip"  # a Hub CLIP's folder: weights, tokenizer and its image processor
+    shutil.copytree(tiny_clip_dir, clip)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(clip)
+    with pytest.raises(ValueError, match="this is a CLIPImageProcessor configuration, another model's image processor"):
+        MROVSegImageProcessor.from_pretrained(clip)
+    with pytest.raises(ValueError, match="MROVSegProcessor needs MROVSeg's image processor, got CLIPImageProcessor"):
+        MROVSegProcessor.from_pretrained(clip)
+    assert MROVSegImageProcessor.from_pretrained(checkpoint).slice_size == 64
+    assert MROVSegProcessor.from_pretrained(checkpoint).image_processor.slice_size == 64
+    legacy = MROVSegImageProcessor().to_dict() | {"feature_extractor_type": "MROVSegImageProcessor"}
+    assert MROVSegImageProcessor.from_dict(legacy).slice_size == MROVSegImageProcessor().slice_size
