@@ -28,7 +28,7 @@ from transformers.models.clip.modeling_clip import (
     CLIPTextEmbeddings,
     CLIPVisionEmbeddings,
 )
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .configuration_mrovseg import MROVSegConfig, NotAnMROVSegCheckpoint, near_name, with_hint
 from .layers import MROVSegQuickGELU
@@ -38,6 +38,8 @@ from .masked_attention import MROVSegAttentionBiasDecoder, MROVSegMultiGrainedMa
 from .multi_res_adapter import MROVSegMultiResAdapter
 from .slicing import SliceGrid, stitch_windows
 from .text_classifier import MROVSegOpenVocabClassifier, embed_class_names, pool_prompt_embeddings, validate_labels
+
+logger = logging.get_logger(__name__)
 
 REMOTE_PIPELINE_TASK = "mrovseg-zero-shot-image-segmentation"
 # beside a LoRA adapter saved by training.train: the base model, config overrides and class names it was trained with
@@ -464,6 +466,9 @@ class MROVSegModel(MROVSegPreTrainedModel):
         batch = pixel_values.shape[0]
         patch = config.patch_size
         grid = None
+        if pixel_values_slices is None and config.use_high_res:  # inputs from CLIP's processor, or pixel_values alone
+            logger.warning_once("MROVSeg got no pixel_values_slices: it runs its single-resolution ablation (the "
+                                "global view only). Prepare inputs with MROVSegImageProcessor for full resolution.")
         if pixel_values_slices is not None and config.use_high_res:
             grid = self.check_slice_geometry(slice_grid, pixel_values_slices, canvas_size)
             if config.high_res_encoding == "full_image":

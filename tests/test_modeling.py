@@ -544,3 +544,21 @@ def test_attention_biases_are_the_documented_per_layer_dot_products():
         expected = torch.einsum("bqgd,bgdp->bgqp", q, p) * dim**-0.5 * decoder.scale[groups, None, None]
         expected = (expected + decoder.shift[groups, None, None]).view(2, heads, 8, 5, 6)
         torch.testing.assert_close(decoder(embeds, memory, layer), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_without_slices_says_it_runs_the_ablation():
+    """pixel_values alone (CLIP's processor's output, say) ran the single-resolution ablation without a word; it says
+    so once, and the ablation switch itself (use_high_res=False) runs quietly."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_mrovseg import modeling_mrovseg
+
+    inputs = inputs_for(tiny_config(), (64, 96))
+    for use_high_res, expected in ((True, True), (False, False)):
+        model = build(use_high_res=use_high_res)
+        modeling_mrovseg.logger.warning_once.cache_clear()
+        with CaptureLogger(modeling_mrovseg.logger) as captured, torch.inference_mode():
+            model(pixel_values=inputs["pixel_values"])
+            model(**inputs)
+        assert ("runs its single-resolution ablation" in captured.out) == expected
+        assert captured.out.count("single-resolution") <= 1
