@@ -278,6 +278,14 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
         train.main(args(tmp_path / "model", synthetic, tmp_path / "other", max_steps=1,
                         config=json.dumps({"num_queries": 5})))
 
+    # another kind of model: named (it was "Couldn't instantiate the backend tokenizer")
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    SegformerForSemanticSegmentation(SegformerConfig(hidden_sizes=[8, 8, 8, 8], decoder_hidden_size=8)).save_pretrained(
+        tmp_path / "segformer")
+    with pytest.raises(SystemExit, match="segformer is a 'segformer' checkpoint: training starts from a CLIP"):
+        train.main(args(tmp_path / "segformer", synthetic, tmp_path / "other", max_steps=1))
+
     results = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=2, checkpointing_steps=2,
                               overwrite_output_dir=None))
     assert results["stopped_at"] == 2 and not (tmp_path / "checkpoints" / "step_4").exists()

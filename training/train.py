@@ -126,6 +126,9 @@ def build_model(model: str, config_overrides: dict, class_names: list[str]):
     from modeling_mrovseg import MROVSegForOpenVocabSegmentation
 
     config = AutoConfig.from_pretrained(model)
+    if config.model_type not in ("mrovseg", "clip"):  # a SegFormer, say: "Couldn't instantiate the backend tokenizer"
+        raise ValueError(f"{model} is a {config.model_type!r} checkpoint: training starts from a CLIP (a CLIPModel "
+                         "folder or Hub id such as openai/clip-vit-base-patch16) or an MROVSeg checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(model)
     if config.model_type == "mrovseg":
         try:
