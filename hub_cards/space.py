@@ -3,7 +3,8 @@
     python -m hub_cards.space --model ORG/mrovseg-vit-b16 --repo-id ORG/mrovseg-demo [--out space/] [--no-push]
 
 The Space folder holds `app.py`, the `modeling_mrovseg` library it imports (and its `LICENSE`), `requirements.txt`, a
-`mrovseg_space.json` naming the checkpoint, and a README whose YAML header (`sdk: gradio`, `app_file: app.py`) makes the Hub run it.
+`mrovseg_space.json` naming the checkpoint, and a README whose YAML header (`sdk: gradio`, `app_file: app.py`) makes
+the Hub run it.
 """
 
 from __future__ import annotations

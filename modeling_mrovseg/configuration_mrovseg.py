@@ -104,7 +104,8 @@ class NotAnMROVSegCheckpoint(ValueError):
 
     def __init__(self, model_type: str, source: str = "this config"):
         self.model_type, self.source = model_type, source
-        hint = "; around a CLIP, build one with MROVSegForOpenVocabSegmentation.from_clip" if model_type == "clip" else ""
+        hint = ("; around a CLIP, build one with MROVSegForOpenVocabSegmentation.from_clip" if model_type == "clip"
+                else "")
         super().__init__(f"{source} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
                          f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}.")
 
@@ -410,5 +411,6 @@ def normalize_class_name(name: str) -> str:
     return " ".join(unicodedata.normalize("NFC", name).split())
 
 
-__all__ = ["MROVSegConfig", "NotAnMROVSegCheckpoint", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX", "WIDE_IGNORE_INDEX", "unlabelled_value",
-           "HIGH_RES_ENCODINGS", "default_feature_layers", "normalize_class_name", "near_name", "with_hint"]
+__all__ = ["MROVSegConfig", "NotAnMROVSegCheckpoint", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX",
+           "WIDE_IGNORE_INDEX", "unlabelled_value", "HIGH_RES_ENCODINGS", "default_feature_layers",
+           "normalize_class_name", "near_name", "with_hint"]

@@ -350,7 +350,8 @@ def test_from_clip_names_a_keyword_it_does_not_take(tmp_path):
     """`from_clip(..., class_names=[...])` (the training scripts' name) said "MROVSegConfig has no field(s)
     class_names", as if the config were at fault; it is refused before CLIP loads (the folder here holds none)."""
     for keyword, meant in (("class_names", "vocabulary"), ("labels", "vocabulary"), ("num_querys", "num_queries")):
-        with pytest.raises(TypeError, match=rf"from_clip\(\) got unknown keyword\(s\) {keyword} \(did you mean {meant}\?\)"
+        with pytest.raises(TypeError, match=rf"from_clip\(\) got unknown keyword\(s\) {keyword} "
+                                            rf"\(did you mean {meant}\?\)"
                                             r"; it takes vocabulary \(the class names\), tokenizer and MROVSegConfig"):
             MROVSegForOpenVocabSegmentation.from_clip(str(tmp_path), **{keyword: ["a"]})
 
