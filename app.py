@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parent
 MAIN_JOB_MODEL = ROOT / "outputs" / "run" / "model"
 EXAMPLE_LABELS = "grass, road, building, car, sign"
 TABLE_HEADERS = ["class", "pixel share (%)", "score"]
+# class names one request may ask for (ADE20K-847's fit): each is embedded by CLIP's text encoder on the shared
+# server, and 100,000 names pasted into a public page held it for everyone for many minutes
+MAX_CLASSES = 1000
 # label PNGs kept for download (the newest requests'): a public page writing one per request filled its disk
 KEEP_DOWNLOADS = 64
 # gradio's own copies of uploads and outputs: swept hourly of files older than an hour (and on restart)
@@ -64,6 +67,9 @@ class Segmenter:
         if not image_path:
             raise ValueError("Upload an image or pick an example first.")
         labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
+        if len(labels) > MAX_CLASSES:
+            raise ValueError(f"{len(labels)} class names: this page takes at most {MAX_CLASSES} per request (the CLI "
+                             "and the pipelines take any number).")
         size = MROVSegImageProcessor.size_for_resolution(int(resolution))
         threshold = None if threshold is None or threshold <= 0 else float(threshold)
         image = read_rgb(str(image_path))  # as the CLI reads it; an unreadable file or a bomb is a ValueError

@@ -155,6 +155,12 @@ def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
         Image.fromarray(random_image(40 + 20 * seed, 50, seed=seed)).save(tmp_path / str(seed) / "image.png")
         paths.append(segmenter(str(tmp_path / str(seed) / "image.png"), LABELS, 64, 0)[2])
     assert paths[0] != paths[1] and Image.open(paths[0]).size == (50, 60) and Image.open(paths[1]).size == (50, 80)
+    # a public page embeds at most MAX_CLASSES names per request (100,000 held the shared server for minutes)
+    from app import MAX_CLASSES
+
+    many = ", ".join(f"class {i}" for i in range(MAX_CLASSES + 1))
+    with pytest.raises(ValueError, match=f"{MAX_CLASSES + 1} class names: this page takes at most {MAX_CLASSES}"):
+        segmenter(str(tmp_path / "1" / "image.png"), many, 64, 0)
 
 
 def test_a_taken_port_is_a_message(checkpoint, capsys):
