@@ -432,8 +432,9 @@ def test_vocabularies_past_255_classes_keep_class_255_and_beyond(tmp_path, capsy
 
 def test_a_parquet_written_with_pandas_reads_as_images(tmp_path):
     """pandas writes image columns as file paths or {"bytes", "path"} dicts, which datasets reads back as strings and
-    dicts: training and evaluation stopped at the first row with "image 0 has unsupported type str". They are images
-    now, relative paths read from the dataset's folder, and paths that name no file are refused up front."""
+    dicts, and array columns read back as nested lists: training and evaluation stopped at the first row with "image 0
+    has unsupported type str" (or list). They are images now, relative paths read from the dataset's folder, and
+    paths that name no file are refused up front."""
     import io
     import json
 
@@ -466,6 +467,21 @@ def test_a_parquet_written_with_pandas_reads_as_images(tmp_path):
     dataset, _ = load_segmentation_dataset(str(tmp_path / "paths"), "validation")
     np.testing.assert_array_equal(as_arrays(dataset[0])[0], as_arrays(load_segmentation_dataset(
         str(tmp_path / "bytes"), "validation")[0][0])[0])  # the same JPEG decoded either way
+    # arrays (an Array3D column, or nested sequences): datasets gives nested lists, which read as arrays
+    import datasets
+
+    arrays = datasets.Dataset.from_dict(
+        {"image": [np.asarray(image(seed=i)) for i in range(3)], "label": [label.astype(np.uint8) for label in labels]},
+        features=datasets.Features({"image": datasets.Array3D((12, 16, 3), "uint8"),
+                                    "label": datasets.Array2D((12, 16), "uint8")}))
+    (tmp_path / "arrays").mkdir()
+    arrays.to_parquet(str(tmp_path / "arrays" / "validation.parquet"))
+    (tmp_path / "arrays" / "class_names.json").write_text(json.dumps(["a", "b", "c"]))
+    dataset, _ = load_segmentation_dataset(str(tmp_path / "arrays"), "validation")
+    for i, (row, label) in enumerate(zip(dataset, labels)):
+        picture, read = as_arrays(row)
+        np.testing.assert_array_equal(picture, np.asarray(image(seed=i)))
+        np.testing.assert_array_equal(read, label)
     (tmp_path / "paths" / "files" / "2.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of the 3 image paths name no file \(the first: 'files/2.jpg'\); "
                                                 r"relative paths are read from .*paths"):

@@ -144,7 +144,10 @@ def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     The image reads as the image processor reads it at inference (`to_rgb_uint8`: EXIF orientation, 16-bit scaled,
     transparency on white), so a model trains on what it will see. A label stored with equal colour channels (a grey
     map saved as RGB or RGBA) is read from one; a colour mask is an error, not its red channel."""
-    image = to_rgb_uint8(example["image"])
+    image = example["image"]
+    if isinstance(image, (list, tuple)):  # an Array3D or nested-sequence column: datasets gives nested lists
+        image = np.asarray(image)
+    image = to_rgb_uint8(image)
     label = np.asarray(example["label"], dtype=np.int64)  # a PIL image (P, L, I;16, RGB) or an array
     if label.ndim == 3:
         colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]  # an alpha channel (LA, RGBA) aside
