@@ -95,13 +95,24 @@ def checkpoint_results(checkpoint: Path, named: list[str | Path] | None) -> list
     return load_results([own], allow_unscored=True) if own.is_file() else []
 
 
+def checkpoint_config(checkpoint: str | Path) -> dict:
+    """The config.json of an MROVSeg checkpoint folder; another model's (a CLIP's, what training starts from) is a
+    `NotAnMROVSegCheckpoint`: the card, the push and the Space builder took a CLIP folder for a model to publish."""
+    from modeling_mrovseg.configuration_mrovseg import NotAnMROVSegCheckpoint
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    if config.get("model_type") != "mrovseg":
+        raise NotAnMROVSegCheckpoint(config.get("model_type"), str(checkpoint))
+    return config
+
+
 def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, license: str = DEFAULT_LICENSE):
     """A `huggingface_hub.ModelCard` for `checkpoint`, with `eval_results` for every benchmark result and, where the
     run started from a Hub model (a CLIP, or an MROVSeg it fine-tuned), that model as `base_model`: the Hub links the
     two."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    config = checkpoint_config(checkpoint)
     scored = [r for r in results if r.get("mean_iou") is not None]  # training records without an evaluation: no row
     labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
     eval_results = [

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.modeling_mrovseg import refuse_training_adapter
 
-from .card import DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_results, write_card
+from .card import DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_config, checkpoint_results, write_card
 
 ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -27,15 +26,17 @@ ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safeten
 
 
 def check_checkpoint(checkpoint: Path) -> None:
-    """Refuse folders without safetensors weights or without the remote-code modules their config names."""
+    """Refuse folders that hold no MROVSeg checkpoint, or one without safetensors weights or without the remote-code
+    modules its config names."""
     if not (checkpoint / "config.json").is_file():
         refuse_training_adapter(checkpoint)  # an adapter folder: where its merged model is
         raise FileNotFoundError(f"{checkpoint} has no config.json: not a saved checkpoint")
+    config = checkpoint_config(checkpoint)
     if not any(checkpoint.glob("model*.safetensors")):
         pickled = [p.name for p in checkpoint.glob("*.bin")] + [p.name for p in checkpoint.glob("*.pt")]
         raise ValueError(f"{checkpoint} has no safetensors weights{f' (only {pickled})' if pickled else ''}; "
                          "re-save with model.save_pretrained(..., safe_serialization=True)")
-    auto_map = json.loads((checkpoint / "config.json").read_text()).get("auto_map", {})
+    auto_map = config.get("auto_map", {})
     missing = sorted({ref.split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str)}
                      - {p.name for p in checkpoint.glob("*.py")})
     if missing:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modeling_mrovseg.cli import is_hub_id
 
+from .card import checkpoint_config
 from .push import hub_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +75,14 @@ def main(argv=None) -> None:
     if not args.no_push and not is_hub_id(args.model):  # the Space runs on the Hub: a local folder is not there
         parser.error(f"--model {args.model} is not a Hub id: a pushed Space could not load it. Push the checkpoint "
                      "first (python -m hub_cards.push) and give its ORG/NAME, or build locally with --no-push.")
-    if not is_hub_id(args.model) and not (Path(args.model).expanduser() / "config.json").is_file():
-        parser.error(f"--model {args.model} is neither a Hub id (ORG/NAME) nor a checkpoint folder (no config.json): "
-                     "the Space would fail at its start")
+    if not is_hub_id(args.model):
+        if not (Path(args.model).expanduser() / "config.json").is_file():
+            parser.error(f"--model {args.model} is neither a Hub id (ORG/NAME) nor a checkpoint folder (no "
+                         "config.json): the Space would fail at its start")
+        try:  # a CLIP folder: a page that failed at its start
+            checkpoint_config(Path(args.model).expanduser())
+        except ValueError as error:
+            parser.error(f"--model {error}")
     try:
         folder = build_space(args.model, args.out)
     except FileExistsError as error:

@@ -107,7 +107,7 @@ class NotAnMROVSegCheckpoint(ValueError):
         hint = ("; around a CLIP, build one with MROVSegForOpenVocabSegmentation.from_clip" if model_type == "clip"
                 else "")
         super().__init__(f"{source} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
-                         f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}.")
+                         f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}")
 
 
 LEGACY_FIELD = "mask_decoder_channels"  # pixel_decoder_channels, as configs saved before the rename call it

@@ -193,6 +193,19 @@ def test_publishing_tools_fail_with_one_line_and_lose_nothing(checkpoint, tmp_pa
     assert (checkpoint / "model.safetensors").read_bytes() == weights
     result = run("hub_cards.push", "--checkpoint", str(tmp_path), "--repo-id", "acme/x")
     assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
+    # a CLIP folder (what training starts from: weights and a config.json) was carded, pushed and made a Space of
+    clip = tmp_path / "clip"
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(clip)
+    (clip / "model.safetensors").write_bytes(weights)
+    for command, code in ((("hub_cards.push", "--checkpoint", str(clip), "--repo-id", "acme/x"), 2),
+                          (("hub_cards.card", "--checkpoint", str(clip)), 1),
+                          (("hub_cards.space", "--model", str(clip), "--repo-id", "acme/demo", "--out",
+                            str(tmp_path / "clip-space"), "--no-push"), 2)):
+        result = run(*command)
+        assert result.returncode == code and "is a 'clip' checkpoint, not an MROVSeg model" in result.stderr, command
+    assert not (clip / "README.md").exists() and not (tmp_path / "clip-space").exists()
     project = tmp_path / "project"
     project.mkdir()
     (project / "notes.txt").write_text("mine")
