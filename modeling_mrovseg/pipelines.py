@@ -41,18 +41,29 @@ def parse_candidate_labels(candidate_labels: str | Sequence[str] | None, fallbac
 
 def open_image(image, timeout: float | None = None) -> Image.Image:
     """
-    A path, URL (`http://`, `https://`), data URL, base64 string or the bytes of an image file (an upload, a
-    response body) opens with PIL as it is: 16-bit, alpha and EXIF orientation are left to the image processor, which
-    handles them (transformers' `load_image` would flatten them to 8-bit RGB first). Unreadable inputs and
-    decompression bombs raise a `ValueError` naming the input.
+    A path (a string or `pathlib.Path`), URL (`http://`, `https://`), data URL, base64 string, the bytes of an image
+    file (an upload, a response body) or a file opened in binary mode opens with PIL as it is: 16-bit, alpha and EXIF
+    orientation are left to the image processor, which handles them (transformers' `load_image` would flatten them
+    to 8-bit RGB first). Unreadable inputs and decompression bombs raise a `ValueError` naming the input.
     """
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _open_pil(io.BytesIO(image), f"the given {len(image)} bytes")
+    if isinstance(image, os.PathLike):  # pathlib.Path: a file, never read as a URL or base64
+        path = os.fsdecode(image)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not an existing regular file.")
+        return _open_pil(path, path)
+    if hasattr(image, "read"):  # an open file or buffer (a web framework's upload)
+        name = str(getattr(image, "name", "the given file object"))
+        data = None if isinstance(image, io.TextIOBase) else image.read()  # text mode: read() fails to decode
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"{name} is open in text mode; open the image with open(path, 'rb')")
+        return _open_pil(io.BytesIO(data), name)
     if not isinstance(image, str):
-        raise TypeError(f"expected a path, URL, base64 string, file bytes, PIL image, numpy array or tensor, got "
-                        f"{type(image)}")
+        raise TypeError(f"expected a path (str or pathlib.Path), URL, base64 string, file bytes, binary file object, "
+                        f"PIL image, numpy array or tensor, got {type(image)}")
     name = image if len(image) <= 200 else image[:60] + f"... ({len(image)} characters)"
     not_a_source = f"{name} is not an existing file, an http(s) URL or a base64-encoded image."
     if image.startswith(("http://", "https://")):
@@ -194,9 +205,9 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
         self.text_cache_misses = 0
 
     def __call__(self, image=None, /, **kwargs):
-        """`image`: one image (path, URL, base64, bytes, PIL, numpy, tensor), an `{"image", "candidate_labels"}`
-        dict, or a list or generator of them; also by keyword as `image=` (transformers' zero-shot pipelines),
-        `images=` or `inputs=`. An empty list gives an empty list."""
+        """`image`: one image (path or `Path`, URL, base64, bytes, binary file, PIL, numpy, tensor), an
+        `{"image", "candidate_labels"}` dict, or a list or generator of them; also by keyword as `image=`
+        (transformers' zero-shot pipelines), `images=` or `inputs=`. An empty list gives an empty list."""
         given = [(f"{name}=", kwargs.pop(name)) for name in ("image", "images", "inputs") if name in kwargs]
         given = [("an image", image)] * (image is not None) + given
         if len(given) != 1:

@@ -118,6 +118,10 @@ def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
         encoded = base64.b64encode(data).decode()
         for source in (url, "data:image/png;base64," + encoded, encoded, data, bytearray(data)):  # file bytes too
             assert np.array_equal(read_rgb(source, timeout=5), rgb), str(source)[:40]
+        # a pathlib.Path and a file opened in binary mode ("expected a path ..., got PosixPath" before)
+        with open(path, "rb") as handle:
+            for source in (Path(path), handle, io.BytesIO(data)):
+                assert np.array_equal(read_rgb(source), rgb), repr(source)
     assert requests[0][1] == 5  # the pipeline's timeout reaches the download
     read_rgb(url)
     assert requests[-1][1] == 60  # without one a stalled server is an error after a minute, never a hang
@@ -130,6 +134,11 @@ def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
         open_image("data:image/png;base64," + base64.b64encode(b"not an image").decode())
     with pytest.raises(ValueError, match="the given 12 bytes cannot be read as an image: not a format PIL reads"):
         open_image(b"not an image")
+    with pytest.raises(ValueError, match="missing.jpg is not an existing regular file"):
+        open_image(tmp_path / "missing.jpg")  # a Path is a file, never tried as base64
+    (tmp_path / "notes.txt").write_text("text")
+    with open(tmp_path / "notes.txt") as text, pytest.raises(TypeError, match="notes.txt is open in text mode"):
+        open_image(text)
 
 
 def stock_label_map(segments) -> np.ndarray:
