@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     from modeling_mrovseg.cli import DTYPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the main job's)")
+    parser.add_argument("--model", type=os.path.expanduser, default=None,
+                        help="checkpoint folder or Hub id (default: the main job's)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME=0.0.0.0)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def describe_training(training: dict | None, config: dict) -> str:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", type=os.path.expanduser, required=True)
     parser.add_argument("--results", nargs="*", default=[], help="results JSON files (default: CHECKPOINT/results.json)")
     parser.add_argument("--repo-id", default="your-name/mrovseg")
     parser.add_argument("--regenerate-card", action="store_true", help="replace a README.md edited by hand")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 from modeling_mrovseg.cli import one_line
@@ -67,7 +68,7 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", type=os.path.expanduser, required=True)
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--results", nargs="*", default=None, help="evaluation results JSON files for the card")

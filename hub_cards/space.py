@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def push_space(folder: str | Path, repo_id: str, private: bool = False, token: s
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the checkpoint the Space serves (a Hub id)")
+    parser.add_argument("--model", type=os.path.expanduser, required=True,
+                        help="the checkpoint the Space serves (a Hub id)")
     parser.add_argument("--repo-id", required=True, help="the Space, ORG/NAME")
-    parser.add_argument("--out", default="space", help="where to build the Space folder")
+    parser.add_argument("--out", default="space", type=os.path.expanduser, help="where to build the Space folder")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--no-push", action="store_true", help="only build the folder")
     parser.add_argument("--token", default=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -352,13 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment an image or a folder of images",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    segment.add_argument("sources", nargs="+", metavar="IMAGE_OR_FOLDER",
+    segment.add_argument("sources", nargs="+", metavar="IMAGE_OR_FOLDER", type=os.path.expanduser,
                          help="image files (photos/*.jpg), folders (searched recursively, hidden files left out) "
                               "or http(s) URLs")
-    segment.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    segment.add_argument("--model", type=os.path.expanduser, required=True, help="checkpoint folder or Hub id")
     segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
                          'a file: a JSON list or one class per line')
-    segment.add_argument("--out", required=True, help="output folder")
+    segment.add_argument("--out", required=True, type=os.path.expanduser, help="output folder")
     segment.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     segment.add_argument("--resolution", type=_positive_int(8192), default=None,
                          help="shortest edge the image is resized to (longest at most 4x it), 1..8192")

@@ -176,10 +176,10 @@ class ExportedSegmenter:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", required=True, help="MROVSeg checkpoint folder or Hub id")
+    parser.add_argument("--model", type=os.path.expanduser, required=True, help="MROVSeg checkpoint folder or Hub id")
     parser.add_argument("--height", type=int, required=True, help="images are resized to exactly this height")
     parser.add_argument("--width", type=int, required=True, help="... and this width")
-    parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    parser.add_argument("--out", required=True, type=os.path.expanduser, help="output file (.onnx or .pt2)")
     parser.add_argument("--format", choices=["onnx", "torch-export"], default=None,
                         help="follows the --out suffix (.onnx -> onnx, .pt2 -> torch-export)")
     args = parser.parse_args(argv)

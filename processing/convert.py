@@ -466,8 +466,8 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="dataset", required=True)
     for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc", "folder"):
         sub = commands.add_parser(name)
-        sub.add_argument("--source", required=True)
-        sub.add_argument("--out", required=True)
+        sub.add_argument("--source", type=os.path.expanduser, required=True)
+        sub.add_argument("--out", required=True, type=os.path.expanduser)
         sub.add_argument("--overwrite", action="store_true", help="replace an --out that holds another dataset")
         if name == "folder":
             sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
@@ -478,7 +478,7 @@ def main(argv=None) -> None:
             continue
         sub.add_argument("--splits", nargs="+", default=["validation"] if name != "coco-stuff" else ["train", "validation"])
         if name == "ade20k-847":
-            sub.add_argument("--class-list", required=True)
+            sub.add_argument("--class-list", type=os.path.expanduser, required=True)
         if name in ("pascal-context", "pascal-voc"):
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)

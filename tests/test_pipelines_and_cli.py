@@ -991,3 +991,24 @@ def test_a_clip_folder_where_an_mrovseg_checkpoint_is_needed(tiny_clip_dir, tmp_
     data = write_parquet(tmp_path / "data", num_train=1, num_val=1, height=64, width=64)
     with pytest.raises(SystemExit, match=f"error: cannot load --model .*{message}"):
         evaluate.main(["--model", str(tiny_clip_dir), "--dataset", str(data), "--no_progress"])
+
+
+def test_home_relative_paths_after_an_equals_sign(checkpoint, tmp_path, monkeypatch, capsys):
+    """The shell leaves `--out=~/results` as it is: the CLI wrote into a folder named "~" in the working directory.
+    Every path argument of the scripts now expands it (here the CLI's image, model and output)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(random_image(30, 40)).save(tmp_path / "photo.png")
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "model")
+    assert cli_main(["segment", "~/photo.png", "--model=~/model", "--labels", "cat", "--out=~/results", "--quiet"]) == 0
+    assert (tmp_path / "results" / "photo.json").is_file() and not (tmp_path / "~").exists()
+    from training import evaluate, train
+
+    (tmp_path / "data").mkdir()
+    parsed = train.parse_args(["--model=~/model", "--dataset=~/data", "--output_dir=~/run"])
+    assert (parsed.model, parsed.dataset, parsed.output_dir) == tuple(str(tmp_path / name) for name in
+                                                                      ("model", "data", "run"))
+    parsed = evaluate.parse_args(["--model=~/model", "--dataset=~/data", "--output=~/eval.json"])
+    assert parsed.output == str(tmp_path / "eval.json")

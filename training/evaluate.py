@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from modeling_mrovseg.cli import check_source, one_line, write_atomically
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="MROVSeg checkpoint folder or Hub id")
-    parser.add_argument("--dataset", required=True, help="folder of parquet files or a Hub dataset id")
+    parser.add_argument("--model", type=os.path.expanduser, required=True, help="MROVSeg checkpoint folder or Hub id")
+    parser.add_argument("--dataset", type=os.path.expanduser, required=True,
+                        help="folder of parquet files or a Hub dataset id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
     parser.add_argument("--benchmark_name", default=None, help="name for the results (default: the dataset)")
-    parser.add_argument("--output", default=None, help="results JSON (default: printed only)")
+    parser.add_argument("--output", default=None, type=os.path.expanduser, help="results JSON (default: printed only)")
     parser.add_argument("--eval_size", type=int, default=640, help="shortest edge the images are resized to")
     parser.add_argument("--slice_batch_size", type=int, default=None)
     parser.add_argument("--max_samples", type=int, default=None)

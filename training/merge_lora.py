@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--base", default=None)
+    parser.add_argument("--adapter", type=os.path.expanduser, required=True)
+    parser.add_argument("--out", required=True, type=os.path.expanduser)
+    parser.add_argument("--base", type=os.path.expanduser, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     args = parser.parse_args(argv)
     from modeling_mrovseg.modeling_mrovseg import ADAPTER_RECIPE

@@ -30,12 +30,14 @@ DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, max_grad_norm=0.01, crop_size=640, m
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="CLIP id/folder, or an MROVSeg checkpoint")
-    parser.add_argument("--dataset", required=True, help="folder of parquet files or a Hub dataset id")
+    parser.add_argument("--model", type=os.path.expanduser, required=True,
+                        help="CLIP id/folder, or an MROVSeg checkpoint")
+    parser.add_argument("--dataset", type=os.path.expanduser, required=True,
+                        help="folder of parquet files or a Hub dataset id")
     parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation", help='split to evaluate on ("none": no evaluation)')
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True, type=os.path.expanduser)
     parser.add_argument("--max_steps", type=int, default=DEFAULTS["max_steps"])
     parser.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="global batch per step")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
