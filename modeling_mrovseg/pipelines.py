@@ -240,12 +240,19 @@ class MROVSegZeroShotSegmentationPipeline(Pipeline):
             postprocess["score_threshold"] = check_score_threshold(score_threshold)
         return preprocess, {}, postprocess
 
+    def _text_state(self) -> tuple:
+        """What cached embeddings were computed from besides the labels: the templates and the text tower's weights.
+        Training them in place (a LoRA on the text side, in a notebook beside a live pipeline) bumps each tensor's
+        version and `.to()` gives new storage; either made the cache serve stale embeddings."""
+        tower = [*self.model.text_model.parameters(), *self.model.text_projection.parameters()]
+        return tuple(self.model.config.prompt_templates), tuple((p.data_ptr(), p._version) for p in tower)
+
     def text_embeddings(self, labels: list[str]) -> torch.Tensor:
         """(C, E) embeddings of `labels`: the stored ones for the model's own vocabulary, else computed once per
         (labels, templates) and then served from a cache."""
         if list(labels) == self.model.vocabulary:  # always the live buffer: set_vocabulary may have replaced it
             return self.model.vocabulary_embeds
-        key = (tuple(labels), tuple(self.model.config.prompt_templates))
+        key = (tuple(labels), *self._text_state())
         if key in self._text_cache:
             self.text_cache_hits += 1
             self._text_cache.move_to_end(key)

@@ -171,6 +171,20 @@ def test_zero_shot_single_batch_and_cache(zero_shot):
     assert zero_shot.text_cache_misses == misses + 2 and zero_shot.text_cache_hits == hits + 3
 
 
+def test_zero_shot_cache_follows_the_text_towers_weights(checkpoint):
+    """The text cache was keyed by the labels alone: after the text tower changed in place (a LoRA on it trained in a
+    notebook beside a live pipeline), the pipeline went on serving the old embeddings."""
+    model = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    segmenter = pipeline("zero-shot-image-segmentation", model=model)
+    before = segmenter.text_embeddings(["cat", "dog"]).clone()
+    assert torch.equal(segmenter.text_embeddings(["cat", "dog"]), before) and segmenter.text_cache_hits == 1
+    with torch.no_grad():
+        model.text_model.final_layer_norm.bias.add_(0.5)
+    after = segmenter.text_embeddings(["cat", "dog"])
+    assert segmenter.text_cache_misses == 2 and not torch.allclose(after, before)
+    torch.testing.assert_close(after, model.embed_class_names(["cat", "dog"], model.clip_tokenizer))
+
+
 def test_zero_shot_matches_the_model(zero_shot, tiny_tokenizer):
     image = images()[1]
     labels = ["tree", "river, stream", "house"]
