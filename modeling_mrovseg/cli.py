@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from .configuration_mrovseg import one_line
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -85,12 +87,6 @@ def output_stems(names: list[Path]) -> list[str]:
 def is_hub_id(name: str) -> bool:
     """ORG/NAME that is not a local path: the one rule of the CLI, the demo, the training scripts and the card."""
     return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line for a script's `error: ...` message: its first line, or its type when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -110,6 +110,12 @@ class NotAnMROVSegCheckpoint(ValueError):
                          f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}")
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line for a script's `error: ...` message: its first line, or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 LEGACY_FIELD = "mask_decoder_channels"  # pixel_decoder_channels, as configs saved before the rename call it
 
 
@@ -413,4 +419,4 @@ def normalize_class_name(name: str) -> str:
 
 __all__ = ["MROVSegConfig", "NotAnMROVSegCheckpoint", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX",
            "WIDE_IGNORE_INDEX", "unlabelled_value", "HIGH_RES_ENCODINGS", "default_feature_layers",
-           "normalize_class_name", "near_name", "with_hint"]
+           "normalize_class_name", "near_name", "with_hint", "one_line"]

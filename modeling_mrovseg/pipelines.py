@@ -28,7 +28,7 @@ try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer
 except ImportError:
     import httpx
 
-from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, with_hint
+from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, one_line, with_hint
 from .text_classifier import parse_class_names
 
 
@@ -104,8 +104,7 @@ def download(url: str, timeout: float | None) -> bytes:
         response = httpx.get(url, timeout=DOWNLOAD_TIMEOUT if timeout is None else timeout, follow_redirects=True)
         response.raise_for_status()
     except httpx.HTTPError as error:  # its first line (httpx adds one with a link about status codes)
-        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{url} cannot be downloaded: {reason}") from None
+        raise ValueError(f"{url} cannot be downloaded: {one_line(error)}") from None
     kind = response.headers.get("content-type", "")
     if kind.startswith(("text/", "application/json")):  # a web page (a photo's page, a login) rather than the photo
         raise ValueError(f"{url} is not an image: the server sent {kind.split(';')[0]}")
