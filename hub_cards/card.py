@@ -209,7 +209,7 @@ def main(argv=None) -> Path:
         card = build_card(checkpoint, checkpoint_results(checkpoint, args.results), args.repo_id, args.license)
         written = write_card(card, checkpoint, args.regenerate_card)
     except (OSError, ValueError) as error:
-        parser.exit(1, f"error: {one_line(error)}; no card was written.\n")
+        parser.exit(1, f"error: {one_line(error).rstrip('.')}; no card was written.\n")
     if written:
         print(f"wrote {checkpoint / 'README.md'}")
     return checkpoint / "README.md"

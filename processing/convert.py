@@ -496,7 +496,7 @@ def main(argv=None) -> None:
         with staged_output(out, args.overwrite) as staging:
             written = _convert(args, staging)
     except (OSError, ValueError) as error:  # a missing or unreadable source: one line, and --out as it was
-        parser.exit(1, f"error: {one_line(error)}; {out} is unchanged.\n")
+        parser.exit(1, f"error: {one_line(error).rstrip('.')}; {out} is unchanged.\n")
     for path in written:
         print(f"wrote {out / path.name}")
 

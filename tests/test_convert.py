@@ -131,6 +131,7 @@ def fails_with(capsys, argv, message: str) -> None:
         convert.main(argv)
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
     assert error.value.code == 1 and last.startswith("error: ") and message in last and "is unchanged." in last, last
+    assert ".;" not in last, last  # a message ending in a period, then "; ... is unchanged"
 
 
 def test_cli_and_missing_source(tmp_path, capsys):

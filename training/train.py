@@ -360,7 +360,7 @@ def main(argv=None) -> dict:
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         except (OSError, ValueError) as error:
             raise SystemExit(f"error: cannot load --eval_split {args.eval_split} of {args.dataset}: "
-                             f"{one_line(error)}. Name another split (--eval_split train) or train without evaluation "
+                             f"{one_line(error).rstrip('.')}. Name another split (--eval_split train) or train without evaluation "
                              "(--eval_split none).") from None
         with loading("--metric", args.metric):  # not after the last step
             metric = evaluate.load(args.metric)
@@ -486,7 +486,7 @@ def main(argv=None) -> dict:
             try:
                 evaluations.append(run_evaluation(step))
             except (OSError, ValueError) as error:  # a bad evaluation image stops the evaluation, not the training
-                accelerator.print(f"step {step}: evaluation failed: {one_line(error)}; training goes on")
+                accelerator.print(f"step {step}: evaluation failed: {one_line(error).rstrip('.')}; training goes on")
                 evaluations.append({"step": step, "error": str(error)})
             if accelerator.is_main_process:  # logged: a resumed run's results hold the evaluations before it too
                 append_log(log_path, {"step": step, "evaluation": evaluations[-1]})
@@ -504,7 +504,7 @@ def main(argv=None) -> dict:
                 final = run_evaluation(step)
                 evaluations.append(final)
             except (OSError, ValueError) as error:  # an unreadable evaluation image: the model is saved all the same
-                accelerator.print(f"final evaluation failed: {one_line(error)}; saving the model without it")
+                accelerator.print(f"final evaluation failed: {one_line(error).rstrip('.')}; saving the model without it")
                 results["final_evaluation_error"] = str(error)
         # which sources were Hub ids here: a relative local folder ("data/mine") reads like one where the card is built
         results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
