@@ -102,11 +102,12 @@ class NotAnMROVSegCheckpoint(ValueError):
     """Another model's checkpoint (most often the CLIP training starts from) where an MROVSeg one was needed:
     transformers would build MROVSegConfig from its config with a warning, then fail on a field it does not know."""
 
-    def __init__(self, model_type: str, source: str = "this config"):
+    def __init__(self, model_type: str | None, source: str = "this config"):
         self.model_type, self.source = model_type, source
         hint = ("; around a CLIP, build one with MROVSegForOpenVocabSegmentation.from_clip" if model_type == "clip"
                 else "")
-        super().__init__(f"{source} is a {model_type!r} checkpoint, not an MROVSeg model: give a checkpoint saved by "
+        kind = f"is a {model_type!r} checkpoint" if model_type else "has a config without a model_type"
+        super().__init__(f"{source} {kind}, not an MROVSeg model: give a checkpoint saved by "
                          f"training.train (OUTPUT_DIR/model) or MROVSegForOpenVocabSegmentation.save_pretrained{hint}")
 
 

@@ -167,6 +167,9 @@ def test_push_refuses_a_folder_without_safetensors(tmp_path):
     from hub_cards.push import check_checkpoint
 
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has a config without a model_type, not an MROVSeg model"):
+        check_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "mrovseg"}')
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="no safetensors weights"):
         check_checkpoint(tmp_path)
