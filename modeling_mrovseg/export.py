@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .configuration_mrovseg import one_line
 from .image_processing_mrovseg import MROVSegImageProcessor
 from .slicing import SliceGrid
 
@@ -121,23 +122,34 @@ class ExportedSegmenter:
         if not path.is_file():
             raise FileNotFoundError(f"no exported model at {path}")
         self.path = path
+        try:
+            props = self._load(path, providers)
+        except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, zipfile's BadZipFile, onnxruntime's Fail
+            raise ValueError(f"{path} cannot be read as an exported model (damaged, cut short, or not one): "
+                             f"{one_line(error)}; export it again") from None
+        if METADATA_KEY not in props or not props[METADATA_KEY]:
+            raise ValueError(f"{path} was not written by modeling_mrovseg.export (no '{METADATA_KEY}' metadata).")
+        self.metadata = json.loads(props[METADATA_KEY])
+        self.labels: list[str] = self.metadata["labels"]
+        self.processor = MROVSegImageProcessor.from_dict(self.metadata["processor"])
+
+    def _load(self, path: Path, providers: list[str] | None) -> dict[str, str]:
+        """The runtime for `path` (an onnxruntime session or the exported program) and the file's metadata."""
+        self.session = self.program = None
         if path.suffix == ".onnx":
             import onnx
             import onnxruntime
 
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
             self.session = onnxruntime.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-            self.program = None
-        else:
-            extra = {f"{METADATA_KEY}.json": ""}
-            self.program = torch.export.load(str(path), extra_files=extra).module()
-            props = {METADATA_KEY: extra[f"{METADATA_KEY}.json"]}
-            self.session = None
-        if METADATA_KEY not in props or not props[METADATA_KEY]:
-            raise ValueError(f"{path} was not written by modeling_mrovseg.export (no '{METADATA_KEY}' metadata).")
-        self.metadata = json.loads(props[METADATA_KEY])
-        self.labels: list[str] = self.metadata["labels"]
-        self.processor = MROVSegImageProcessor.from_dict(self.metadata["processor"])
+            return props
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch.export.load would log a traceback before its own error
+            raise ValueError("not a .pt2 archive")
+        extra = {f"{METADATA_KEY}.json": ""}
+        self.program = torch.export.load(str(path), extra_files=extra).module()
+        return {METADATA_KEY: extra[f"{METADATA_KEY}.json"]}
 
     def describe(self) -> str:
         m = self.metadata

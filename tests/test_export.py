@@ -63,6 +63,12 @@ def test_other_sizes_and_foreign_files_are_refused(model, exported, tmp_path):
         ExportedSegmenter(tmp_path / "plain.onnx")
     with pytest.raises(FileNotFoundError):
         ExportedSegmenter(tmp_path / "missing.onnx")
+    # a file cut short (a copy or download interrupted): protobuf's DecodeError and zipfile's BadZipFile before
+    for name in ("cut.onnx", "cut.pt2"):
+        data = exported["onnx" if name.endswith(".onnx") else "torch-export"].read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 3])
+        with pytest.raises(ValueError, match=f"{name} cannot be read as an exported model .damaged, cut short"):
+            ExportedSegmenter(tmp_path / name)
 
 
 def test_command_line(model, tmp_path, capsys):
