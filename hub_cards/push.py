@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from modeling_mrovseg.cli import one_line
@@ -21,6 +24,8 @@ from modeling_mrovseg.modeling_mrovseg import refuse_training_adapter
 
 from .card import DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_config, checkpoint_results, write_card
 
+# training.train's arguments that name local files or folders (Hub ids stay as they are: they are not absolute)
+PATH_ARGS = ("model", "dataset", "output_dir", "resume_from_checkpoint", "class_names", "metric")
 ALLOWED = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "config.json",
            "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "*.py", "README.md", "results.json"]
@@ -44,6 +49,59 @@ def check_checkpoint(checkpoint: Path) -> None:
         raise ValueError(f"remote-code modules {missing} named in auto_map are missing from {checkpoint}")
 
 
+def public_results(text: str) -> str:
+    """
+    A training results.json as published: the run's absolute local paths (its model, dataset, output folder, and
+    where they recur, such as in an error message) shortened to what follows their folder, as the card names them,
+    and anything else under the home folder to `~/`. The record held the machine's user name and folder layout.
+    """
+    data = json.loads(text)
+    args = data.get("args") if isinstance(data, dict) else None
+    paths = [value for key, value in (args or {}).items() if key in PATH_ARGS and isinstance(value, str)]
+    prefixes = sorted({os.path.dirname(path.rstrip("/")) + "/" for path in paths if os.path.isabs(path)}, key=len,
+                      reverse=True)
+    replacements = [(prefix, "") for prefix in prefixes if prefix != "/"] + [(str(Path.home()) + "/", "~/")]
+
+    def public(value):
+        if isinstance(value, str):
+            for prefix, short in replacements:
+                value = value.replace(prefix, short)
+            return value
+        if isinstance(value, list):
+            return [public(item) for item in value]
+        if isinstance(value, dict):
+            return {key: public(item) for key, item in value.items()}
+        return value
+
+    published = public(data)
+    return text if published == data else json.dumps(published, indent=2)
+
+
+@contextlib.contextmanager
+def public_folder(checkpoint: Path):
+    """The folder to upload: the checkpoint itself, or, where its results.json names local paths, a staging folder
+    beside it of links to its files and the `public_results` version of that record (the checkpoint is left as is)."""
+    record = checkpoint / "results.json"
+    text = record.read_text() if record.is_file() else None
+    published = public_results(text) if text is not None else None
+    if published == text:
+        yield checkpoint
+        return
+    try:  # beside the checkpoint: on its filesystem, files are linked, not copied
+        staging = tempfile.TemporaryDirectory(prefix=".mrovseg-push-", dir=checkpoint.parent)
+    except OSError:
+        staging = tempfile.TemporaryDirectory(prefix="mrovseg-push-")
+    with staging as folder:
+        for file in checkpoint.iterdir():
+            if file.is_file() and file.name != record.name:
+                try:
+                    os.link(file, Path(folder) / file.name)
+                except OSError:
+                    shutil.copy2(file, Path(folder) / file.name)
+        (Path(folder) / record.name).write_text(published)
+        yield Path(folder)
+
+
 def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: list[str] | None = None,
          token: str | None = None, endpoint: str | None = None, commit_message: str | None = None,
          regenerate_card: bool = False, license: str = DEFAULT_LICENSE) -> str | None:
@@ -58,9 +116,10 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
     write_card(card, checkpoint, regenerate_card)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
-                             allow_patterns=ALLOWED, ignore_patterns=["*.bin", "*.pt", "*.pkl", "checkpoints/*"],
-                             commit_message=commit_message or "Upload MROVSeg checkpoint")
+    with public_folder(checkpoint) as folder:
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 allow_patterns=ALLOWED, ignore_patterns=["*.bin", "*.pt", "*.pkl", "checkpoints/*"],
+                                 commit_message=commit_message or "Upload MROVSeg checkpoint")
     url = getattr(info, "commit_url", None)
     print(f"pushed {checkpoint} to {repo_id}" + (f": {url}" if url else " (no change)"))
     return url

@@ -392,3 +392,35 @@ def test_card_and_push_take_the_weights_license(checkpoint, tmp_path, capsys):
             main(["--checkpoint", str(folder), "--repo-id", "acme/x", "--license", "Apache 2"])
         assert exit_info.value.code == 2
         assert "'Apache 2' is not a license id such as apache-2.0" in capsys.readouterr().err
+
+
+def test_pushed_results_name_no_machine_paths(checkpoint, tmp_path):
+    """training.train's results.json went to the Hub as written: the run's absolute paths (user name, folder layout),
+    also inside an error message. The pushed record names them as the card does; the local one is left as is, and
+    pushing again commits nothing."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("README.md"))
+    home = str(Path.home())
+    run = {"final_evaluation": {"mean_iou": 0.5, "num_images": 2}, "dataset": f"{tmp_path}/data/cracks",
+           "final_evaluation_error": None, "hub_ids": ["model"],
+           "history": [{"step": 1, "loss": 2.0, "note": f"cache in {home}/.cache/x"}],
+           "args": {"model": "openai/clip-vit-base-patch16", "dataset": f"{tmp_path}/data/cracks",
+                    "output_dir": f"{tmp_path}/runs/cracks", "class_names": '["crack", "rust"]', "max_steps": 60}}
+    local = json.dumps(run, indent=2)
+    (folder / "results.json").write_text(local)
+    with FakeHub() as hub:
+        push(folder, hub)
+        push(folder, hub)
+        repo = hub.repos["acme/mrovseg-test"]
+        assert len(repo["commits"]) == 1
+        pushed_text = repo["files"]["results.json"].decode()
+        weights = repo["files"]["model.safetensors"]
+    pushed = json.loads(pushed_text)
+    assert str(tmp_path) not in pushed_text and home + "/" not in pushed_text
+    assert pushed["args"]["dataset"] == "cracks" and pushed["args"]["output_dir"] == "cracks"
+    assert pushed["args"]["model"] == "openai/clip-vit-base-patch16" and pushed["dataset"] == "cracks"
+    assert pushed["history"][0]["note"] == "cache in ~/.cache/x" and pushed["args"]["max_steps"] == 60
+    assert (folder / "results.json").read_text() == local and weights == (folder / "model.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".mrovseg-push-*"))  # the staging folder is gone
