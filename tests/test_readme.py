@@ -67,3 +67,31 @@ def test_export_snippet(photos, tiny_clip_dir):
     export_main(["--model", "m", "--height", "64", "--width", "96", "--out", "mrovseg.onnx"])  # the README's command
     namespace = run(block("ExportedSegmenter("), {}, tiny_clip_dir)
     assert namespace["label_map"].shape == (90, 60) and set(np.unique(namespace["label_map"])) <= {0, 1}
+
+
+def test_trainer_snippet(tmp_path, monkeypatch, tiny_clip_dir):
+    """transformers' Trainer, as the README shows it: a few steps on a local parquet split, then the saved folder
+    serves the zero-shot pipeline."""
+    from transformers import pipeline
+
+    from processing.synthetic import write_parquet
+
+    monkeypatch.chdir(tmp_path)
+    write_parquet(tmp_path / "data" / "mine", num_train=4, num_val=1, height=64, width=64)  # the main job's 5 classes
+    code = block("trainer = Trainer(")
+    for old, new in (('"openai/clip-vit-base-patch16",', f'{str(tiny_clip_dir)!r}, num_queries=8, hidden_dim=32, '
+                                                          'num_decoder_heads=4,'),
+                     ('["background", "crack", "rust"]', '["grass", "road", "building", "car", "sign"]'),
+                     ("max_steps=2000", "max_steps=2"),
+                     ("per_device_train_batch_size=8", "per_device_train_batch_size=2"),
+                     ('"height": 640, "width": 640', '"height": 64, "width": 64')):
+        assert old in code
+        code = code.replace(old, new)
+    namespace = run(code, {}, tiny_clip_dir)
+    assert namespace["trainer"].state.global_step == 2
+    assert all(np.isfinite(entry["loss"]) for entry in namespace["trainer"].state.log_history if "loss" in entry)
+    saved = tmp_path / "runs" / "trainer" / "model"
+    assert {"model.safetensors", "tokenizer.json", "processor_config.json"} <= {p.name for p in saved.iterdir()}
+    result = pipeline("zero-shot-image-segmentation", model=str(saved))(Image.new("RGB", (50, 40)),
+                                                                        candidate_labels="crack; rust")
+    assert result["label_map"].shape == (40, 50)
