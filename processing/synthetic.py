@@ -16,6 +16,7 @@ import numpy as np
 
 CLASS_NAMES = ["grass", "road", "building", "car", "sign"]
 SMALL_CLASSES = ["car", "sign"]
+MIN_SIDE = 32  # pixels: room for the road band, the buildings and the small objects
 _COLORS = {"grass": (70, 140, 60), "road": (90, 90, 95), "building": (180, 150, 120), "car": (220, 30, 30),
            "sign": (30, 60, 230)}
 
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # a split without rows is refused by training; a scene narrower than MIN_SIDE has no room for its objects (numpy
+    # said "high <= 0" from deep inside make_scene)
+    for name, low in (("num_train", 1), ("num_val", 1), ("height", MIN_SIDE), ("width", MIN_SIDE), ("seed", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     try:
         path = write_parquet(args.out, args.num_train, args.num_val, args.height, args.width, args.seed)
     except FileExistsError as error:

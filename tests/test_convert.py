@@ -487,3 +487,19 @@ def test_a_parquet_written_with_pandas_reads_as_images(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 of the 3 image paths name no file \(the first: 'files/2.jpg'\); "
                                                 r"relative paths are read from .*paths"):
         load_segmentation_dataset(str(tmp_path / "paths"), "validation")
+
+
+def test_synthetic_generator_refuses_sizes_it_cannot_draw(tmp_path, capsys):
+    """--height 8 ended in numpy's "high <= 0" traceback; --num-train 0 wrote a split training then refused."""
+    from processing import synthetic
+
+    for flags, message in ((["--height", "8"], "--height must be >= 32, got 8"),
+                           (["--num-train", "0"], "--num-train must be >= 1, got 0"),
+                           (["--seed", "-1"], "--seed must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as error:
+            synthetic.main(["--out", str(tmp_path / "s"), "--num-train", "1", "--num-val", "1", *flags])
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    synthetic.main(["--out", str(tmp_path / "s"), "--num-train", "1", "--num-val", "1", "--height", "32",
+                    "--width", "32"])
+    assert (tmp_path / "s" / "train.parquet").is_file()
