@@ -143,7 +143,7 @@ def default_model() -> str | None:
     """$MROVSEG_MODEL, else the checkpoint a Space folder names (hub_cards.space), else the main job's."""
     space = ROOT / "mrovseg_space.json"
     if os.environ.get("MROVSEG_MODEL"):
-        return os.environ["MROVSEG_MODEL"]
+        return os.path.expanduser(os.environ["MROVSEG_MODEL"])  # set in a Space's settings, no shell expands it
     if space.is_file():
         return json.loads(space.read_text())["model"]
     return str(MAIN_JOB_MODEL) if (MAIN_JOB_MODEL / "config.json").is_file() else None
