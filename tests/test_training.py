@@ -100,6 +100,27 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic
     assert results["stopped_at"] == 8  # continued on request, with the new schedule
 
 
+def test_resume_refuses_a_dataset_with_other_rows(tiny_clip_dir, tmp_path, capsys):
+    """The same --dataset folder converted again with more images: a resume drew another data order over the new
+    rows and went on as if it continued the run. Refused, naming both counts; continued on request."""
+    data = write_parquet(tmp_path / "data", num_train=4, num_val=1, height=64, width=64)
+    run = tmp_path / "run"
+    train.main(args(tiny_clip_dir, data, run, max_steps=2, checkpointing_steps=1, stop_after_steps=1,
+                    eval_split="none"))
+    assert json.loads((run / "checkpoints" / "step_1" / "training_state.json").read_text())["train_rows"] == 4
+    import shutil
+
+    shutil.rmtree(data)
+    write_parquet(data, num_train=6, num_val=1, height=64, width=64)
+    again = args(tiny_clip_dir, data, run, max_steps=2, checkpointing_steps=1, eval_split="none",
+                 resume_from_checkpoint="latest")
+    with pytest.raises(SystemExit, match=r"the train split of --dataset .* holds 6 rows, 4 when .*step_1 was written: "
+                                         r"resuming would not continue that run"):
+        train.main(again)
+    results = train.main([*again, "--resume_with_changed_args"])
+    assert results["stopped_at"] == 2 and "resuming with changed data" in capsys.readouterr().out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

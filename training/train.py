@@ -210,6 +210,23 @@ def changed_run_args(saved: dict, args) -> list[str]:
             if name in saved and not same(name, saved[name], now[name])]
 
 
+def check_same_rows(resume: tuple[Path, dict], rows: int, args, log=print) -> None:
+    """The training split must hold as many rows as when the checkpoint was written: the data order is drawn over
+    its rows, so a dataset converted again with more images (same folder, same arguments) did not continue the run
+    but silently trained on another order. Refused unless `--resume_with_changed_args`."""
+    path, state = resume
+    before = state.get("train_rows")  # checkpoints of earlier versions did not record it
+    if before is None or before == rows:
+        return
+    change = (f"the {args.train_split} split of --dataset {args.dataset} holds {rows} rows, {before} when {path} was "
+              "written")
+    if not args.resume_with_changed_args:
+        raise SystemExit(f"error: {change}: resuming would not continue that run (the data order is drawn over the "
+                         "rows). Restore that data, start over with --overwrite_output_dir, or pass "
+                         "--resume_with_changed_args to continue on this data.")
+    log(f"resuming with changed data: {change}")
+
+
 def checkpoint_to_resume(output_dir: Path, args, log=print) -> tuple[Path, dict] | None:
     """The checkpoint `--resume_from_checkpoint` names and its training state, checked before anything loads:
     complete, and written by a run with the same run-defining arguments (`RUN_ARGS`) unless
@@ -353,6 +370,8 @@ def main(argv=None) -> dict:
     resume = checkpoint_to_resume(output_dir, args, accelerator.print)
     with loading("--dataset", args.dataset):
         train_set, class_names = load_segmentation_dataset(args.dataset, args.train_split, args.class_names)
+    if resume is not None:
+        check_same_rows(resume, len(train_set), args, accelerator.print)
     # loaded now: a missing split (or metric) found after training would leave the run without its model
     eval_set = metric = None
     if args.eval_split != "none":
@@ -360,8 +379,8 @@ def main(argv=None) -> dict:
             eval_set, _ = load_segmentation_dataset(args.dataset, args.eval_split, class_names)
         except (OSError, ValueError) as error:
             raise SystemExit(f"error: cannot load --eval_split {args.eval_split} of {args.dataset}: "
-                             f"{one_line(error).rstrip('.')}. Name another split (--eval_split train) or train without evaluation "
-                             "(--eval_split none).") from None
+                             f"{one_line(error).rstrip('.')}. Name another split (--eval_split train) or train "
+                             "without evaluation (--eval_split none).") from None
         with loading("--metric", args.metric):  # not after the last step
             metric = evaluate.load(args.metric)
     with loading("--model", args.model):
@@ -479,7 +498,8 @@ def main(argv=None) -> dict:
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
                 # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
-                state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args)}
+                state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
+                         "train_rows": len(train_set)}
                 write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
             accelerator.wait_for_everyone()
         if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
