@@ -215,6 +215,9 @@ class MROVSegPreTrainedModel(PreTrainedModel):
                 ) from error
             raise
         model, info = loaded
+        # transformers builds the loaded weights as new parameters, each trainable: CLIP frozen in __init__ came back
+        # fully trainable, so fine-tuning a checkpoint trained all of CLIP (its open-vocabulary prior) and its text tower
+        model.freeze_clip()
         # weights the checkpoint lacked are random: fine to train from, never to segment with (`check_complete`)
         model._weights_missing_on_load = weights_not_loaded(info)
         # its tokenizer and image processor (resolution) stay the model's: set_vocabulary and save_pretrained use them

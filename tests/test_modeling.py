@@ -132,6 +132,20 @@ def test_adapters_get_channels_last_global_maps_at_every_batch_size(batch):
         assert global_map.shape[0] == batch and suggest_memory_format(global_map) == torch.channels_last
 
 
+def test_a_loaded_model_keeps_clip_frozen(tmp_path):
+    """transformers builds loaded weights as new, trainable parameters: a checkpoint came back with all of CLIP (both
+    towers) trainable, and fine-tuning it trained CLIP's open-vocabulary prior away."""
+    model = build()
+    model.save_pretrained(tmp_path)
+    fresh = {n for n, p in model.named_parameters() if p.requires_grad}
+    for cls in (MROVSegForOpenVocabSegmentation, AutoModelForSemanticSegmentation):
+        loaded = cls.from_pretrained(tmp_path)
+        assert {n for n, p in loaded.named_parameters() if p.requires_grad} == fresh
+    base = AutoModel.from_pretrained(tmp_path)
+    assert {f"mrovseg.{n}" for n, p in base.named_parameters() if p.requires_grad} == {
+        n for n in fresh if n.startswith("mrovseg.")}
+
+
 def test_loss_backward_reaches_every_trainable_parameter():
     model = build().train()
     out = model(**inputs_for(model.config, (96, 200), labels=True))

@@ -100,6 +100,21 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic
     assert results["stopped_at"] == 8  # continued on request, with the new schedule
 
 
+def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tmp_path):
+    """Fine-tuning a trained MROVSeg (the README's recipe starts from one) trained every CLIP weight, text tower
+    included: from_pretrained had made them all trainable. CLIP stays as it was but for its position embeddings."""
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "first", max_steps=1, eval_split="none"))
+    start = tmp_path / "first" / "model"
+    train.main(args(start, synthetic, tmp_path / "second", max_steps=2, eval_split="none", lr="1e-2"))
+    before = load_file(str(start / "model.safetensors"))
+    after = load_file(str(tmp_path / "second" / "model" / "model.safetensors"))
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(not name.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))
+                         for name in moved), sorted(moved)[:5]
+    clip_moved = {name for name in moved if name.startswith("mrovseg.vision_model.")}
+    assert clip_moved <= {"mrovseg.vision_model.embeddings.position_embedding.weight"}, sorted(clip_moved)[:5]
+
+
 def test_resume_refuses_a_dataset_with_other_rows(tiny_clip_dir, tmp_path, capsys):
     """The same --dataset folder converted again with more images: a resume drew another data order over the new
     rows and went on as if it continued the run. Refused, naming both counts; continued on request."""
