@@ -115,6 +115,23 @@ def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tm
     assert clip_moved <= {"mrovseg.vision_model.embeddings.position_embedding.weight"}, sorted(clip_moved)[:5]
 
 
+def test_a_diverged_run_stops_before_saving_nan_weights(tiny_clip_dir, synthetic, tmp_path):
+    """lr 100 without clipping: the loss went NaN, and the run saved NaN checkpoints and a NaN model, then scored it
+    (argmax of NaN logits, a plausible-looking mIoU). It stops at the first record or checkpoint after, naming the
+    last good checkpoint."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"the training loss became NaN or infinite by step \d+: the weights "
+                                         r"diverged; the last checkpoint, .*step_\d+, was written before that\. Lower "
+                                         r"--lr \(now 100\) or clip gradients"):
+        train.main(args(tiny_clip_dir, synthetic, out, max_steps=40, checkpointing_steps=1, lr="100",
+                        max_grad_norm="0", eval_split="none"))
+    saved = sorted(out.glob("checkpoints/step_*"))
+    assert saved and not (out / "model").exists()
+    for checkpoint in saved:
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint.name
+
+
 def test_resume_refuses_a_dataset_with_other_rows(tiny_clip_dir, tmp_path, capsys):
     """The same --dataset folder converted again with more images: a resume drew another data order over the new
     rows and went on as if it continued the run. Refused, naming both counts; continued on request."""

@@ -457,6 +457,19 @@ def main(argv=None) -> dict:
     model.train()
     step, running, started = start_step, [], time.time()
     evaluations = []
+    # whether every loss so far was finite, kept on the device (no host sync per step) and read before a record or a
+    # checkpoint: a diverged run (NaN weights) went on to save NaN checkpoints and a NaN model, and scored it
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    saved_at = resume[0] if resume is not None else None
+
+    def stop_if_diverged() -> None:
+        if bool(accelerator.gather(finite[None]).all()):
+            return
+        since = f"the last checkpoint, {saved_at}, was written before that" if saved_at else "no checkpoint was written"
+        raise SystemExit(f"error: the training loss became NaN or infinite by step {step}: the weights diverged; "
+                         f"{since}. Lower --lr (now {args.lr:g}) or clip gradients (--max_grad_norm, now "
+                         f"{args.max_grad_norm:g}), then start over (--overwrite_output_dir) or continue from the last "
+                         "checkpoint with --resume_from_checkpoint latest --resume_with_changed_args.")
     def loader_batches():
         """The loader's batches; a training row that cannot be read ends the run with one line naming it."""
         try:
@@ -480,11 +493,13 @@ def main(argv=None) -> dict:
                 schedule.step()
             optimizer.zero_grad()
         running.append(loss.detach().float())
+        finite &= torch.isfinite(running[-1])
         if not accelerator.sync_gradients:
             continue
         step += 1
         progress.update(1)
         if step % args.log_steps == 0 or step == stop_step:
+            stop_if_diverged()
             mean_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
             running = []
             record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
@@ -494,6 +509,9 @@ def main(argv=None) -> dict:
             if accelerator.is_main_process:
                 append_log(log_path, record)
         if step % args.checkpointing_steps == 0 or step == stop_step:
+            # a step whose loss was finite can still have written NaN weights (an infinite gradient)
+            finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
+            stop_if_diverged()
             path = output_dir / "checkpoints" / f"step_{step}"
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
@@ -501,6 +519,7 @@ def main(argv=None) -> dict:
                 state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
                          "train_rows": len(train_set)}
                 write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
+            saved_at = path
             accelerator.wait_for_everyone()
         if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
             try:
