@@ -470,6 +470,7 @@ def main(argv=None) -> dict:
                          f"{since}. Lower --lr (now {args.lr:g}) or clip gradients (--max_grad_norm, now "
                          f"{args.max_grad_norm:g}), then start over (--overwrite_output_dir) or continue from the last "
                          "checkpoint with --resume_from_checkpoint latest --resume_with_changed_args.")
+
     def loader_batches():
         """The loader's batches; a training row that cannot be read ends the run with one line naming it."""
         try:
