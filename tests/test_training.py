@@ -100,9 +100,10 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_clip_dir, synthetic
     assert results["stopped_at"] == 8  # continued on request, with the new schedule
 
 
-def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tmp_path):
+def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tmp_path, capsys):
     """Fine-tuning a trained MROVSeg (the README's recipe starts from one) trained every CLIP weight, text tower
-    included: from_pretrained had made them all trainable. CLIP stays as it was but for its position embeddings."""
+    included: from_pretrained had made them all trainable. CLIP stays as it was but for its position embeddings;
+    weights saved in bfloat16 train as float32."""
     train.main(args(tiny_clip_dir, synthetic, tmp_path / "first", max_steps=1, eval_split="none"))
     start = tmp_path / "first" / "model"
     train.main(args(start, synthetic, tmp_path / "second", max_steps=2, eval_split="none", lr="1e-2"))
@@ -113,6 +114,16 @@ def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tm
                          for name in moved), sorted(moved)[:5]
     clip_moved = {name for name in moved if name.startswith("mrovseg.vision_model.")}
     assert clip_moved <= {"mrovseg.vision_model.embeddings.position_embedding.weight"}, sorted(clip_moved)[:5]
+
+    # a checkpoint saved in bfloat16 (transformers 5 loads the saved dtype): trained in bf16, AdamW rounded small
+    # updates away; it trains as float32, and says so
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+
+    MROVSegForOpenVocabSegmentation.from_pretrained(start, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    train.main(args(tmp_path / "bf16", synthetic, tmp_path / "third", max_steps=1, eval_split="none"))
+    saved = load_file(str(tmp_path / "third" / "model" / "model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert "holds bfloat16 weights; they train as float32" in capsys.readouterr().out
 
 
 def test_a_diverged_run_stops_before_saving_nan_weights(tiny_clip_dir, synthetic, tmp_path):

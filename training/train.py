@@ -385,6 +385,11 @@ def main(argv=None) -> dict:
             metric = evaluate.load(args.metric)
     with loading("--model", args.model):
         model, tokenizer = build_model(args.model, args.config_overrides, class_names)
+    saved_as = sorted(str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype != torch.float32)
+    if saved_as:  # a checkpoint saved in bfloat16: AdamW on bf16 weights rounds lr-sized updates away, silently
+        accelerator.print(f"note: {args.model} holds {saved_as[0]} weights; they train as float32 "
+                          "(--mixed_precision bf16 computes in bfloat16)")
+        model.float()
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, args)
         if output_dir.resolve() not in _RUN_LOCKS:  # a new folder
