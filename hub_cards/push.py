@@ -87,8 +87,11 @@ def public_folder(checkpoint: Path):
     if published == text:
         yield checkpoint
         return
+    prefix = f".{checkpoint.resolve().name}.push-"
+    for stale in checkpoint.parent.glob(prefix + "*"):  # left by a push that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     try:  # beside the checkpoint: on its filesystem, files are linked, not copied
-        staging = tempfile.TemporaryDirectory(prefix=".mrovseg-push-", dir=checkpoint.parent)
+        staging = tempfile.TemporaryDirectory(prefix=prefix, dir=checkpoint.parent)
     except OSError:
         staging = tempfile.TemporaryDirectory(prefix="mrovseg-push-")
     with staging as folder:

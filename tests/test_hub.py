@@ -410,6 +410,7 @@ def test_pushed_results_name_no_machine_paths(checkpoint, tmp_path):
                     "output_dir": f"{tmp_path}/runs/cracks", "class_names": '["crack", "rust"]', "max_steps": 60}}
     local = json.dumps(run, indent=2)
     (folder / "results.json").write_text(local)
+    (tmp_path / ".model.push-killed").mkdir()  # a push killed mid-upload left its staging folder
     with FakeHub() as hub:
         push(folder, hub)
         push(folder, hub)
@@ -423,4 +424,4 @@ def test_pushed_results_name_no_machine_paths(checkpoint, tmp_path):
     assert pushed["args"]["model"] == "openai/clip-vit-base-patch16" and pushed["dataset"] == "cracks"
     assert pushed["history"][0]["note"] == "cache in ~/.cache/x" and pushed["args"]["max_steps"] == 60
     assert (folder / "results.json").read_text() == local and weights == (folder / "model.safetensors").read_bytes()
-    assert not list(tmp_path.glob(".mrovseg-push-*"))  # the staging folder is gone
+    assert not list(tmp_path.glob(".model.push-*"))  # the staging folders are gone, a killed push's too
