@@ -87,11 +87,12 @@ def public_folder(checkpoint: Path):
     if published == text:
         yield checkpoint
         return
+    beside = checkpoint.resolve().parent  # resolved: `--checkpoint .` has no parent of its own
     prefix = f".{checkpoint.resolve().name}.push-"
-    for stale in checkpoint.parent.glob(prefix + "*"):  # left by a push that was killed
+    for stale in beside.glob(prefix + "*"):  # left by a push that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:  # beside the checkpoint: on its filesystem, files are linked, not copied
-        staging = tempfile.TemporaryDirectory(prefix=prefix, dir=checkpoint.parent)
+        staging = tempfile.TemporaryDirectory(prefix=prefix, dir=beside)
     except OSError:
         staging = tempfile.TemporaryDirectory(prefix="mrovseg-push-")
     with staging as folder:
