@@ -69,6 +69,7 @@ def load_results(paths: list[str | Path], allow_unscored: bool = False) -> list[
                                  if k in data.get("args", {})}
             if "hub_ids" in data:  # runs since it was recorded; older ones are judged by the names alone
                 final["training"]["hub_ids"] = list(data["hub_ids"])
+            final["training"]["started_from"] = data.get("started_from", "clip")
             records.append(final)
             if data.get("final_evaluation_error"):  # training saved the model, but its final evaluation failed
                 why = f"its final evaluation failed ({data['final_evaluation_error']})"
@@ -190,7 +191,9 @@ def describe_training(training: dict | None, config: dict) -> str:
     if int(training.get("lora_rank") or 0) > 0:
         clip_part = (f"LoRA rank {training['lora_rank']} on CLIP's {training.get('lora_targets', 'vision')} attention, "
                      "the rest of CLIP frozen")
-    return (f"Trained from {_source(training, 'model')} CLIP on {_source(training, 'dataset')} data for "
+    start = (f"Fine-tuned from {_source(training, 'model')} MROVSeg" if training.get("started_from") == "mrovseg"
+             else f"Trained from {_source(training, 'model')} CLIP")
+    return (f"{start} on {_source(training, 'dataset')} data for "
             f"{training.get('max_steps')} steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')} "
             f"with a poly schedule, {training.get('crop_size')} px crops after random scaling (0.5-1.5x), flips and "
             f"colour jitter; {clip_part}; Hungarian-matched class / BCE / dice losses on sampled points.")

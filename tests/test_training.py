@@ -114,6 +114,14 @@ def test_fine_tuning_a_checkpoint_keeps_clip_frozen(tiny_clip_dir, synthetic, tm
                          for name in moved), sorted(moved)[:5]
     clip_moved = {name for name in moved if name.startswith("mrovseg.vision_model.")}
     assert clip_moved <= {"mrovseg.vision_model.embeddings.position_embedding.weight"}, sorted(clip_moved)[:5]
+    # and the card says which it started from (it said "Trained from a local `model` CLIP")
+    from hub_cards.card import build_card, checkpoint_results
+
+    def card(folder):
+        return " ".join(str(build_card(folder, checkpoint_results(folder, None), "acme/x")).split())
+
+    assert f"Trained from a local `{tiny_clip_dir.name}` CLIP on" in card(start)
+    assert "Fine-tuned from a local `model` MROVSeg on" in card(tmp_path / "second" / "model")
 
     # a checkpoint saved in bfloat16 (transformers 5 loads the saved dtype): trained in bf16, AdamW rounded small
     # updates away; it trains as float32, and says so

@@ -385,6 +385,7 @@ def main(argv=None) -> dict:
             metric = evaluate.load(args.metric)
     with loading("--model", args.model):
         model, tokenizer = build_model(args.model, args.config_overrides, class_names)
+    started_from = "mrovseg" if getattr(model, "_checkpoint_source", None) else "clip"  # for the card's wording
     saved_as = sorted(str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype != torch.float32)
     if saved_as:  # a checkpoint saved in bfloat16: AdamW on bf16 weights rounds lr-sized updates away, silently
         accelerator.print(f"note: {args.model} holds {saved_as[0]} weights; they train as float32 "
@@ -554,7 +555,8 @@ def main(argv=None) -> dict:
         # which sources were Hub ids here: a relative local folder ("data/mine") reads like one where the card is built
         results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
                        class_names=class_names, args=vars(args),
-                       hub_ids=[name for name in ("model", "dataset") if is_hub_id(getattr(args, name))])
+                       hub_ids=[name for name in ("model", "dataset") if is_hub_id(getattr(args, name))],
+                       started_from=started_from)
         if accelerator.is_main_process:
             model_dir = output_dir / "model"
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
