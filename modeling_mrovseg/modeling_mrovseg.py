@@ -183,7 +183,8 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         run arbitrary code when unpickled, so they are refused unless `allow_pickle=True` (for sources you trust).
         Checkpoints saved before the base model / head split load through `LEGACY_KEY_MAPPING`. Class names given
         as `id2label=` (or by a `config=` with other labels) become the vocabulary: embedded with the checkpoint's
-        CLIP tokenizer, as `set_vocabulary` does, not written over the saved names.
+        CLIP tokenizer, as `set_vocabulary` does, not written over the saved names. CLIP comes frozen but for its
+        position embeddings, as in a new model (`freeze_clip`); `model.requires_grad_(True)` would train all of it.
         """
         refuse_training_adapter(pretrained_model_name_or_path,
                                 (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path"))
