@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from .configuration_mrovseg import one_line
+from .configuration_mrovseg import NotAnMROVSegCheckpoint, one_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -27,12 +27,17 @@ def is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
+def hidden(relative: Path) -> bool:
+    """Whether a path below a searched folder is hidden there (itself or a folder on the way)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def files_below(folder: Path, suffixes: set[str]) -> list[Path]:
     """Regular files below `folder`, sub-folders too, with one of these suffixes in any case (IMG_0001.PNG), none
     hidden: macOS's `._photo.jpg` beside each copied photo is no image, and `.thumbnails/` or `.ipynb_checkpoints/`
     hold copies (a named pipe called photo.jpg waited forever)."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                  and not hidden(p.relative_to(folder)))
 
 
 def collect_images(sources: list[str], out: Path | None = None) -> list[tuple[str, Path]]:
@@ -119,8 +124,6 @@ def check_is_mrovseg(model: str) -> None:
         raise FileNotFoundError(f"{model} has no config.json: not a saved checkpoint")
     model_type = AutoConfig.from_pretrained(model if is_hub_id(model) else str(local)).model_type
     if model_type != "mrovseg":
-        from .configuration_mrovseg import NotAnMROVSegCheckpoint
-
         raise NotAnMROVSegCheckpoint(model_type, model)
 
 
@@ -228,13 +231,13 @@ def segment_command(args: argparse.Namespace) -> int:
                                  f"as photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
         images = collect_images(args.sources, out)
         if not images:
-            others = sorted(p.relative_to(source).as_posix() for source in folders for p in source.rglob("*")
-                            if p.is_file())
-            hidden = any(part.startswith(".") for other in others for part in other.split("/"))
+            others = sorted((p.relative_to(source) for source in folders for p in source.rglob("*") if p.is_file()),
+                            key=Path.as_posix)
             raise ValueError(f"no images found in {', '.join(args.sources)} (looked for "
                              f"{', '.join(sorted(IMAGE_SUFFIXES))}"
-                             + (f"; {len(others)} other files, such as {others[0]}" if others else "")
-                             + ("; hidden files and folders are not searched" if hidden else "") + ")")
+                             + (f"; {len(others)} other files, such as {others[0].as_posix()}" if others else "")
+                             + ("; hidden files and folders are not searched" if any(map(hidden, others)) else "")
+                             + ")")
         prepare_output(out)
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,

@@ -368,11 +368,12 @@ class MROVSegConfig(PretrainedConfig):
         return None if name in known else near_name(name, known, cutoff=0.8)
 
     @classmethod
-    def unknown_fields(cls, names: Iterable[str]) -> list[str]:
-        """The names among `names` that are no field of this config, each with the field it is near, if any: a
-        config keeps any keyword as an attribute, so a misspelt override (`num_querys=50`) would change nothing."""
-        known = cls.field_names()
-        return [with_hint(name, cls.field_near(name)) for name in names if name not in known]
+    def unknown_fields(cls, names: Iterable[str], meant: dict[str, str] | None = None) -> list[str]:
+        """The names among `names` that are no field of this config, each with the field it is near, if any, or what
+        `meant` says it stands for: a config keeps any keyword as an attribute, so a misspelt override
+        (`num_querys=50`) would change nothing."""
+        known, meant = cls.field_names(), meant or {}
+        return [with_hint(name, meant.get(name) or cls.field_near(name)) for name in names if name not in known]
 
     @classmethod
     def check_field_names(cls, names: Iterable[str]) -> None:

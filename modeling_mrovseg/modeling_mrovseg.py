@@ -1087,11 +1087,10 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        unknown = [name for name in config_overrides if name not in MROVSegConfig.field_names()]
-        if unknown:  # before the download; `class_names=` is the likeliest slip (the training scripts' name)
-            hints = [with_hint(name, "vocabulary" if name in VOCABULARY_ALIASES else MROVSegConfig.field_near(name))
-                     for name in unknown]
-            raise TypeError(f"from_clip() got unknown keyword(s) {', '.join(hints)}; it takes vocabulary (the class "
+        # before the download; `class_names=` is the likeliest slip (the training scripts' name)
+        unknown = MROVSegConfig.unknown_fields(config_overrides, dict.fromkeys(VOCABULARY_ALIASES, "vocabulary"))
+        if unknown:
+            raise TypeError(f"from_clip() got unknown keyword(s) {', '.join(unknown)}; it takes vocabulary (the class "
                             "names), tokenizer and MROVSegConfig fields.")
         clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
         # a vision-only CLIP (or another model) gave a random text tower: every class name embedded to noise
