@@ -44,7 +44,7 @@ from modeling_mrovseg.cli import files_below, one_line
 from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
-from training.data import load_parquet_split
+from training.data import load_local_split
 
 from .class_names import (
     ADE20K_150,
@@ -222,7 +222,7 @@ def _load_table_dataset(source: str, split: str):
 
     path = Path(source)
     if path.exists():  # the same local layouts training reads
-        return load_parquet_split(path, split)
+        return load_local_split(path, split)
     return datasets.load_dataset(source, split=split)
 
 

@@ -503,3 +503,36 @@ def test_synthetic_generator_refuses_sizes_it_cannot_draw(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path / "s"), "--num-train", "1", "--num-val", "1", "--height", "32",
                     "--width", "32"])
     assert (tmp_path / "s" / "train.parquet").is_file()
+
+
+def test_a_save_to_disk_folder_reads_as_its_parquet(tmp_path):
+    """`DatasetDict.save_to_disk` is how datasets users keep data; such a folder said "no parquet file for split
+    'train'". It loads with `load_from_disk`; one `Dataset` saved alone serves only the split it was saved from."""
+    import datasets
+
+    labels = [np.random.default_rng(i).integers(0, 3, (12, 16)) for i in range(3)]
+    for split in ("train", "validation"):
+        write_table(tmp_path / "parquet", split, "label", labels)
+    (tmp_path / "parquet" / "class_names.json").write_text('["a", "b", "c"]')
+    splits = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"))
+    splits.save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "disk" / "class_names.json").write_text('["a", "b", "c"]')
+    for split in ("train", "validation"):
+        from_disk, names = load_segmentation_dataset(str(tmp_path / "disk"), split)
+        from_parquet, _ = load_segmentation_dataset(str(tmp_path / "parquet"), split)
+        assert names == ["a", "b", "c"] and len(from_disk) == 3
+        for one, other in zip(from_disk, from_parquet):
+            for a, b in zip(as_arrays(one), as_arrays(other)):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match=r"no split 'test' in .*disk \(a save_to_disk folder with the "
+                                                r"split\(s\) train, validation\)"):
+        load_segmentation_dataset(str(tmp_path / "disk"), "test")
+    # one split's folder: its own split, never another (the same rows would train and evaluate)
+    one, _ = load_segmentation_dataset(str(tmp_path / "disk" / "train"), "train", ["a", "b", "c"])
+    assert len(one) == 3
+    with pytest.raises(ValueError, match=r"holds the 'train' split \(Dataset.save_to_disk\), not the 'validation' "
+                                         r"split: give the folder above it, .*disk, and name the split"):
+        load_segmentation_dataset(str(tmp_path / "disk" / "train"), "validation", ["a", "b", "c"])
+    datasets.Dataset.from_dict({"image": [image()], "label": [image()]}).save_to_disk(str(tmp_path / "alone"))
+    with pytest.raises(ValueError, match=r"holds one dataset without a split name .* save a DatasetDict"):
+        load_segmentation_dataset(str(tmp_path / "alone"), "train", ["a"])

@@ -3,7 +3,7 @@
 One schema for every dataset: an `image` column and a `label` column (images, or file paths or `{"bytes", "path"}`
 dicts as pandas writes them, cast to images on load; label values are class indices,
 255 = unlabelled, or 65535 in 16-bit label maps past 255 classes: `unlabelled_value`) plus the list of class names
-(`class_names.json` beside local parquet files). Everything random is derived from (seed, epoch, position), so a
+(`class_names.json` beside local parquet files or a `save_to_disk` folder). Everything random is derived from (seed, epoch, position), so a
 run is reproducible whatever the number of processes and wherever it is resumed.
 """
 
@@ -38,7 +38,8 @@ def loading(flag: str, value: str):
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
     """
     (dataset, class names) for a local folder of parquet files (`<split>.parquet`, `<split>/*.parquet`, or a Hub
-    dataset's layout such as `data/<split>-00000-of-00002.parquet`; and `class_names.json`) or a Hub dataset id
+    dataset's layout such as `data/<split>-00000-of-00002.parquet`), a `DatasetDict.save_to_disk` folder (and
+    `class_names.json` in either) or a Hub dataset id
     (`datasets.load_dataset(id, split=split)`; class names from `class_names`, a `class_names.json` file in the
     repository, or the `label` feature's names).
     """
@@ -47,7 +48,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     names = parse_class_names(class_names)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        dataset = load_parquet_split(path, split)
+        dataset = load_local_split(path, split)
         stored = path / "class_names.json"
         if stored.is_file():
             own = parse_class_names(str(stored))
@@ -100,15 +101,32 @@ def _resolved(value: str | None, folder: Path | None) -> str | None:
     return str(path)
 
 
-def load_parquet_split(path: Path, split: str):
+def load_local_split(path: Path, split: str):
     """
-    One split of a local parquet file or folder: `<split>.parquet` or `<split>/*.parquet` (any split name), else
-    datasets' own split patterns (a downloaded Hub dataset's `data/train-00000-of-00002.parquet`), over parquet files
-    only: datasets would make a folder of images an imagefolder labelled by subfolder. A file whose name merely holds
-    the split (`pretrain.parquet` for "train") is not that split.
+    One split of a local dataset: a `DatasetDict.save_to_disk` folder (`datasets.load_from_disk`), else a parquet file
+    or folder: `<split>.parquet` or `<split>/*.parquet` (any split name), else datasets' own split patterns (a
+    downloaded Hub dataset's `data/train-00000-of-00002.parquet`), over parquet files only: datasets would make a
+    folder of images an imagefolder labelled by subfolder. A file whose name merely holds the split
+    (`pretrain.parquet` for "train") is not that split. A `Dataset.save_to_disk` folder serves only the split it was
+    saved from: the same rows must not serve as training and evaluation data alike.
     """
     import datasets
 
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = datasets.load_from_disk(str(path))
+        if split not in splits:
+            raise FileNotFoundError(f"no split {split!r} in {path} (a save_to_disk folder with the split(s) "
+                                    f"{', '.join(splits)})")
+        return splits[split]
+    if path.is_dir() and (path / "state.json").is_file():  # Dataset.save_to_disk: one split, if it names one
+        dataset = datasets.load_from_disk(str(path))
+        if dataset.split is not None and str(dataset.split) == split:
+            return dataset
+        held = f"the {str(dataset.split)!r} split" if dataset.split is not None else "one dataset without a split name"
+        whole = (f"give the folder above it, {path.parent}, and name the split" if
+                 (path.parent / "dataset_dict.json").is_file() else
+                 "ask for the split it holds, or save a DatasetDict ({'train': ..., 'validation': ...})")
+        raise ValueError(f"{path} holds {held} (Dataset.save_to_disk), not the {split!r} split: {whole}")
     candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
     files = [str(f) for f in candidates if f.is_file()]
     if files:

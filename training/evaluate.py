@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=os.path.expanduser, required=True, help="MROVSeg checkpoint folder or Hub id")
     parser.add_argument("--dataset", type=os.path.expanduser, required=True,
-                        help="folder of parquet files or a Hub dataset id")
+                        help="folder of parquet files, a DatasetDict.save_to_disk folder or a Hub dataset id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
     parser.add_argument("--benchmark_name", default=None, help="name for the results (default: the dataset)")
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_source(parser, "--model", args.model, "an MROVSeg checkpoint folder")
-    check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
+    check_source(parser, "--dataset", args.dataset, "a folder of parquet files or a save_to_disk folder")
     if args.output:
         try:
             check_writable_file(Path(args.output))

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", type=os.path.expanduser, required=True,
                         help="CLIP id/folder, or an MROVSeg checkpoint")
     parser.add_argument("--dataset", type=os.path.expanduser, required=True,
-                        help="folder of parquet files or a Hub dataset id")
+                        help="folder of parquet files, a DatasetDict.save_to_disk folder or a Hub dataset id")
     parser.add_argument("--class_names", default=None, help="JSON list of class names (default: from the dataset)")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation", help='split to evaluate on ("none": no evaluation)')
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--config names no MROVSegConfig field: {', '.join(unknown)}")
     args.config_overrides = overrides  # parsed once; `config` keeps the text as given
     check_source(parser, "--model", args.model, "a CLIP or MROVSeg checkpoint folder")
-    check_source(parser, "--dataset", args.dataset, "a folder of parquet files")
+    check_source(parser, "--dataset", args.dataset, "a folder of parquet files or a save_to_disk folder")
     return args
 
 
