@@ -70,28 +70,76 @@ def test_export_snippet(photos, tiny_clip_dir):
 
 
 def test_trainer_snippet(tmp_path, monkeypatch, tiny_clip_dir):
-    """transformers' Trainer, as the README shows it: a few steps on a local parquet split, then the saved folder
-    serves the zero-shot pipeline."""
+    """transformers' Trainer, as the README shows it: a few steps on a local parquet dataset with the mean IoU at each
+    evaluation, equal to `evaluate_segmentation`'s on the same images; resumed from a checkpoint, the same weights;
+    the saved folder serves the zero-shot pipeline."""
+    import evaluate
+    import torch
     from transformers import pipeline
 
+    from modeling_mrovseg import MEAN_IOU
     from processing.synthetic import write_parquet
+    from training.evaluation import evaluate_segmentation
 
     monkeypatch.chdir(tmp_path)
-    write_parquet(tmp_path / "data" / "mine", num_train=4, num_val=1, height=64, width=64)  # the main job's 5 classes
+    write_parquet(tmp_path / "data" / "mine", num_train=4, num_val=3, height=64, width=64)  # the main job's 5 classes
     code = block("trainer = Trainer(")
     for old, new in (('"openai/clip-vit-base-patch16",', f'{str(tiny_clip_dir)!r}, num_queries=8, hidden_dim=32, '
                                                           'num_decoder_heads=4,'),
                      ('["background", "crack", "rust"]', '["grass", "road", "building", "car", "sign"]'),
                      ("max_steps=2000", "max_steps=2"),
-                     ("per_device_train_batch_size=8", "per_device_train_batch_size=2"),
+                     ("per_device_train_batch_size=8", "per_device_train_batch_size=2, save_steps=1"),
+                     ("eval_steps=500", "eval_steps=1"),
                      ('"height": 640, "width": 640', '"height": 64, "width": 64')):
         assert old in code
         code = code.replace(old, new)
     namespace = run(code, {}, tiny_clip_dir)
-    assert namespace["trainer"].state.global_step == 2
-    assert all(np.isfinite(entry["loss"]) for entry in namespace["trainer"].state.log_history if "loss" in entry)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 2
+    assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    scores = [entry for entry in trainer.state.log_history if "eval_mean_iou" in entry]
+    assert [entry["step"] for entry in scores] == [1, 2]
+    validation = namespace["data"]["validation"]
+    squeezed = [{"image": row["image"].resize((64, 64)), "label": row["label"].resize((64, 64), Image.NEAREST)}
+                for row in validation]  # what the collator makes of them
+    expected = evaluate_segmentation(trainer.model, namespace["crops"], squeezed, ["grass", "road", "building", "car",
+                                     "sign"], evaluate.load(MEAN_IOU), show_progress=False)
+    assert scores[-1]["eval_mean_iou"] == pytest.approx(expected["mean_iou"], abs=1e-12)
+    assert scores[-1]["eval_overall_accuracy"] == pytest.approx(expected["overall_accuracy"], abs=1e-12)
+    streamed = trainer.evaluate()  # batch_eval_metrics=True; the same without it
+    trainer.args.batch_eval_metrics = False
+    assert trainer.evaluate()["eval_mean_iou"] == pytest.approx(streamed["eval_mean_iou"], abs=1e-12)
+
+    # resumed from step 1: the weights of the uninterrupted run
+    (tmp_path / "again").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "runs" / "trainer" / "checkpoint-1", tmp_path / "again" / "checkpoint-1")
+    code = code.replace('"runs/trainer"', '"again"').replace("trainer.train()",
+                                                             "trainer.train(resume_from_checkpoint=True)")
+    code = code.replace('trainer.save_model("runs/trainer/model")', "")
+    resumed = run(code, {}, tiny_clip_dir)["trainer"].model.state_dict()
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
     saved = tmp_path / "runs" / "trainer" / "model"
     assert {"model.safetensors", "tokenizer.json", "processor_config.json"} <= {p.name for p in saved.iterdir()}
     result = pipeline("zero-shot-image-segmentation", model=str(saved))(Image.new("RGB", (50, 40)),
                                                                         candidate_labels="crack; rust")
     assert result["label_map"].shape == (40, 50)
+
+
+def test_trainer_mean_iou_refuses_labels_of_another_vocabulary():
+    """A label value that is neither a class id nor unlabelled is named, as in `training.evaluate`; Trainer's padding
+    (-100) and the unlabelled value are not counted."""
+    from types import SimpleNamespace
+
+    from training.evaluation import trainer_mean_iou
+
+    compute = trainer_mean_iou(SimpleNamespace(id2label={0: "a", 1: "b"}, ignore_index=255))["compute_metrics"]
+    labels = np.array([[[0, 1, 255, -100]]])
+    scores = compute(SimpleNamespace(predictions=np.array([[[0, 0, 1, -100]]]), label_ids=labels))
+    assert scores == {"mean_iou": 0.25, "mean_accuracy": 0.5, "overall_accuracy": 0.5}
+    with pytest.raises(ValueError, match=r"evaluation labels hold values \[2, 7\], neither class ids 0..1 of the "
+                                         r"model's 2 classes nor unlabelled \(255\)"):
+        compute(SimpleNamespace(predictions=np.zeros((1, 1, 3), int), label_ids=np.array([[[2, 7, 0]]])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +67,65 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     }
 
 
+def trainer_mean_iou(config) -> dict:
+    """
+    `preprocess_logits_for_metrics` and `compute_metrics` for transformers' `Trainer`: the mean IoU of the
+    evaluation set on the collator's labels (the processor's canvas; unlabelled and padding pixels not counted),
+    labelled as `post_process_semantic_segmentation` labels. `config` is the model's (its vocabulary and unlabelled
+    value `ignore_index`):
+
+        Trainer(model, args, data_collator=collate, eval_dataset=..., **trainer_mean_iou(model.config))
+
+    Each batch's logits become class-id maps on the device, so Trainer keeps (N, H, W) ids rather than every
+    query's mask logits; with `TrainingArguments(batch_eval_metrics=True)` not even those: the histogram streams.
+    Label values that are neither a class id nor unlabelled (another vocabulary's) are a `ValueError`, as in
+    `training.evaluate`.
+    """
+    import evaluate
+
+    from modeling_mrovseg import MEAN_IOU
+    from modeling_mrovseg.image_processing_mrovseg import image_scores, label_scores
+
+    from .data import stray_label_values
+
+    num_classes, ignore = len(config.id2label), config.ignore_index
+    metric = evaluate.load(MEAN_IOU)
+    id_type = torch.int16 if num_classes < 2**15 else torch.int32  # Trainer pads with -100: a signed type
+
+    def preprocess_logits_for_metrics(logits, labels):
+        class_logits, mask_logits, *rest = logits  # MROVSegOutput's fields after the loss, in order
+        canvas = next(t for t in rest if torch.is_tensor(t) and t.dim() == 2 and t.shape[-1] == 4)  # image_sizes
+        outputs = MROVSegScores(class_logits, mask_logits)
+        size = [int(v) for v in canvas[0, 2:]]  # one canvas per collated batch
+        maps = torch.stack([label_scores(scores, None, size).segmentation for scores in image_scores(outputs)])
+        height, width = labels.shape[-2:]  # Trainer's padding across processes (-100) beyond the canvas
+        return torch.nn.functional.pad(maps, (0, width - size[1], 0, height - size[0]), value=-100).to(id_type)
+
+    def compute_metrics(prediction, compute_result: bool = True) -> dict:
+        for predicted, label in zip(prediction.predictions, prediction.label_ids):
+            predicted, label = np.asarray(torch.as_tensor(predicted).cpu()), np.asarray(torch.as_tensor(label).cpu())
+            label = np.where(label == -100, ignore, label)
+            stray = stray_label_values(label, num_classes, ignore)
+            if stray:  # the metric counts no class there: a mismatched vocabulary would score silently high
+                raise ValueError(f"evaluation labels hold values {stray[:5]}, neither class ids 0..{num_classes - 1} "
+                                 f"of the model's {num_classes} classes nor unlabelled ({ignore})")
+            metric.add(prediction=np.where(predicted < 0, num_classes, predicted),
+                       reference=np.where(label == ignore, num_classes, label))
+        if not compute_result:  # batch_eval_metrics: more batches to come
+            return {}
+        results = metric.compute(num_labels=num_classes, ignore_index=num_classes)
+        return {name: float(results[name]) for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
+
+    return {"preprocess_logits_for_metrics": preprocess_logits_for_metrics, "compute_metrics": compute_metrics}
+
+
+class MROVSegScores(NamedTuple):
+    """The two logits that labelling reads, as the model's output names them."""
+
+    class_queries_logits: torch.Tensor
+    masks_queries_logits: torch.Tensor
+
+
 def first_failure(failure: str | None) -> str | None:
     """The first process's failure, on every process: one that went on alone to the metric's gather, or to the next
     training step, would wait for the failed one forever."""
@@ -86,4 +146,4 @@ def format_miou(value: float | None) -> str:
     return "n/a (no labelled pixel in the images)" if value is None else f"{100 * value:.2f}%"
 
 
-__all__ = ["evaluate_segmentation", "format_miou"]
+__all__ = ["evaluate_segmentation", "format_miou", "trainer_mean_iou"]
