@@ -112,9 +112,10 @@ class MROVSegQueryDecoder(nn.Module):
         if torch.compiler.is_compiling():  # a compiled graph folds them into a constant anyway
             return sine_position_embedding(height, width, dim, like.device, like.dtype)
         key = (height, width, dim, like.device, like.dtype, torch.is_inference_mode_enabled())
-        if self._position_cache is None or self._position_cache[0] != key:
-            self._position_cache = (key, sine_position_embedding(height, width, dim, like.device, like.dtype))
-        return self._position_cache[1]
+        cached = self._position_cache  # read once: a model shared by threads may replace it meanwhile
+        if cached is None or cached[0] != key:
+            cached = self._position_cache = (key, sine_position_embedding(height, width, dim, like.device, like.dtype))
+        return cached[1]
 
     def forward(self, memory_map: torch.Tensor) -> list[torch.Tensor]:
         batch, dim, height, width = memory_map.shape
