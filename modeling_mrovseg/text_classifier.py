@@ -31,8 +31,9 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
     couch"); a string is such a list in JSON ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for
-    text typed into a web page) holding a JSON list or one class per line, or names separated by ";" (each may carry
-    synonyms) or, without any ";", by "," (single names). None stays None.
+    text typed into a web page) holding a JSON list, an id2label mapping ({"0": "sky", ...}) or one class per line,
+    or names separated by ";" (each may carry synonyms) or, without any ";", by "," (single names). None stays
+    None.
     """
     if value is None:
         return None
@@ -66,9 +67,22 @@ def _json_names(text: str, where: str) -> list[str]:
         names = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{where} is not a JSON list of names: {error}") from None
+    if isinstance(names, dict):  # an id2label.json, as Hub datasets and transformers' configs keep names
+        names = _id2label_names(names, where)
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"{where} must be a JSON list of names (strings), got {str(names)[:60]}")
     return names
+
+
+def _id2label_names(mapping: dict, where: str) -> list:
+    """{"0": "road", "1": "sidewalk", ...} -> the names in id order; the ids must be 0..N-1, each once."""
+    try:
+        by_id = {int(key): name for key, name in mapping.items()}
+    except ValueError:
+        raise ValueError(f"{where} maps keys that are no class ids: {list(mapping)[:5]}") from None
+    if len(by_id) != len(mapping) or sorted(by_id) != list(range(len(by_id))):
+        raise ValueError(f"{where} maps the ids {sorted(by_id)[:8]}: class ids must run from 0 to N - 1, each once")
+    return [by_id[index] for index in range(len(by_id))]
 
 
 def _is_file(path: Path) -> bool:

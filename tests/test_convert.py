@@ -536,3 +536,69 @@ def test_a_save_to_disk_folder_reads_as_its_parquet(tmp_path):
     datasets.Dataset.from_dict({"image": [image()], "label": [image()]}).save_to_disk(str(tmp_path / "alone"))
     with pytest.raises(ValueError, match=r"holds one dataset without a split name .* save a DatasetDict"):
         load_segmentation_dataset(str(tmp_path / "alone"), "train", ["a"])
+
+
+def test_datasets_in_the_hubs_usual_layouts_load_as_they_are(tmp_path, monkeypatch):
+    """`segments/sidewalk-semantic` (the segmentation tutorial's dataset: `pixel_values`, `label`, names in
+    `id2label.json`) and `scene_parse_150`'s layout (`image`, `annotation`, a per-image scene `label`) stopped
+    training with "lacks the column(s) ['image']": the usual names are renamed, and `id2label.json` gives the names,
+    locally and on the Hub. A per-image class column is no label map, and is named as such."""
+    import json
+
+    import datasets
+    import huggingface_hub
+
+    from modeling_mrovseg.text_classifier import parse_class_names
+
+    labels = [np.random.default_rng(i).integers(0, 3, (12, 16)) for i in range(3)]
+    pictures = [image(seed=i) for i in range(3)]
+    maps = [Image.fromarray(label.astype(np.uint8)) for label in labels]
+
+    def table(folder, columns):
+        features = datasets.Features({name: values[1] for name, values in columns.items()})
+        data = datasets.Dataset.from_dict({name: values[0] for name, values in columns.items()}, features=features)
+        (tmp_path / folder / "data").mkdir(parents=True)
+        data.to_parquet(str(tmp_path / folder / "data" / "train-00000-of-00001.parquet"))
+        return data
+
+    sidewalk = table("sidewalk", {"pixel_values": (pictures, datasets.Image()), "label": (maps, datasets.Image())})
+    (tmp_path / "sidewalk" / "id2label.json").write_text(json.dumps({"0": "unlabeled", "1": "road", "2": "car"}))
+    dataset, names = load_segmentation_dataset(str(tmp_path / "sidewalk"), "train")
+    assert names == ["unlabeled", "road", "car"] and dataset.column_names == ["image", "label"]
+    for row, picture, label in zip(dataset, pictures, labels):
+        np.testing.assert_array_equal(as_arrays(row)[0], np.asarray(picture))
+        np.testing.assert_array_equal(as_arrays(row)[1], label)
+    # the same through the Hub: load_dataset(id), then the repository's id2label.json (no class_names.json there)
+    def download(repo_id, filename, repo_type):
+        assert (repo_id, repo_type) == ("segments/sidewalk-semantic", "dataset")
+        if filename != "id2label.json":
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        return str(tmp_path / "sidewalk" / "id2label.json")
+
+    with monkeypatch.context() as hub:
+        hub.setattr(datasets, "load_dataset", lambda name, split: sidewalk)
+        hub.setattr(huggingface_hub, "hf_hub_download", download)
+        dataset, names = load_segmentation_dataset("segments/sidewalk-semantic", "train")
+    assert names == ["unlabeled", "road", "car"] and dataset.column_names == ["image", "label"]
+
+    scenes = datasets.ClassLabel(names=["bedroom", "street"])
+    table("scene", {"image": (pictures, datasets.Image()), "annotation": (maps, datasets.Image()),
+                    "label": ([0, 1, 0], scenes)})
+    dataset, _ = load_segmentation_dataset(str(tmp_path / "scene"), "train", ["a", "b", "c"])
+    assert dataset.column_names == ["image", "label"]
+    np.testing.assert_array_equal(as_arrays(dataset[1])[1], labels[1])
+
+    table("classes", {"image": (pictures, datasets.Image()), "label": ([0, 1, 0], scenes)})
+    with pytest.raises(ValueError, match=r"has no label column: its 'label' column holds one value per image \(image "
+                                         r"classification\?\), not a map \(its columns: image, label\)"):
+        load_segmentation_dataset(str(tmp_path / "classes"), "train", ["a", "b"])
+    table("other", {"photo": (pictures, datasets.Image()), "seg": (maps, datasets.Image())})
+    with pytest.raises(ValueError, match=r"has no image column: none of image, pixel_values, img \(its columns: "
+                                         r"photo, seg\)\. Rename yours"):
+        load_segmentation_dataset(str(tmp_path / "other"), "train", ["a", "b"])
+
+    # an id2label file given as the class names; its ids must run 0..N-1
+    assert parse_class_names(str(tmp_path / "sidewalk" / "id2label.json")) == ["unlabeled", "road", "car"]
+    (tmp_path / "gap.json").write_text(json.dumps({"0": "a", "2": "b"}))
+    with pytest.raises(ValueError, match=r"maps the ids \[0, 2\]: class ids must run from 0 to N - 1, each once"):
+        parse_class_names(str(tmp_path / "gap.json"))

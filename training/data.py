@@ -10,7 +10,6 @@ run is reproducible whatever the number of processes and wherever it is resumed.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +34,18 @@ def loading(flag: str, value: str):
         raise SystemExit(f"error: cannot load {flag} {value}: {one_line(error)}") from None
 
 
+# where a dataset keeps its class names: this project's list, or the id -> name map of Hub datasets
+# (`segments/sidewalk-semantic`) and transformers' configs
+NAME_FILES = ("class_names.json", "id2label.json")
+
+
 def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[str] | str | None = None):
     """
     (dataset, class names) for a local folder of parquet files (`<split>.parquet`, `<split>/*.parquet`, or a Hub
-    dataset's layout such as `data/<split>-00000-of-00002.parquet`), a `DatasetDict.save_to_disk` folder (and
-    `class_names.json` in either) or a Hub dataset id
-    (`datasets.load_dataset(id, split=split)`; class names from `class_names`, a `class_names.json` file in the
-    repository, or the `label` feature's names).
+    dataset's layout such as `data/<split>-00000-of-00002.parquet`), a `DatasetDict.save_to_disk` folder or a Hub
+    dataset id (`datasets.load_dataset(id, split=split)`). Class names from `class_names`, else a `class_names.json`
+    or `id2label.json` in the folder or repository, else the `label` feature's names. Image and label columns under
+    another usual name (`pixel_values`, `annotation` ...) are renamed `image` and `label`.
     """
     import datasets
 
@@ -49,7 +53,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     path = Path(name_or_path).expanduser()
     if path.exists():
         dataset = load_local_split(path, split)
-        stored = path / "class_names.json"
+        stored = next((path / name for name in NAME_FILES if (path / name).is_file()), path / NAME_FILES[0])
         if stored.is_file():
             own = parse_class_names(str(stored))
             if names is not None and len(names) != len(own):  # other names for the same ids may be wanted; not more
@@ -57,15 +61,54 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
                                  f"({stored}): class ids would point at the wrong names")
             names = own if names is None else names
     else:
-        dataset = datasets.load_dataset(name_or_path, split=split)
+        dataset = standard_columns(datasets.load_dataset(name_or_path, split=split), name_or_path)
         if names is None:
             names = _hub_class_names(name_or_path, dataset)
     if names is None:
         raise ValueError(f"no class names for {name_or_path}: pass class_names (a list or a JSON file)")
-    missing = {"image", "label"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"{name_or_path} lacks the column(s) {sorted(missing)}; convert it with processing/.")
+    dataset = standard_columns(dataset, name_or_path)
     return as_image_columns(dataset, path if path.is_dir() else path.parent if path.exists() else None), list(names)
+
+
+# the names datasets give their images and label maps (`segments/sidewalk-semantic`: pixel_values and label;
+# `scene_parse_150`: image and annotation), first choice first
+IMAGE_COLUMNS = ("image", "pixel_values", "img")
+LABEL_COLUMNS = ("label", "annotation", "mask", "segmentation", "semantic_map", "label_map", "gt")
+
+
+def standard_columns(dataset, name: str):
+    """`image` and `label` columns, renamed from another of their usual names (`IMAGE_COLUMNS`, `LABEL_COLUMNS`):
+    the first that holds pictures (images, paths, bytes or arrays). A column of one number per image (an image
+    classification dataset's `label`) is no label map and is passed over; none left is an error naming the columns."""
+    renames = {}
+    for wanted, accepted in (("image", IMAGE_COLUMNS), ("label", LABEL_COLUMNS)):
+        present = [column for column in accepted if column in dataset.column_names]
+        pictures = [column for column in present if _holds_pictures(dataset.features[column])]
+        if not pictures:
+            found = (f"its {', '.join(repr(c) for c in present)} column holds one value per image (image "
+                     "classification?), not a map"
+                     if present else f"none of {', '.join(accepted)}")
+            raise ValueError(f"{name} has no {wanted} column: {found} (its columns: "
+                             f"{', '.join(dataset.column_names)}). Rename yours (datasets' rename_column, then "
+                             "save_to_disk) or convert the dataset with processing.convert")
+        if pictures[0] != wanted:
+            renames[pictures[0]] = wanted
+    clashing = [column for column in renames.values() if column in dataset.column_names]
+    if clashing:  # a `label` of one scene class per image gives way to the map renamed onto its name
+        dataset = dataset.remove_columns(clashing)
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+def _holds_pictures(feature) -> bool:
+    """An image column: `datasets.Image`, file paths, `{"bytes", "path"}` dicts or arrays (Array2D/3D, sequences)."""
+    import datasets
+
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    if isinstance(feature, dict):
+        return "bytes" in feature
+    arrays = (datasets.Image, datasets.Array2D, datasets.Array3D, list)
+    return isinstance(feature, arrays) or hasattr(feature, "feature")  # datasets' List / Sequence / LargeList
 
 
 def as_image_columns(dataset, folder: Path | None):
@@ -145,15 +188,20 @@ def load_local_split(path: Path, split: str):
 
 
 def _hub_class_names(repo_id: str, dataset):
-    feature = dataset.features.get("label")
+    feature = dataset.features["label"]
+    while not hasattr(feature, "names") and hasattr(feature, "feature"):  # label maps as sequences of ClassLabel
+        feature = feature.feature
     if hasattr(feature, "names"):
         return list(feature.names)
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(repo_id, "class_names.json", repo_type="dataset")).read_text())
-    except Exception:  # noqa: BLE001 - any failure means the names are simply not on the Hub
-        return None
+    for name in NAME_FILES:
+        try:
+            stored = hf_hub_download(repo_id, name, repo_type="dataset")
+        except Exception:  # noqa: BLE001 - any failure means the names are simply not on the Hub
+            continue
+        return parse_class_names(stored)
+    return None
 
 
 def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
