@@ -5,6 +5,7 @@ unlabelled), `<name>_overlay.png` (colours over the photo with a legend) and `<n
 pixel share and score). Files that cannot be read are reported and skipped; the exit code is 1 when any image
 failed, 2 for unusable arguments.
 Labels are comma-separated; to give synonyms, separate classes with ";" instead ("sofa, couch; lamp; floor").
+Without --labels the checkpoint's own vocabulary (`config.id2label`, what pipeline("image-segmentation") uses) is used.
 """
 
 from __future__ import annotations
@@ -175,6 +176,12 @@ def emulated_precision_note(model) -> str | None:
             f"emulated, several times slower than float32: --dtype float32 runs faster here.")
 
 
+def stored_vocabulary_note(labels: list[str]) -> str:
+    """Without --labels the checkpoint's own class names label the images: say which."""
+    shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
+    return f"no --labels: the checkpoint's vocabulary of {len(labels)} class(es): {shown}"
+
+
 def one_class_note(labels: list[str], score_threshold: float | None, flag: str = "--score-threshold") -> str | None:
     """Every pixel gets the best of the classes given: with one class and no threshold, all of the image is it."""
     if len(labels) != 1 or score_threshold is not None:
@@ -222,7 +229,7 @@ def segment_command(args: argparse.Namespace) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        labels = parse_class_names(args.labels)
+        labels = parse_class_names(args.labels)  # None: the checkpoint's vocabulary, once it is loaded
         out = Path(args.out)
         folders = [Path(source) for source in args.sources if not is_url(source) and Path(source).is_dir()]
         for source in folders:
@@ -242,8 +249,11 @@ def segment_command(args: argparse.Namespace) -> int:
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
                                   args.dtype)
+        stored = labels is None
+        labels = segmenter.model.vocabulary if stored else labels
         segmenter.text_embeddings(labels)  # once, before any image: a checkpoint that cannot embed them stops here
-        notes = [emulated_precision_note(segmenter.model), one_class_note(labels, args.score_threshold)]
+        notes = [stored_vocabulary_note(labels) if stored else None, emulated_precision_note(segmenter.model),
+                 one_class_note(labels, args.score_threshold)]
         for note in notes:
             if note and not args.quiet:
                 print(f"note: {note}", file=sys.stderr)
@@ -356,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="image files (photos/*.jpg), folders (searched recursively, hidden files left out) "
                               "or http(s) URLs")
     segment.add_argument("--model", type=os.path.expanduser, required=True, help="checkpoint folder or Hub id")
-    segment.add_argument("--labels", required=True, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
-                         'a file: a JSON list or one class per line')
+    segment.add_argument("--labels", default=None, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
+                         "a file: a JSON list, an id2label.json or one class per line (default: the checkpoint's "
+                         "vocabulary)")
     segment.add_argument("--out", required=True, type=os.path.expanduser, help="output folder")
     segment.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     segment.add_argument("--resolution", type=_positive_int(8192), default=None,

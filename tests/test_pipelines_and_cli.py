@@ -367,6 +367,31 @@ def test_a_checkpoint_without_tokenizer_serves_its_vocabulary_in_both_pipelines(
 
 
 # ---------------------------------------------------------------- CLI and visualisation
+def test_cli_without_labels_segments_the_checkpoints_vocabulary(checkpoint, tmp_path, capsys):
+    """`--labels` was required, though a checkpoint carries its vocabulary (what pipeline("image-segmentation")
+    serves): without it the CLI labels with that vocabulary, says so, and writes what the stock pipeline finds; a
+    checkpoint without a tokenizer works too (its stored embeddings)."""
+    image = tmp_path / "street.png"
+    Image.fromarray(random_image(90, 120)).save(image)
+    stock = pipeline("image-segmentation", model=str(checkpoint))(str(image))
+    bare = MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint)
+    bare.clip_tokenizer = None
+    bare.save_pretrained(tmp_path / "bare")
+    for model in (checkpoint, tmp_path / "bare"):
+        out = tmp_path / model.name / "out"
+        assert cli_main(["segment", str(image), "--model", str(model), "--out", str(out)]) == 0
+        assert f"no --labels: the checkpoint's vocabulary of {len(LABELS)} class(es): {', '.join(LABELS)}" in \
+            capsys.readouterr().err
+        assert json.loads((out / "street.json").read_text())["labels"] == LABELS
+        label_map = np.asarray(Image.open(out / "street_labels.png"))
+        for segment in stock:
+            np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, label_map == LABELS.index(segment["label"]))
+        # --skip-done knows a run without --labels as one with the vocabulary's names
+        assert cli_main(["segment", str(image), "--model", str(model), "--out", str(out), "--skip-done",
+                         "--labels", ",".join(LABELS)]) == 0
+        assert "1 done before" in capsys.readouterr().out
+
+
 def test_cli_on_a_folder_with_a_corrupt_file(checkpoint, tmp_path, capsys):
     source = tmp_path / "photos"
     (source / "nested").mkdir(parents=True)
