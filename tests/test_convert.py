@@ -208,7 +208,7 @@ def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path,
 def test_training_reads_a_hub_datasets_layout_from_a_local_copy(tmp_path):
     """A downloaded or cloned Hub dataset keeps its parquet files as data/<split>-00000-of-0000N.parquet: training
     found "no parquet file for split 'train'" in it; a folder of raw images is still refused (datasets would have
-    made it an imagefolder labelled by subfolder)."""
+    made it an imagefolder labelled by subfolder), saying how to convert it."""
     own_folder(tmp_path, "png")
     convert.main(["folder", "--source", str(tmp_path / "mine"), "--class-names", "a, b, c", "--val-fraction", "0.4",
                   "--out", str(tmp_path / "converted")])
@@ -221,8 +221,13 @@ def test_training_reads_a_hub_datasets_layout_from_a_local_copy(tmp_path):
     assert names == ["a", "b", "c"] and len(train) == 3 and len(read_back(hub, "validation")[0]) == 2
     with pytest.raises(FileNotFoundError, match=r"no parquet file for split 'test' in .*Should be one of"):
         load_segmentation_dataset(str(hub), "test")
-    with pytest.raises(FileNotFoundError, match="no parquet file for split 'train'"):
+    with pytest.raises(FileNotFoundError, match=r"no parquet file for split 'train' in .*mine: it holds images "
+                                                r"\(images/.*\); make them a dataset first: python -m "
+                                                r"processing.convert folder --source .*mine --class-names"):
         load_segmentation_dataset(str(tmp_path / "mine"), "train")
+    photo = next((tmp_path / "mine" / "images").iterdir())
+    with pytest.raises(ValueError, match=r"is no parquet file; give a dataset folder"):  # "Parquet magic bytes ..."
+        load_segmentation_dataset(str(photo), "train", ["a", "b", "c"])
     # a split file without rows: named (datasets said 'Instruction "train" corresponds to no data!')
     import datasets
 

@@ -170,6 +170,8 @@ def load_local_split(path: Path, split: str):
                  (path.parent / "dataset_dict.json").is_file() else
                  "ask for the split it holds, or save a DatasetDict ({'train': ..., 'validation': ...})")
         raise ValueError(f"{path} holds {held} (Dataset.save_to_disk), not the {split!r} split: {whole}")
+    if path.is_file() and _head(path) != b"PAR1":  # a photo, a CSV ...: not "Parquet magic bytes not found"
+        raise ValueError(f"{path} is no parquet file; give a dataset folder (or a .parquet file)")
     candidates = [path / f"{split}.parquet", *sorted((path / split).glob("*.parquet"))] if path.is_dir() else [path]
     files = [str(f) for f in candidates if f.is_file()]
     if files:
@@ -184,7 +186,18 @@ def load_local_split(path: Path, split: str):
             return datasets.load_dataset("parquet", data_dir=str(path), split=split)
         except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
             raise FileNotFoundError(f"no parquet file for split {split!r} in {path}: {one_line(error)}") from None
-    raise FileNotFoundError(f"no parquet file for split {split!r} in {path}")
+    pictures = next((f for f in path.rglob("*") if f.suffix.lower() in PICTURE_SUFFIXES), None)
+    hint = (f": it holds images ({pictures.relative_to(path)}); make them a dataset first: python -m "
+            f"processing.convert folder --source {path} --class-names ... --out DIR" if pictures else "")
+    raise FileNotFoundError(f"no parquet file for split {split!r} in {path}{hint}")
+
+
+PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(4)
 
 
 def _hub_class_names(repo_id: str, dataset):
