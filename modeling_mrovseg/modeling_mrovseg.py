@@ -1085,13 +1085,20 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
         An untrained MROVSeg around pretrained CLIP weights (a Hub id such as "openai/clip-vit-base-patch16" or a
         local folder holding a `CLIPModel`); `vocabulary` (class names) is embedded with CLIP's own tokenizer.
         """
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
         # before the download; `class_names=` is the likeliest slip (the training scripts' name)
         unknown = MROVSegConfig.unknown_fields(config_overrides, dict.fromkeys(VOCABULARY_ALIASES, "vocabulary"))
         if unknown:
             raise TypeError(f"from_clip() got unknown keyword(s) {', '.join(unknown)}; it takes vocabulary (the class "
                             "names), tokenizer and MROVSegConfig fields.")
+        # another model (a SigLIP, a trained MROVSeg) printed a long load report, then "ignore_mismatched_sizes"
+        model_type = getattr(AutoConfig.from_pretrained(name_or_path), "model_type", None)
+        if model_type != "clip":
+            hint = ("an MROVSeg checkpoint: load it with from_pretrained" if model_type == "mrovseg" else
+                    f"a {model_type!r} checkpoint, not a CLIP: from_clip takes a CLIPModel (a Hub id such as "
+                    "openai/clip-vit-base-patch16, or a folder)")
+            raise ValueError(f"{name_or_path} is {hint}")
         clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
         # a vision-only CLIP (or another model) gave a random text tower: every class name embedded to noise
         lacking = weights_not_loaded(info)

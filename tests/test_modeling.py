@@ -345,19 +345,34 @@ def test_from_clip_copies_weights_exactly(tiny_clip_dir):
     assert model.vocabulary_embeds.shape == (3, clip.config.projection_dim)
 
 
-def test_from_clip_refuses_a_clip_without_its_text_tower(tiny_clip_dir, tmp_path):
+def test_from_clip_refuses_a_clip_without_its_text_tower(tiny_clip_dir, checkpoint, tmp_path):
     """A vision-only CLIP checkpoint loaded as CLIPModel got a random text tower (transformers only logs the missing
-    weights): every class name embedded to noise, silently."""
+    weights): every class name embedded to noise, silently. Another model (a SigLIP, a trained MROVSeg) printed a
+    long load report and failed with "ignore_mismatched_sizes"; each is named."""
     import shutil
 
-    from transformers import CLIPModel, CLIPVisionModel
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPModel, CLIPVisionModel, SiglipConfig, SiglipModel
 
-    vision = CLIPVisionModel(CLIPModel.from_pretrained(tiny_clip_dir).config.vision_config)
-    vision.save_pretrained(tmp_path)
-    for tokenizer_file in tiny_clip_dir.glob("*tok*"):  # a tokenizer is there: the weights are what is missing
-        shutil.copy(tokenizer_file, tmp_path)
-    with pytest.raises(ValueError, match=r"does not hold a whole CLIP \(CLIPModel\): \d+ of its weights are missing"):
-        MROVSegForOpenVocabSegmentation.from_clip(str(tmp_path), vocabulary=LABELS)
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    CLIPVisionModel(clip.config.vision_config).save_pretrained(tmp_path / "vision")
+    clip.save_pretrained(tmp_path / "stripped")
+    weights = tmp_path / "stripped" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("text_model.")}, weights,
+              metadata={"format": "pt"})
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    SiglipModel(SiglipConfig(text_config={**tiny, "vocab_size": 99}, vision_config={
+        **tiny, "image_size": 32, "patch_size": 8})).save_pretrained(tmp_path / "siglip")
+    for folder in ("vision", "stripped", "siglip"):
+        for tokenizer_file in tiny_clip_dir.glob("*tok*"):  # a tokenizer is there: the weights are what is wrong
+            shutil.copy(tokenizer_file, tmp_path / folder)
+    for folder, message in (
+            (tmp_path / "stripped", r"does not hold a whole CLIP \(CLIPModel\): \d+ of its weights are missing"),
+            (tmp_path / "vision", r"is a 'clip_vision_model' checkpoint, not a CLIP: from_clip takes a CLIPModel"),
+            (tmp_path / "siglip", r"is a 'siglip' checkpoint, not a CLIP: from_clip takes a CLIPModel"),
+            (checkpoint, r"is an MROVSeg checkpoint: load it with from_pretrained")):
+        with pytest.raises(ValueError, match=message):
+            MROVSegForOpenVocabSegmentation.from_clip(str(folder), vocabulary=LABELS)
 
 
 def test_from_clip_names_a_keyword_it_does_not_take(tmp_path):
