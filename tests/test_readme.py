@@ -109,6 +109,14 @@ def test_trainer_snippet(tmp_path, monkeypatch, tiny_clip_dir):
     streamed = trainer.evaluate()  # batch_eval_metrics=True; the same without it
     trainer.args.batch_eval_metrics = False
     assert trainer.evaluate()["eval_mean_iou"] == pytest.approx(streamed["eval_mean_iou"], abs=1e-12)
+    crops = namespace["crops"]  # predict on images alone: the post-processed class ids
+    trainer.data_collator = lambda rows: crops([row["image"] for row in rows], return_tensors="pt")
+    predicted = trainer.predict(validation.remove_columns("label")).predictions
+    for row, ids in zip(squeezed, predicted):
+        with torch.no_grad():
+            expected = crops.post_process_semantic_segmentation(trainer.model(**crops(row["image"],
+                                                                                     return_tensors="pt")))[0]
+        np.testing.assert_array_equal(ids[:64, :64], expected.numpy())
 
     # resumed from step 1: the weights of the uninterrupted run
     (tmp_path / "again").mkdir()

@@ -78,6 +78,7 @@ def trainer_mean_iou(config) -> dict:
 
     Each batch's logits become class-id maps on the device, so Trainer keeps (N, H, W) ids rather than every
     query's mask logits; with `TrainingArguments(batch_eval_metrics=True)` not even those: the histogram streams.
+    `trainer.predict` on images without labels returns those maps (the canvas's class ids).
     Label values that are neither a class id nor unlabelled (another vocabulary's) are a `ValueError`, as in
     `training.evaluate`.
     """
@@ -98,6 +99,8 @@ def trainer_mean_iou(config) -> dict:
         outputs = MROVSegScores(class_logits, mask_logits)
         size = [int(v) for v in canvas[0, 2:]]  # one canvas per collated batch
         maps = torch.stack([label_scores(scores, None, size).segmentation for scores in image_scores(outputs)])
+        if labels is None:  # trainer.predict on images alone: the canvas's class ids
+            return maps.to(id_type)
         height, width = labels.shape[-2:]  # Trainer's padding across processes (-100) beyond the canvas
         return torch.nn.functional.pad(maps, (0, width - size[1], 0, height - size[0]), value=-100).to(id_type)
 
