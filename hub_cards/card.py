@@ -27,11 +27,18 @@ def stamped(text: str) -> str:
     return text + "\n" + STAMP.format(hashlib.sha256(text.encode()).hexdigest()) + "\n"
 
 
+# what transformers writes when no person did: `push_to_hub`'s placeholder card and `Trainer`'s draft (whose comment
+# asks to be removed once a person has completed it)
+MACHINE_CARD_MARKS = ("This model card has been automatically generated.",
+                      "This model card has been generated automatically according to the information the Trainer")
+
+
 def edited_by_hand(text: str) -> bool:
-    """Whether a README.md is someone's work: not stamped by `write_card`, or changed since."""
+    """Whether a README.md is someone's work: not stamped by `write_card`, or changed since, and not one of
+    transformers' machine-written cards."""
     match = STAMP_PATTERN.search(text)
     if match is None:
-        return True
+        return not any(mark in text for mark in MACHINE_CARD_MARKS)
     return hashlib.sha256(text[: match.start()].encode()).hexdigest() != match.group(1)
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from modeling_mrovseg.cli import one_line
 from modeling_mrovseg.modeling_mrovseg import refuse_training_adapter
 
-from .card import DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_config, checkpoint_results, write_card
+from .card import (DEFAULT_LICENSE, add_license_argument, build_card, checkpoint_config, checkpoint_results,
+                   edited_by_hand, write_card)
 
 # training.train's arguments that name local files or folders (Hub ids stay as they are: they are not absolute)
 PATH_ARGS = ("model", "dataset", "output_dir", "resume_from_checkpoint", "class_names", "metric")
@@ -120,13 +121,31 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
     write_card(card, checkpoint, regenerate_card)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    ignored = ["*.bin", "*.pt", "*.pkl", "checkpoints/*"]
+    if not regenerate_card and hub_card_edited(api, repo_id, checkpoint / "README.md"):
+        ignored.append("README.md")
+        print(f"kept the README.md of {repo_id} on the Hub: it was written or edited there (--regenerate-card "
+              f"replaces it; to go on editing it here, download it into {checkpoint})")
     with public_folder(checkpoint) as folder:
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 allow_patterns=ALLOWED, ignore_patterns=["*.bin", "*.pt", "*.pkl", "checkpoints/*"],
+                                 allow_patterns=ALLOWED, ignore_patterns=ignored,
                                  commit_message=commit_message or "Upload MROVSeg checkpoint")
     url = getattr(info, "commit_url", None)
     print(f"pushed {checkpoint} to {repo_id}" + (f": {url}" if url else " (no change)"))
     return url
+
+
+def hub_card_edited(api, repo_id: str, local: Path) -> bool:
+    """Whether the repo's README.md on the Hub is a person's work (edited in the Hub's editor, say: not a card this
+    tool wrote, nor transformers' placeholder) that differs from the one about to go up: uploading would replace it."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        remote = Path(api.hf_hub_download(repo_id, "README.md", repo_type="model")).read_text(encoding="utf-8")
+    except EntryNotFoundError:  # a new repo, or one without a card
+        return False
+    ours = local.read_text(encoding="utf-8") if local.is_file() else None
+    return remote != ours and edited_by_hand(remote)
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,8 @@
 """A small in-process HTTP server answering the Hub endpoints `huggingface_hub` uses to create a repo and commit.
 
 Only what an upload needs: repo creation, YAML validation, preupload (every file "regular", with the stored
-file's git oid so unchanged files are skipped), NDJSON commits with base64 content, and repo info. Unknown
+file's git oid so unchanged files are skipped), NDJSON commits with base64 content, repo info, and a stored file's
+download (`resolve`), as the publishing tool reads the card already on the Hub. Unknown
 requests are recorded and answered 404, so a test sees when the client needs something new.
 """
 
@@ -80,7 +81,38 @@ class FakeHub:
                 hub.unknown.append(f"POST {self.path}")
                 return self._send(404, {"error": "unknown endpoint"})
 
+            def _resolve(self, with_body: bool) -> bool:
+                """/{org}/{name}/resolve/{revision}/{file}: a stored file's bytes, with the headers
+                `hf_hub_download` reads (commit, etag, size); a missing one is 404 EntryNotFound."""
+                parts = self.path.split("?")[0].split("/")
+                if not (len(parts) >= 6 and parts[3] == "resolve"):
+                    return False
+                repo = hub.repos.get(f"{parts[1]}/{parts[2]}")
+                content = None if repo is None else repo["files"].get("/".join(parts[5:]))
+                if content is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound" if repo is None else "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return True
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", repo["commits"][-1]["oid"] if repo["commits"] else "0" * 40)
+                self.send_header("ETag", f'"{git_oid(content)}"')
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(content)
+                return True
+
+            def do_HEAD(self):  # noqa: N802
+                if not self._resolve(with_body=False):
+                    hub.unknown.append(f"HEAD {self.path}")
+                    self.send_response(404)
+                    self.end_headers()
+
             def do_GET(self):  # noqa: N802
+                if self._resolve(with_body=True):
+                    return
                 parts = self.path.split("?")[0].split("/")
                 if len(parts) >= 5 and parts[1] == "api" and parts[2] in ("models", "spaces"):
                     repo_id = f"{parts[3]}/{parts[4]}"
@@ -96,6 +128,13 @@ class FakeHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def edit(self, repo_id: str, path: str, content: bytes) -> None:
+        """A commit made elsewhere (the Hub's web editor, another machine) that writes one file."""
+        repo = self.repos[repo_id]
+        repo["files"][path] = content
+        oid = hashlib.sha1(json.dumps([len(repo["commits"]), "edit " + path]).encode()).hexdigest()
+        repo["commits"].append({"oid": oid, "summary": f"Update {path}", "paths": [path]})
 
     def __enter__(self) -> "FakeHub":
         self.thread.start()

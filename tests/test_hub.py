@@ -83,6 +83,24 @@ def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
         (checkpoint / "README.md").write_text(edited)
         third = push(checkpoint, hub)
         assert "kept" in third.stdout and repo["files"]["README.md"].decode() == edited
+        # a card edited on the Hub (its editor) was replaced by the next push: kept, and said so
+        on_hub = edited + "\n## Added on the Hub\n"
+        hub.edit("acme/mrovseg-test", "README.md", on_hub.encode())
+        commits = len(repo["commits"])
+        (checkpoint / "ade150.json").write_text((checkpoint / "ade150.json").read_text().replace("0.3125", "0.3126"))
+        fourth = push(checkpoint, hub)
+        assert "kept the README.md of acme/mrovseg-test on the Hub: it was written or edited there" in fourth.stdout
+        assert repo["files"]["README.md"].decode() == on_hub and len(repo["commits"]) == commits
+        # transformers' placeholder (model.push_to_hub) is no one's work: replaced
+        hub.edit("acme/mrovseg-test", "README.md", b"# Model Card\nThis model card has been automatically generated.\n")
+        push(checkpoint, hub)
+        assert repo["files"]["README.md"].decode() == edited
+        hub.edit("acme/mrovseg-test", "README.md", on_hub.encode())
+        push(checkpoint, hub, "--regenerate-card")  # replaces both
+        assert repo["files"]["README.md"].decode() == (checkpoint / "README.md").read_text()
+        assert "31.26" in repo["files"]["README.md"].decode() and not hub.unknown
+        (checkpoint / "ade150.json").write_text((checkpoint / "ade150.json").read_text().replace("0.3126", "0.3125"))
+        push(checkpoint, hub, "--regenerate-card")
 
         snapshot = tmp_path / "snapshot"
         snapshot.mkdir()
