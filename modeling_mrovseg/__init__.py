@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -43,6 +45,7 @@ register_pipelines()
 
 __all__ = [
     "MEAN_IOU",
+    "__version__",
     "CLIP_PRESETS",
     "IGNORE_INDEX",
     "VILD_TEMPLATES",

@@ -358,7 +358,10 @@ def _compile_mode(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mrovseg", description="MROVSeg open-vocabulary segmentation")
+    parser.add_argument("--version", action="version", version=f"mrovseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment an image or a folder of images",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

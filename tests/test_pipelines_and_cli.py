@@ -490,6 +490,19 @@ def test_cli_argument_errors(checkpoint, tiny_clip_dir, tmp_path, capsys, argv, 
     assert message in capsys.readouterr().err
 
 
+def test_cli_version_is_the_packages(capsys):
+    """`mrovseg --version`, as command-line tools answer it: the installed package's version, one source."""
+    import importlib.metadata
+
+    import modeling_mrovseg
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"mrovseg {modeling_mrovseg.__version__}\n"
+    assert modeling_mrovseg.__version__ == importlib.metadata.version("mrovseg")
+
+
 def test_cli_single_non_image_file(checkpoint, tmp_path, capsys):
     bogus = tmp_path / "photo.jpg"
     bogus.write_text("plain text")
