@@ -334,6 +334,13 @@ def test_training_reads_one_channel_of_a_grey_label_saved_as_rgb_and_refuses_a_c
     colour[0, 0] = (200, 30, 30)  # a palette colour: its red channel is no class id
     with pytest.raises(ValueError, match="3 different colour channels"):
         as_arrays({"image": image(2, 2), "label": Image.fromarray(colour)})
+    # float labels (a float32 TIFF, an Array2D of floats): whole numbers read as ids, others were truncated
+    assert as_arrays({"image": image(2, 2), "label": np.array([[0.0, 1.0], [2.0, 255.0]])})[1].tolist() == [
+        [0, 1], [2, 255]]
+    for blurred in (np.array([[0.0, 0.5], [1.0, 2.0]], np.float32), Image.fromarray(np.array([[0, 1.5], [1, 1]],
+                                                                                             np.float32))):
+        with pytest.raises(ValueError, match=r"no whole numbers \(a label map resized with bilinear interpolation"):
+            as_arrays({"image": image(2, 2), "label": blurred})
 
 
 def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):

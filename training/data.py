@@ -227,7 +227,11 @@ def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(image, (list, tuple)):  # an Array3D or nested-sequence column: datasets gives nested lists
         image = np.asarray(image)
     image = to_rgb_uint8(image)
-    label = np.asarray(example["label"], dtype=np.int64)  # a PIL image (P, L, I;16, RGB) or an array
+    label = np.asarray(example["label"])  # a PIL image (P, L, I;16, RGB, F) or an array
+    if np.issubdtype(label.dtype, np.floating) and not (np.isfinite(label).all() and (label == np.round(label)).all()):
+        raise ValueError("a label holds values that are no whole numbers (a label map resized with bilinear "
+                         "interpolation?); labels must be class ids")
+    label = label.astype(np.int64)
     if label.ndim == 3:
         colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]  # an alpha channel (LA, RGBA) aside
         if (colour[..., 1:] != colour[..., :1]).any():
