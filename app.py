@@ -27,7 +27,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 
 ROOT = Path(__file__).resolve().parent
 MAIN_JOB_MODEL = ROOT / "outputs" / "run" / "model"
-EXAMPLE_LABELS = "grass, road, building, car, sign"
 TABLE_HEADERS = ["class", "pixel share (%)", "score"]
 # class names one request may ask for (ADE20K-847's fit): each is embedded by CLIP's text encoder on the shared
 # server, and 100,000 names pasted into a public page held it for everyone for many minutes
@@ -50,6 +49,8 @@ class Segmenter:
         if note:
             print(f"note: {note}", file=sys.stderr)
         self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
+        # the page opens on the served checkpoint's own classes (a Space for cracks and rust showed the main job's)
+        self.default_labels = vocabulary_text(self.pipeline.model.vocabulary)
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
         atexit.register(shutil.rmtree, self.outputs, ignore_errors=True)
@@ -103,6 +104,11 @@ class Segmenter:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def vocabulary_text(labels: list[str]) -> str:
+    """Class names as the text box takes them: ", " between names, "; " once a name carries synonyms."""
+    return ("; " if any("," in label for label in labels) else ", ").join(labels)
+
+
 def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
     import gradio as gr
 
@@ -120,7 +126,7 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
                 # image_mode=None: the uploaded file itself, read as the CLI reads it (EXIF orientation, transparency
                 # onto white, 16-bit range); gradio's default "RGB" re-saves a converted copy that drops both
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
-                labels = gr.Textbox(value=EXAMPLE_LABELS, label="Class names",
+                labels = gr.Textbox(value=segmenter.default_labels, label="Class names",
                                     info='comma separated; synonyms of one class: "sofa, couch; lamp"')
                 resolution = gr.Slider(64, 2048, value=segmenter.default_resolution, step=32,
                                        label="Resolution (shortest edge, px)")

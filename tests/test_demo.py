@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from modeling_mrovseg.cli import main as cli_main
+from tests.helpers import LABELS as CHECKPOINT_LABELS
 from tests.helpers import png_bomb, random_image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -130,6 +131,7 @@ def test_page_in_a_real_browser(server, photo):
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server, wait_until="networkidle")
+        opened_with = page.get_by_label("Class names").input_value()  # the served checkpoint's own classes
         page.locator("input[type=file]").first.set_input_files(str(photo))
         page.get_by_label("Class names").fill(LABELS)
         page.get_by_role("button", name="Segment").click()
@@ -138,6 +140,7 @@ def test_page_in_a_real_browser(server, photo):
         page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
         text = page.inner_text("body")
         browser.close()
+    assert opened_with == ", ".join(CHECKPOINT_LABELS)
     assert "Classes found" in text and any(f"\n{name}" in text for name in ("cat", "dog", "sofa, couch"))
     assert "Examples" in text  # docs/examples/ offered to pick from
     assert Image.open(ARTIFACTS / "demo.png").size[0] == 1280
@@ -155,6 +158,11 @@ def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
         Image.fromarray(random_image(40 + 20 * seed, 50, seed=seed)).save(tmp_path / str(seed) / "image.png")
         paths.append(segmenter(str(tmp_path / str(seed) / "image.png"), LABELS, 64, 0)[2])
     assert paths[0] != paths[1] and Image.open(paths[0]).size == (50, 60) and Image.open(paths[1]).size == (50, 80)
+    from app import vocabulary_text  # the page's default text reads back as the vocabulary, synonyms and all
+    from modeling_mrovseg.text_classifier import parse_class_names
+
+    for vocabulary in (["sky", "road"], ["cat", "sofa, couch"]):
+        assert parse_class_names(vocabulary_text(vocabulary), allow_files=False) == vocabulary
     # a public page embeds at most MAX_CLASSES names per request (100,000 held the shared server for minutes)
     from app import MAX_CLASSES
 
