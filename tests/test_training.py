@@ -300,6 +300,12 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
     assert state["step"] == 4 and state["lr_schedule"]["last_epoch"] == 4  # the schedule lives in JSON
     with pytest.raises(SystemExit, match="holds an earlier run"):  # a finished run is not overwritten silently
         train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=4))
+    # fine-tuning its model into the same folder: --overwrite_output_dir deleted the model it started from
+    for overwrite in ({}, {"overwrite_output_dir": None}):
+        with pytest.raises(SystemExit, match=r"--model .*model is part of the earlier run in .* \(model\), which a "
+                                             r"new run there replaces: give another --output_dir"):
+            train.main(args(tmp_path / "model", synthetic, tmp_path, max_steps=4, **overwrite))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
 
     # a damaged newest checkpoint is named and skipped; an explicit damaged one is an error naming it
     (tmp_path / "checkpoints" / "step_4" / "model.safetensors").write_bytes(b"\x00" * 5)

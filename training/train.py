@@ -283,6 +283,12 @@ def earlier_run(output_dir: Path, args) -> list[str]:
     if args.resume_from_checkpoint:
         return []
     earlier = [name for name in ("checkpoints", "model", "adapter", "log.jsonl") if (output_dir / name).exists()]
+    source = Path(args.model).expanduser()
+    inside = [name for name in earlier if source.exists() and source.resolve().is_relative_to(
+        (output_dir / name).resolve())]
+    if inside:  # fine-tuning runs/a/model into runs/a: starting over would delete the model it starts from
+        raise SystemExit(f"error: --model {args.model} is part of the earlier run in {output_dir} ({inside[0]}), "
+                         "which a new run there replaces: give another --output_dir")
     if earlier and not args.overwrite_output_dir:
         raise SystemExit(f"error: {output_dir} holds an earlier run ({', '.join(earlier)}). Continue it with "
                          "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or choose "
