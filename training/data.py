@@ -3,8 +3,9 @@
 One schema for every dataset: an `image` column and a `label` column (images, or file paths or `{"bytes", "path"}`
 dicts as pandas writes them, cast to images on load; label values are class indices,
 255 = unlabelled, or 65535 in 16-bit label maps past 255 classes: `unlabelled_value`) plus the list of class names
-(`class_names.json` beside local parquet files or a `save_to_disk` folder). Everything random is derived from (seed, epoch, position), so a
-run is reproducible whatever the number of processes and wherever it is resumed.
+(`class_names.json` or `id2label.json` beside local parquet files or in a `save_to_disk` folder). Everything random
+is derived from (seed, epoch, position), so a run is reproducible whatever the number of processes and wherever it
+is resumed.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
     names = parse_class_names(class_names)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        dataset = load_local_split(path, split)
+        dataset = standard_columns(load_local_split(path, split), name_or_path)
         stored = next((path / name for name in NAME_FILES if (path / name).is_file()), path / NAME_FILES[0])
         if stored.is_file():
             own = parse_class_names(str(stored))
@@ -62,11 +63,10 @@ def load_segmentation_dataset(name_or_path: str, split: str, class_names: list[s
             names = own if names is None else names
     else:
         dataset = standard_columns(datasets.load_dataset(name_or_path, split=split), name_or_path)
-        if names is None:
+        if names is None:  # read from the label column, whose name is settled now
             names = _hub_class_names(name_or_path, dataset)
     if names is None:
         raise ValueError(f"no class names for {name_or_path}: pass class_names (a list or a JSON file)")
-    dataset = standard_columns(dataset, name_or_path)
     return as_image_columns(dataset, path if path.is_dir() else path.parent if path.exists() else None), list(names)
 
 
