@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation
 from processing.synthetic import write_parquet
 from training import train
 
@@ -592,3 +593,49 @@ def test_an_unreadable_training_row_is_named_and_the_run_ends_in_one_line(tiny_c
                         crop_size=64, eval_split="none", resume_from_checkpoint="latest"))
     assert str(stop.value).startswith("error: training row 6: its label holds [9], neither class ids 0..2 of the 3 "
                                       "class names nor unlabelled (255)")
+
+
+TRAINER_EVALUATION = """
+import json, sys
+import datasets
+from transformers import Trainer, TrainingArguments
+from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegImageProcessor
+from training.evaluation import trainer_mean_iou
+
+model_dir, data_dir, out_dir = sys.argv[1:4]
+model = MROVSegForOpenVocabSegmentation.from_pretrained(model_dir)
+crops = MROVSegImageProcessor.from_model_config(model.config, size={"height": 128, "width": 128})
+collate = lambda rows: crops([r["image"] for r in rows], segmentation_maps=[r["label"] for r in rows],
+                             return_tensors="pt")
+validation = datasets.load_dataset("parquet", data_dir=data_dir, split="validation")
+scores = {}
+for streamed in (False, True):
+    trainer = Trainer(model=model, eval_dataset=validation, data_collator=collate, **trainer_mean_iou(model.config),
+                      args=TrainingArguments(out_dir, per_device_eval_batch_size=1, remove_unused_columns=False,
+                                             report_to=[], batch_eval_metrics=streamed, use_cpu=True))
+    scores[str(streamed)] = trainer.evaluate()["eval_mean_iou"]
+if trainer.accelerator.is_main_process:
+    print("SCORES " + json.dumps({"processes": trainer.accelerator.num_processes, **scores}))
+"""
+
+
+def test_trainer_mean_iou_in_two_processes_equals_one(tiny_clip_dir, synthetic, tmp_path):
+    """Trainer gathers each batch's class-id maps across processes: int16 maps, which gloo (and NCCL) cannot gather,
+    failed with "Invalid scalar type"; two CPU processes now score what one does."""
+    torch.manual_seed(0)
+    names = json.loads((synthetic / "class_names.json").read_text())
+    model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), vocabulary=names, **TINY)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "evaluation.py").write_text(TRAINER_EVALUATION)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    scores = []
+    for launcher in ([], ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(free_port())]):
+        result = subprocess.run([sys.executable, *launcher, str(tmp_path / "evaluation.py"), str(tmp_path / "model"),
+                                 str(synthetic), str(tmp_path / "trainer")], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600, start_new_session=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        scores.append(json.loads(result.stdout.split("SCORES ", 1)[1].splitlines()[0]))
+    assert [s["processes"] for s in scores] == [1, 2]
+    assert scores[0]["False"] == scores[0]["True"] == scores[1]["False"] == scores[1]["True"]

@@ -91,7 +91,8 @@ def trainer_mean_iou(config) -> dict:
 
     num_classes, ignore = len(config.id2label), config.ignore_index
     metric = evaluate.load(MEAN_IOU)
-    id_type = torch.int16 if num_classes < 2**15 else torch.int32  # Trainer pads with -100: a signed type
+    # signed, for Trainer's -100 padding, and one that processes can gather: gloo and NCCL have no int16
+    id_type = torch.int32
 
     def preprocess_logits_for_metrics(logits, labels):
         class_logits, mask_logits, *rest = logits  # MROVSegOutput's fields after the loss, in order
