@@ -4,7 +4,8 @@ Pure PIL/numpy (plus torch for the antialiased global-view downsampling), no tor
 
 Input conventions (documented fallbacks rather than errors):
 * any PIL mode becomes RGB: EXIF orientation is applied first; transparency (RGBA, LA, P with a transparent
-  index) is composited onto white; 16-bit images (I;16) are scaled from their 16-bit range; 32-bit integer
+  index) is composited onto white; 16-bit images (I;16) are scaled from their 16-bit range (a warning names 8- or
+  12-bit values in a 16-bit file, which read nearly black); 32-bit integer
   images (I) hold whatever range their maker stored (`convert("I")` keeps an 8-bit image's 0..255), so they are
   read as 8-bit when all values lie in 0..255, else as 16-bit, and values outside 0..65535 are a `ValueError`;
   float images (F) and float arrays are read as [0, 1] when all values lie there, else as [0, 255]; integer arrays
@@ -30,10 +31,12 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import TensorType
+from transformers.utils import TensorType, logging
 
 from .configuration_mrovseg import IGNORE_INDEX, near_name, with_hint
 from .slicing import SliceGrid, slice_windows, stitch_windows
+
+logger = logging.get_logger(__name__)
 
 
 class MROVSegImageProcessorKwargs(ImagesKwargs, total=False):
@@ -70,6 +73,7 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
             raise ValueError(f"{where} is empty (size {image.width} x {image.height}).")
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+            _warn_if_few_bits(np.asarray(image))
             return to_rgb_uint8(np.asarray(image).astype(np.float64) / 65535.0, index)
         if image.mode == "I":
             return to_rgb_uint8(_scale_32_bit(np.asarray(image), where), index)
@@ -125,6 +129,7 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
     elif np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if array.dtype == np.uint16:  # a 16-bit image: its dtype says so
+            _warn_if_few_bits(array)
             array = np.rint(array.astype(np.float64) / 257.0)
         elif low < 0 or high > 255:
             raise ValueError(f"{where} has integer values in [{low}, {high}] ({array.dtype}): integer images hold 0..255; "
@@ -142,6 +147,20 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
     if channels == 1:
         array = np.repeat(array, 3, axis=-1)
     return np.ascontiguousarray(array)
+
+
+def _warn_if_few_bits(values: np.ndarray) -> None:
+    """A 16-bit image whose values all lie below 256 or 4096 most likely holds 8- or 12-bit data (a uint8 array cast
+    to uint16, a camera's or microscope's 12 bits): read by its 16-bit range it is the nearly black picture image
+    viewers show, and so is what the model sees. The rule stays (the file says 16-bit); the user is told."""
+    high = int(values.max()) if values.size else 0
+    for bits in (8, 12):
+        if 0 < high < 2**bits:
+            logger.warning_once(
+                f"a 16-bit image holds only values below {2**bits} ({bits}-bit data in a 16-bit file?): read by "
+                f"its 16-bit range it is nearly black, as image viewers show it; scale it to 0..65535 first "
+                f"(x {65535 // (2**bits - 1)})")
+            return
 
 
 def _to_label_map(segmentation_map: Any, index: int) -> np.ndarray:

@@ -210,6 +210,26 @@ def test_transparency_composited_onto_white_and_16_bit_scaled():
     torch.testing.assert_close(_process(grey16)["pixel_values"], white["pixel_values"])
 
 
+def test_16_bit_images_of_8_or_12_bit_values_are_read_by_the_rule_and_named():
+    """A 16-bit file holding 8- or 12-bit values (a uint8 array cast to uint16, a microscope's 12 bits) reads nearly
+    black by the 16-bit rule, as viewers show it: silently so before; now with a warning saying how to scale it."""
+    from transformers.testing_utils import CaptureLogger
+
+    from modeling_mrovseg import image_processing_mrovseg
+
+    eight = np.random.default_rng(0).integers(1, 256, (8, 8)).astype(np.uint16)
+    for picture, message in ((eight, "values below 256 (8-bit data in a 16-bit file?)"),
+                             (Image.fromarray(eight * 16), "values below 4096 (12-bit data in a 16-bit file?)"),
+                             (eight * 257, None), (np.zeros((8, 8), np.uint16), None)):  # full range; black
+        image_processing_mrovseg.logger.warning_once.cache_clear()
+        with CaptureLogger(image_processing_mrovseg.logger) as captured:
+            read = image_processing_mrovseg.to_rgb_uint8(picture)
+        assert (message in captured.out) if message else captured.out == ""
+        if message:
+            assert read.max() <= 16  # the rule is kept: nearly black
+            assert "scale it to 0..65535 first" in captured.out
+
+
 def test_32_bit_images_read_by_their_range(tmp_path):
     """A 32-bit "I" image keeps whatever range it was made with: convert("I") of an 8-bit photo stores 0..255 (it
     read almost black when scaled as 16-bit), of a 16-bit one 0..65535; a TIFF round trip keeps the mode."""
