@@ -90,15 +90,18 @@ def trainer_mean_iou(config) -> dict:
     from .data import stray_label_values
 
     num_classes, ignore = len(config.id2label), config.ignore_index
-    metric = evaluate.load(MEAN_IOU)
+    state = {"metric": evaluate.load(MEAN_IOU)}
     # signed, for Trainer's -100 padding, and one that processes can gather: gloo and NCCL have no int16
     id_type = torch.int32
 
     def preprocess_logits_for_metrics(logits, labels):
         class_logits, mask_logits, *rest = logits  # MROVSegOutput's fields after the loss, in order
-        canvas = next(t for t in rest if torch.is_tensor(t) and t.dim() == 2 and t.shape[-1] == 4)  # image_sizes
+        canvas = next((t for t in rest if torch.is_tensor(t) and t.dim() == 2 and t.shape[-1] == 4), None)
+        if canvas is not None:  # image_sizes: one canvas per collated batch, in pixels
+            size = [int(v) for v in canvas[0, 2:]]
+        else:  # the labels cover the canvas; without them, mask resolution
+            size = list((labels if labels is not None else mask_logits).shape[-2:])
         outputs = MROVSegScores(class_logits, mask_logits)
-        size = [int(v) for v in canvas[0, 2:]]  # one canvas per collated batch
         maps = torch.stack([label_scores(scores, None, size).segmentation for scores in image_scores(outputs)])
         if labels is None:  # trainer.predict on images alone: the canvas's class ids
             return maps.to(id_type)
@@ -106,18 +109,22 @@ def trainer_mean_iou(config) -> dict:
         return torch.nn.functional.pad(maps, (0, width - size[1], 0, height - size[0]), value=-100).to(id_type)
 
     def compute_metrics(prediction, compute_result: bool = True) -> dict:
+        pairs = []
         for predicted, label in zip(prediction.predictions, prediction.label_ids):
             predicted, label = np.asarray(torch.as_tensor(predicted).cpu()), np.asarray(torch.as_tensor(label).cpu())
             label = np.where(label == -100, ignore, label)
             stray = stray_label_values(label, num_classes, ignore)
             if stray:  # the metric counts no class there: a mismatched vocabulary would score silently high
+                state["metric"] = evaluate.load(MEAN_IOU)  # the next evaluation starts from nothing
                 raise ValueError(f"evaluation labels hold values {stray[:5]}, neither class ids 0..{num_classes - 1} "
                                  f"of the model's {num_classes} classes nor unlabelled ({ignore})")
-            metric.add(prediction=np.where(predicted < 0, num_classes, predicted),
-                       reference=np.where(label == ignore, num_classes, label))
+            pairs.append((np.where(predicted < 0, num_classes, predicted),
+                          np.where(label == ignore, num_classes, label)))
+        for predicted, reference in pairs:
+            state["metric"].add(prediction=predicted, reference=reference)
         if not compute_result:  # batch_eval_metrics: more batches to come
             return {}
-        results = metric.compute(num_labels=num_classes, ignore_index=num_classes)
+        results = state["metric"].compute(num_labels=num_classes, ignore_index=num_classes)  # and starts afresh
         return {name: float(results[name]) for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
 
     return {"preprocess_logits_for_metrics": preprocess_logits_for_metrics, "compute_metrics": compute_metrics}
