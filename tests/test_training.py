@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -639,3 +640,70 @@ def test_trainer_mean_iou_in_two_processes_equals_one(tiny_clip_dir, synthetic, 
         scores.append(json.loads(result.stdout.split("SCORES ", 1)[1].splitlines()[0]))
     assert [s["processes"] for s in scores] == [1, 2]
     assert scores[0]["False"] == scores[0]["True"] == scores[1]["False"] == scores[1]["True"]
+
+
+def start_training(command: list[str], env: dict, log: Path, lines: int) -> subprocess.Popen:
+    """A training process in a session of its own (a terminal's process group), once its log holds `lines` steps."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+        if process.poll() is not None or time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"training did not reach step {lines}: {process.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    return process
+
+
+def finished(process: subprocess.Popen) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"training did not stop: {process.communicate()[1][-3000:]}")
+
+
+def test_ctrl_c_and_sigterm_stop_after_the_step_with_a_checkpoint(tiny_clip_dir, synthetic, tmp_path):
+    """Ctrl-C (sent by a terminal to the whole process group, loader workers included) ended training with a
+    traceback, losing every step since the last checkpoint (up to 1,000 by default); with loader workers even SIGTERM
+    failed the step in progress. Now the run stops after the step in progress, saves it, says how to continue, and
+    exits 128 + the signal; the resume goes on from there."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "training.train",
+               *args(tiny_clip_dir, synthetic, tmp_path, max_steps=500, num_workers=1, checkpointing_steps=1000)]
+    process = start_training(command, env, tmp_path / "log.jsonl", lines=2)
+    os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    stdout, stderr = finished(process)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "SIGINT: stopping after this step with a checkpoint" in stderr and "Traceback" not in stderr
+    saved = [path.name for path in (tmp_path / "checkpoints").iterdir()]
+    assert len(saved) == 1 and (tmp_path / "checkpoints" / saved[0] / "training_state.json").is_file()
+    step = int(saved[0].removeprefix("step_"))
+    assert f"SIGINT: stopped at step {step} of 500 with a checkpoint" in stdout
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+    resumed = train.main(args(tiny_clip_dir, synthetic, tmp_path, max_steps=500, num_workers=1,
+                              checkpointing_steps=1000, resume_from_checkpoint="latest", stop_after_steps=step + 1))
+    assert resumed["stopped_at"] == step + 1 and "interrupted_by" not in resumed
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tiny_clip_dir, synthetic, tmp_path):
+    """SIGTERM to one rank (a node's preemption): both agree on the step to stop after (at a logging step), save one
+    checkpoint together and stop; one stopping alone would leave the other waiting in its next collective."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), "-m", "training.train",
+               *args(tiny_clip_dir, synthetic, tmp_path, max_steps=500, log_steps=2, checkpointing_steps=1000)]
+    process = start_training(command, env, tmp_path / "log.jsonl", lines=2)
+    ranks = subprocess.run(["pgrep", "-f", f"python -u -m training.train .*{tmp_path}"], capture_output=True,
+                           text=True).stdout.split()  # the launcher's ranks, each in a session of its own
+    assert len(ranks) == 2, ranks
+    os.kill(int(max(ranks, key=int)), signal.SIGTERM)
+    stdout, stderr = finished(process)
+    saved = [path.name for path in (tmp_path / "checkpoints").iterdir()]
+    assert len(saved) == 1, (saved, stderr[-3000:])
+    checkpoint = tmp_path / "checkpoints" / saved[0]
+    assert {"training_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in
+                                                                                      checkpoint.iterdir()}
+    assert int(saved[0].removeprefix("step_")) % 2 == 0  # a logging step, where the two agreed
+    assert f"SIGTERM: stopped at step {saved[0].removeprefix('step_')} of 500" in stdout

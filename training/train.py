@@ -5,18 +5,24 @@
 
 `--model` is a CLIP (Hub id or folder holding a CLIPModel: a new MROVSeg is built around it) or an MROVSeg
 checkpoint to continue from. Checkpoints (`accelerator.save_state`) go to OUTPUT_DIR/checkpoints/step_N every
-`--checkpointing_steps`; `--resume_from_checkpoint latest` continues the newest one exactly. At the end the model
-(safetensors, remote code), its processor and results.json are written to OUTPUT_DIR/model.
+`--checkpointing_steps`; `--resume_from_checkpoint latest` continues the newest one exactly. Ctrl-C or SIGTERM (a
+cluster's preemption) stops the run after the step in progress with a checkpoint of it (a second Ctrl-C stops at
+once). At the end the model (safetensors, remote code), its processor and results.json are written to
+OUTPUT_DIR/model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -447,7 +453,8 @@ def main(argv=None) -> dict:
     accum = args.gradient_accumulation_steps
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(batches, range(start_step * accum, stop_step * accum)), batch_size=None,
-        num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
+        num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts if args.num_workers else None)
     log_path = output_dir / "log.jsonl"
     if accelerator.is_main_process and resume is not None:
         # the log continues from the checkpoint: what a killed run logged after it is done again (and a line it left
@@ -494,57 +501,79 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: {reason} (in {args.dataset}); training stopped before step {step + 1}. Fix or "
                              "remove that row, then continue with --resume_from_checkpoint latest.") from None
 
-    for micro, batch in enumerate(loader_batches()):
-        # StepBatches shards by itself (exact resume, N processes == 1), so the loader is not `prepare`d and its
-        # CPU batches are moved here, to this process's device.
-        batch = send_to_device(batch, accelerator.device, non_blocking=True)
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                schedule.step()
-            optimizer.zero_grad()
-        running.append(loss.detach().float())
-        finite &= torch.isfinite(running[-1])
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        progress.update(1)
-        if step % args.log_steps == 0 or step == stop_step:
-            stop_if_diverged()
-            mean_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
-            running = []
-            record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
-                      "seconds": round(time.time() - started, 1)}
-            history.append(record)
-            progress.set_postfix(loss=f"{mean_loss:.3f}")
-            if accelerator.is_main_process:
-                append_log(log_path, record)
-        if step % args.checkpointing_steps == 0 or step == stop_step:
-            # a step whose loss was finite can still have written NaN weights (an infinite gradient)
-            finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
-            stop_if_diverged()
-            path = output_dir / "checkpoints" / f"step_{step}"
-            accelerator.save_state(str(path))
-            if accelerator.is_main_process:
-                # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
-                state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
-                         "train_rows": len(train_set)}
-                write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
-            saved_at = path
-            accelerator.wait_for_everyone()
-        if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
-            try:
-                evaluations.append(run_evaluation(step))
-            except (OSError, ValueError) as error:  # a bad evaluation image stops the evaluation, not the training
-                accelerator.print(f"step {step}: evaluation failed: {one_line(error).rstrip('.')}; training goes on")
-                evaluations.append({"step": step, "error": str(error)})
-            if accelerator.is_main_process:  # logged: a resumed run's results hold the evaluations before it too
-                append_log(log_path, {"step": step, "evaluation": evaluations[-1]})
+    def save_checkpoint() -> None:
+        nonlocal finite, saved_at
+        # a step whose loss was finite can still have written NaN weights (an infinite gradient)
+        finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
+        stop_if_diverged()
+        path = output_dir / "checkpoints" / f"step_{step}"
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
+            state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
+                     "train_rows": len(train_set)}
+            write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
+        saved_at = path
+        accelerator.wait_for_everyone()
+
+    def stop_requested() -> bool:
+        """Whether a signal asks every process to stop after this step. One process reads its own flag; several
+        agree at logging steps (where they gather anyway): one stopping alone would leave the others waiting."""
+        if world == 1:
+            return interrupt.signum is not None
+        if step % args.log_steps and step != stop_step:
+            return False
+        signum = torch.tensor([interrupt.signum or 0], device=accelerator.device)
+        interrupt.signum = int(accelerator.gather(signum).max()) or None
+        return interrupt.signum is not None
+
+    interrupt = Interrupt(accelerator.is_main_process)
+    with interrupt.installed():
+        for micro, batch in enumerate(loader_batches()):
+            # StepBatches shards by itself (exact resume, N processes == 1), so the loader is not `prepare`d and its
+            # CPU batches are moved here, to this process's device.
+            batch = send_to_device(batch, accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    schedule.step()
+                optimizer.zero_grad()
+            running.append(loss.detach().float())
+            finite &= torch.isfinite(running[-1])
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % args.log_steps == 0 or step == stop_step:
+                stop_if_diverged()
+                mean_loss = accelerator.gather(torch.stack(running).mean()[None]).mean().item()
+                running = []
+                record = {"step": step, "loss": mean_loss, "lr": schedule.get_last_lr()[0],
+                          "seconds": round(time.time() - started, 1)}
+                history.append(record)
+                progress.set_postfix(loss=f"{mean_loss:.3f}")
+                if accelerator.is_main_process:
+                    append_log(log_path, record)
+            if step % args.checkpointing_steps == 0 or step == stop_step:
+                save_checkpoint()
+            if step < stop_step and stop_requested():
+                break
+            if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
+                try:
+                    evaluations.append(run_evaluation(step))
+                except (OSError, ValueError) as error:  # a bad evaluation image stops the evaluation, not the training
+                    accelerator.print(f"step {step}: evaluation failed: {one_line(error).rstrip('.')}; training "
+                                      "goes on")
+                    evaluations.append({"step": step, "error": str(error)})
+                if accelerator.is_main_process:  # logged: a resumed run's results hold the evaluations before it too
+                    append_log(log_path, {"step": step, "evaluation": evaluations[-1]})
     progress.close()
+    if interrupt.signum is not None and saved_at != output_dir / "checkpoints" / f"step_{step}" and step > start_step:
+        save_checkpoint()
 
     if accelerator.is_main_process:  # the whole run's, across interruptions (this process saw the steps since resuming)
         logged = read_log(log_path)
@@ -558,7 +587,8 @@ def main(argv=None) -> dict:
                 final = run_evaluation(step)
                 evaluations.append(final)
             except (OSError, ValueError) as error:  # an unreadable evaluation image: the model is saved all the same
-                accelerator.print(f"final evaluation failed: {one_line(error).rstrip('.')}; saving the model without it")
+                accelerator.print(f"final evaluation failed: {one_line(error).rstrip('.')}; saving the model "
+                                  "without it")
                 results["final_evaluation_error"] = str(error)
         # which sources were Hub ids here: a relative local folder ("data/mine") reads like one where the card is built
         results.update(final_evaluation=final, dataset=args.dataset, eval_split=args.eval_split,
@@ -583,8 +613,11 @@ def main(argv=None) -> dict:
             write_atomically(model_dir / "results.json", json.dumps(results, indent=2))
             accelerator.print(f"saved {model_dir}")
     else:
-        accelerator.print(f"stopped at step {step} of {args.max_steps}; continue with the same command and "
-                          f"--resume_from_checkpoint latest")
+        why = f"{signal.Signals(interrupt.signum).name}: " if interrupt.signum is not None else ""
+        accelerator.print(f"{why}stopped at step {step} of {args.max_steps} with a checkpoint ({saved_at}); continue "
+                          "with the same command and --resume_from_checkpoint latest")
+        if interrupt.signum is not None:
+            results["interrupted_by"] = interrupt.signum
     accelerator.wait_for_everyone()
     # the DDP wrapper goes before the process group: its Reducer would otherwise free the group last, in a destructor
     # that keeps the GIL while it joins gloo's worker threads, one of which may need the GIL to free the tensors of
@@ -596,6 +629,54 @@ def main(argv=None) -> dict:
     return results
 
 
+class Interrupt:
+    """Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption, `kill`) during the training loop: the first asks for a
+    stop after the step in progress, with a checkpoint (it lost up to --checkpointing_steps of work, with a
+    traceback); a second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread nothing is installed."""
+
+    # a launcher (accelerate launch, torchrun) forwards the terminal's Ctrl-C to ranks that the terminal already sent it
+    # to: a second SIGINT this soon after the first is that copy, not a second press
+    REPEAT_SECONDS = 2.0
+
+    def __init__(self, talk: bool):
+        self.signum: int | None = None
+        self.talk = talk
+        self.first = 0.0
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT and time.monotonic() - self.first > self.REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first = signum, time.monotonic()
+        if self.talk:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop "
+                  "at once, without one)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the block, the previous ones restored after it."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.signal(number, self._on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C and SIGTERM (a terminal and a cluster send them to every process of the job) to
+    the training process, which stops after the step in progress and needs the worker's batches until then (a
+    worker killed by them failed the step). It still ends with the training process, as PyTorch's workers do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    finished = main()
+    if finished.get("interrupted_by"):
+        sys.exit(128 + finished["interrupted_by"])
