@@ -135,13 +135,14 @@ def push(checkpoint: str | Path, repo_id: str, private: bool = False, results: l
     return url
 
 
-def hub_card_edited(api, repo_id: str, local: Path) -> bool:
-    """Whether the repo's README.md on the Hub is a person's work (edited in the Hub's editor, say: not a card this
-    tool wrote, nor transformers' placeholder) that differs from the one about to go up: uploading would replace it."""
+def hub_card_edited(api, repo_id: str, local: Path, repo_type: str = "model") -> bool:
+    """Whether the repo's README.md on the Hub is a person's work (edited in the Hub's editor or a Space's settings,
+    say: not a card these tools wrote, nor transformers' placeholder) that differs from the one about to go up:
+    uploading would replace it."""
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        remote = Path(api.hf_hub_download(repo_id, "README.md", repo_type="model")).read_text(encoding="utf-8")
+        remote = Path(api.hf_hub_download(repo_id, "README.md", repo_type=repo_type)).read_text(encoding="utf-8")
     except EntryNotFoundError:  # a new repo, or one without a card
         return False
     ours = local.read_text(encoding="utf-8") if local.is_file() else None

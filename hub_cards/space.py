@@ -17,8 +17,8 @@ from pathlib import Path
 
 from modeling_mrovseg.cli import is_hub_id
 
-from .card import checkpoint_config
-from .push import hub_errors_exit
+from .card import checkpoint_config, stamped
+from .push import hub_card_edited, hub_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0", "pillow>=10",
@@ -50,17 +50,25 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
     body = (f"# {title}\n\nOpen-vocabulary semantic segmentation at full resolution with [MROVSeg]"
             f"(https://arxiv.org/abs/2408.14776), serving `{model}`. Type any class names; synonyms of one class are "
             "separated by commas, classes by semicolons when a name needs a comma.\n")
-    SpaceCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body).save(out / "README.md")
+    card = SpaceCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body)
+    (out / "README.md").write_text(stamped(str(card)), encoding="utf-8")  # stamped: an edit on the Hub is told apart
     return out
 
 
-def push_space(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str | None:
+def push_space(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+               regenerate_card: bool = False) -> str | None:
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    ignored = ["__pycache__/*", "*.pyc"]
+    edited = hub_card_edited(api, repo_id, Path(folder) / "README.md", repo_type="space")  # its settings edit it
+    if edited and not regenerate_card:
+        ignored.append("README.md")
+        print(f"kept the README.md of the Space {repo_id}: it was written or edited on the Hub (its title, emoji or "
+              "colours, say); --regenerate-card replaces it")
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
-                             ignore_patterns=["__pycache__/*", "*.pyc"], commit_message="Upload MROVSeg demo")
+                             ignore_patterns=ignored, commit_message="Upload MROVSeg demo")
     return getattr(info, "commit_url", None)
 
 
@@ -73,6 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--no-push", action="store_true", help="only build the folder")
     parser.add_argument("--token", default=None)
+    parser.add_argument("--regenerate-card", action="store_true",
+                        help="replace the Space's README.md even where it was edited on the Hub")
     args = parser.parse_args(argv)
     if not args.no_push and not is_hub_id(args.model):  # the Space runs on the Hub: a local folder is not there
         parser.error(f"--model {args.model} is not a Hub id: a pushed Space could not load it. Push the checkpoint "
@@ -92,7 +102,7 @@ def main(argv=None) -> None:
     print(f"built {folder}")
     if not args.no_push:
         with hub_errors_exit(parser, f"the Space folder {folder} is built, nothing was uploaded"):
-            url = push_space(folder, args.repo_id, args.private, args.token)
+            url = push_space(folder, args.repo_id, args.private, args.token, args.regenerate_card)
         print(f"pushed to {args.repo_id}" + (f": {url}" if url else " (no change)"))
 
 

@@ -82,9 +82,11 @@ class FakeHub:
                 return self._send(404, {"error": "unknown endpoint"})
 
             def _resolve(self, with_body: bool) -> bool:
-                """/{org}/{name}/resolve/{revision}/{file}: a stored file's bytes, with the headers
+                """[/spaces]/{org}/{name}/resolve/{revision}/{file}: a stored file's bytes, with the headers
                 `hf_hub_download` reads (commit, etag, size); a missing one is 404 EntryNotFound."""
                 parts = self.path.split("?")[0].split("/")
+                if len(parts) > 1 and parts[1] in ("spaces", "datasets"):  # /spaces/{org}/{name}/resolve/...
+                    parts = parts[:1] + parts[2:]
                 if not (len(parts) >= 6 and parts[3] == "resolve"):
                     return False
                 repo = hub.repos.get(f"{parts[1]}/{parts[2]}")

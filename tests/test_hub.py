@@ -276,6 +276,18 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
         files = set(hub.repos["acme/mrovseg-demo"]["files"])
         assert {"README.md", "app.py", "requirements.txt", "mrovseg_space.json", "modeling_mrovseg/cli.py"} <= files
         assert not hub.unknown
+        # the Space's settings page (title, emoji, colours) edits its README: the next push keeps it, unless asked
+        readme = hub.repos["acme/mrovseg-demo"]["files"]["README.md"].decode()
+        edited = readme.replace("title: MROVSeg demo", "title: Our segmenter\nemoji: 🚧")
+        hub.edit("acme/mrovseg-demo", "README.md", edited.encode())
+        for flags, kept in (([], True), (["--regenerate-card"], False)):
+            again = subprocess.run([sys.executable, "-m", "hub_cards.space", "--model", "acme/mrovseg-test",
+                                    "--repo-id", "acme/mrovseg-demo", "--out", str(tmp_path / "built"), *flags],
+                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert ("kept the README.md of the Space acme/mrovseg-demo" in again.stdout) == kept
+            assert hub.repos["acme/mrovseg-demo"]["files"]["README.md"].decode() == (edited if kept else readme)
+        assert not hub.unknown
         # a local checkpoint folder: the Space on the Hub could not load it (it failed there, at start); --no-push
         # builds it for a local run
         local = subprocess.run([sys.executable, "-m", "hub_cards.space", "--model", str(tmp_path), "--repo-id",
