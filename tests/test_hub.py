@@ -296,7 +296,6 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
         assert local.returncode == 2 and "is not a Hub id" in local.stderr and "acme/mrovseg-local" not in hub.repos
 
 
-
 def test_save_pretrained_with_push_to_hub_uploads_processor_and_tokenizer(checkpoint, tmp_path):
     """`model.save_pretrained(dir, push_to_hub=True)`: transformers uploaded inside its own save, before the processor
     and tokenizer were written, so the Hub copy had neither (no pipeline could load it); `push_to_hub()` had both."""

@@ -404,7 +404,6 @@ def test_set_vocabulary_prompt_ensemble_and_synonyms(tiny_clip_dir, tiny_tokeniz
         model.set_vocabulary([], tiny_tokenizer)
 
 
-
 def test_class_names_given_to_from_pretrained_are_embedded_not_renamed(checkpoint, tiny_tokenizer, tmp_path):
     """`from_pretrained(ckpt, id2label=...)` renamed the saved embeddings (pixels of "sky" labelled "a"); the names
     are now embedded with the checkpoint's tokenizer, as set_vocabulary does, also through AutoModel* (a config with

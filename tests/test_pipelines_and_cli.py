@@ -625,7 +625,6 @@ def test_palette_is_distinct_and_legend_is_drawn():
     assert tall.height == 2000  # a tall image has room for every class present
 
 
-
 def test_overlay_reads_the_image_as_the_model_does():
     """The labels the model gives a photo stored upside down (EXIF orientation 3: same size, so no shape error would
     catch it) land on the upright photo, and a float image in [0, 1] is not truncated to black."""
@@ -666,7 +665,6 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     assert Image.open(out / "phone_labels.png").size == (60, 100)  # portrait, as displayed
     assert (out / "photo_jpg_labels.png").exists() and (out / "photo_png_labels.png").exists()
     assert json.loads((out / "photo_png.json").read_text())["image"].endswith("photo.png")
-
 
 
 def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp_path, capsys):

@@ -272,7 +272,6 @@ def test_every_batch_tensor_reaches_the_accelerator_device(tiny_clip_dir, synthe
     assert set(seen.values()) == {torch.device("meta")}, seen
 
 
-
 def test_adamw_is_fused_on_cuda_with_the_same_steps_and_state():
     """training.train fuses AdamW on CUDA (fewer kernels per step) and keeps torch's default elsewhere; both take the
     same step, and a checkpoint's optimizer state moves between them (here the fused kernel runs on the CPU)."""
