@@ -30,16 +30,20 @@ def split_synonyms(label: str) -> list[str]:
 def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = True) -> list[str] | None:
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
-    couch"); a string is such a list in JSON ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for
-    text typed into a web page) holding a JSON list, an id2label mapping ({"0": "sky", ...}) or one class per line,
-    or names separated by ";" (each may carry synonyms) or, without any ";", by "," (single names). None stays
-    None.
+    couch"), and so is a config's id2label ({0: "sky", 1: "road"}, in id order); a string is such a list in JSON
+    ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for text typed into a web page) holding a
+    JSON list, an id2label mapping ({"0": "sky", ...}) or one class per line, or names separated by ";" (each may
+    carry synonyms) or, without any ";", by "," (single names). None stays None.
     """
     if value is None:
         return None
-    # {0: "cat"} would give its keys, b"cat,dog" its byte values
+    if isinstance(value, Mapping) and all(isinstance(key, int) and not isinstance(key, bool) for key in value):
+        value = _id2label_names(value, "the id2label mapping of class names")  # a config's id2label, in id order
+    # other mappings ({"cat": 0}, a label2id) would give their keys, b"cat,dog" its byte values
     if isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, (str, Iterable)):
-        raise ValueError(f"class names are a list of names or a string, got {type(value).__name__}: {str(value)[:60]}")
+        hint = " (a mapping is taken as id2label: class id -> name)" if isinstance(value, Mapping) else ""
+        raise ValueError(f"class names are a list of names or a string, got {type(value).__name__}: "
+                         f"{str(value)[:60]}{hint}")
     if isinstance(value, str) and value.strip().startswith("["):  # an inline JSON list, as the scripts' help says
         value = _json_names(value, f"class names {value[:60]!r}")
     elif isinstance(value, str):

@@ -572,6 +572,10 @@ def test_parse_labels():
     for value, kind in (({"cat": 0, "dog": 1}, "dict"), (5, "int"), (b"sky,road", "bytes")):
         with pytest.raises(ValueError, match=f"class names are a list of names or a string, got {kind}"):
             parse_labels(value)
+    # a config's id2label (what a user has at hand: model.config.id2label) is taken in id order
+    assert parse_labels({1: "road", 0: "sky"}) == ["sky", "road"]
+    with pytest.raises(ValueError, match=r"maps the ids \[0, 2\]: class ids must run from 0 to N - 1"):
+        parse_labels({0: "sky", 2: "road"})
     assert parse_labels(("sky", "road")) == ["sky", "road"] and parse_labels(np.array(["sky"])) == ["sky"]
 
 
