@@ -523,9 +523,11 @@ def main(argv=None) -> dict:
             return interrupt.signum is not None
         if step % args.log_steps and step != stop_step:
             return False
-        signum = torch.tensor([interrupt.signum or 0], device=accelerator.device)
-        interrupt.signum = int(accelerator.gather(signum).max()) or None
-        return interrupt.signum is not None
+        # the handler may run at any bytecode, the gather's return included: its flag is read here, never overwritten
+        agreed = int(accelerator.gather(torch.tensor([interrupt.signum or 0], device=accelerator.device)).max())
+        if agreed and interrupt.signum is None:  # another process's signal: this one stops for it too
+            interrupt.signum = agreed
+        return agreed != 0
 
     interrupt = Interrupt(accelerator.is_main_process)
     with interrupt.installed():
