@@ -699,6 +699,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tiny_clip_dir, 
     assert len(ranks) == 2, ranks
     os.kill(int(max(ranks, key=int)), signal.SIGTERM)
     stdout, stderr = finished(process)
+    assert "SIGTERM: stopped at step" in stdout, (stdout[-2000:], stderr[-3000:])
     saved = [path.name for path in (tmp_path / "checkpoints").iterdir()]
     assert len(saved) == 1, (saved, stderr[-3000:])
     checkpoint = tmp_path / "checkpoints" / saved[0]
