@@ -615,7 +615,8 @@ for streamed in (False, True):
                                              report_to=[], batch_eval_metrics=streamed, use_cpu=True))
     scores[str(streamed)] = trainer.evaluate()["eval_mean_iou"]
 if trainer.accelerator.is_main_process:
-    print("SCORES " + json.dumps({"processes": trainer.accelerator.num_processes, **scores}))
+    print("SCORES " + json.dumps({"processes": trainer.accelerator.num_processes, **scores}), flush=True)
+trainer.accelerator.end_training()  # the gloo group freed before exit, not by destructors ("terminate called ...")
 """
 
 
