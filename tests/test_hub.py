@@ -385,6 +385,12 @@ def test_card_written_again_unless_edited_by_hand(checkpoint, tmp_path, capsys):
     replaced = card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json"),
                           "--regenerate-card"]).read_text()
     assert "31.25" in replaced and "A card written by a person" not in replaced
+    # transformers' cards that no person wrote (Trainer's draft in its output folder, push_to_hub's placeholder)
+    for machine in ("<!-- This model card has been generated automatically according to the information the Trainer "
+                    "had access to. You should probably proofread and complete it, then remove this comment. -->\n",
+                    "This model card has been automatically generated.\n"):
+        (folder / "README.md").write_text("# runs\n" + machine)
+        assert "31.25" in card.main(["--checkpoint", str(folder), "--results", str(folder / "ade150.json")]).read_text()
 
 
 def test_card_tool_names_results_it_cannot_read(checkpoint, tmp_path, capsys):
