@@ -62,8 +62,8 @@ def push_space(folder: str | Path, repo_id: str, private: bool = False, token: s
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     ignored = ["__pycache__/*", "*.pyc"]
-    edited = hub_card_edited(api, repo_id, Path(folder) / "README.md", repo_type="space")  # its settings edit it
-    if edited and not regenerate_card:
+    # its settings page edits it
+    if not regenerate_card and hub_card_edited(api, repo_id, Path(folder) / "README.md", repo_type="space"):
         ignored.append("README.md")
         print(f"kept the README.md of the Space {repo_id}: it was written or edited on the Hub (its title, emoji or "
               "colours, say); --regenerate-card replaces it")

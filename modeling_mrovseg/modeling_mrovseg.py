@@ -1093,13 +1093,14 @@ class MROVSegForOpenVocabSegmentation(MROVSegPreTrainedModel):
             raise TypeError(f"from_clip() got unknown keyword(s) {', '.join(unknown)}; it takes vocabulary (the class "
                             "names), tokenizer and MROVSegConfig fields.")
         # another model (a SigLIP, a trained MROVSeg) printed a long load report, then "ignore_mismatched_sizes"
-        model_type = getattr(AutoConfig.from_pretrained(name_or_path), "model_type", None)
+        clip_config = AutoConfig.from_pretrained(name_or_path)
+        model_type = getattr(clip_config, "model_type", None)
         if model_type != "clip":
             hint = ("an MROVSeg checkpoint: load it with from_pretrained" if model_type == "mrovseg" else
                     f"a {model_type!r} checkpoint, not a CLIP: from_clip takes a CLIPModel (a Hub id such as "
                     "openai/clip-vit-base-patch16, or a folder)")
             raise ValueError(f"{name_or_path} is {hint}")
-        clip, info = CLIPModel.from_pretrained(name_or_path, output_loading_info=True)
+        clip, info = CLIPModel.from_pretrained(name_or_path, config=clip_config, output_loading_info=True)
         # a vision-only CLIP (or another model) gave a random text tower: every class name embedded to noise
         lacking = weights_not_loaded(info)
         if lacking:

@@ -44,7 +44,7 @@ from modeling_mrovseg.cli import files_below, one_line
 from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
-from training.data import PICTURE_SUFFIXES, load_local_split
+from training.data import load_local_split
 
 from .class_names import (
     ADE20K_150,
@@ -373,7 +373,7 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{root} has no images/ folder: give a folder holding images/ and labels/ (a "
                                 "<name>.png per image)")
-    suffixes = PICTURE_SUFFIXES
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
     def key(path: Path, folder: Path) -> str:  # images/b1/x.jpg pairs with labels/b1/x.png
         return path.relative_to(folder).with_suffix("").as_posix()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from modeling_mrovseg.configuration_mrovseg import IGNORE_INDEX
-from modeling_mrovseg.cli import one_line
+from modeling_mrovseg.cli import IMAGE_SUFFIXES, one_line
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.text_classifier import parse_class_names
 
@@ -186,13 +186,10 @@ def load_local_split(path: Path, split: str):
             return datasets.load_dataset("parquet", data_dir=str(path), split=split)
         except ValueError as error:  # 'Unknown split "test". Should be one of [...]'
             raise FileNotFoundError(f"no parquet file for split {split!r} in {path}: {one_line(error)}") from None
-    pictures = next((f for f in path.rglob("*") if f.suffix.lower() in PICTURE_SUFFIXES), None)
+    pictures = next((f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES), None)
     hint = (f": it holds images ({pictures.relative_to(path)}); make them a dataset first: python -m "
             f"processing.convert folder --source {path} --class-names ... --out DIR" if pictures else "")
     raise FileNotFoundError(f"no parquet file for split {split!r} in {path}{hint}")
-
-
-PICTURE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def _head(path: Path) -> bytes:

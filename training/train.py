@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
     with loading("--model", args.model):
         model, tokenizer = build_model(args.model, args.config_overrides, class_names)
     started_from = "mrovseg" if getattr(model, "_checkpoint_source", None) else "clip"  # for the card's wording
-    saved_as = sorted(str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype != torch.float32)
+    saved_as = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype != torch.float32})
     if saved_as:  # a checkpoint saved in bfloat16: AdamW on bf16 weights rounds lr-sized updates away, silently
         accelerator.print(f"note: {args.model} holds {saved_as[0]} weights; they train as float32 "
                           "(--mixed_precision bf16 computes in bfloat16)")
@@ -563,6 +563,8 @@ def main(argv=None) -> dict:
             if step % args.checkpointing_steps == 0 or step == stop_step:
                 save_checkpoint()
             if step < stop_step and stop_requested():
+                if step % args.checkpointing_steps:  # not saved just above
+                    save_checkpoint()
                 break
             if eval_set is not None and args.eval_steps and step % args.eval_steps == 0 and step < args.max_steps:
                 try:
@@ -574,8 +576,6 @@ def main(argv=None) -> dict:
                 if accelerator.is_main_process:  # logged: a resumed run's results hold the evaluations before it too
                     append_log(log_path, {"step": step, "evaluation": evaluations[-1]})
     progress.close()
-    if interrupt.signum is not None and saved_at != output_dir / "checkpoints" / f"step_{step}" and step > start_step:
-        save_checkpoint()
 
     if accelerator.is_main_process:  # the whole run's, across interruptions (this process saw the steps since resuming)
         logged = read_log(log_path)
