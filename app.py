@@ -42,7 +42,9 @@ class Segmenter:
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto"):
         from modeling_mrovseg.cli import check_device, emulated_precision_note, load_pipeline
+        from modeling_mrovseg.pipelines import heif_support
 
+        heif_support()  # gradio opens each upload with PIL before the page's function: phones' HEIC photos too
         check_device(device)
         self.pipeline = load_pipeline(model, device, resolution=None, slice_batch_size=None, dtype=dtype)
         note = emulated_precision_note(self.pipeline.model)

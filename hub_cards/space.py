@@ -22,7 +22,7 @@ from .push import hub_card_edited, hub_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0", "pillow>=10",
-                "numpy>=1.24", "scipy>=1.10", "tqdm", "gradio>=5"]
+                "numpy>=1.24", "scipy>=1.10", "tqdm", "gradio>=5", "pillow-heif>=0.16"]  # phones' HEIC uploads
 
 
 def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Path:

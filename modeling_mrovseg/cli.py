@@ -21,7 +21,8 @@ from urllib.parse import urlparse
 
 from .configuration_mrovseg import NotAnMROVSegCheckpoint, one_line
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# HEIC/HEIF (phone photos) read with the optional pillow-heif; without it each is reported with the line to install it
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif"}
 
 
 def is_url(text: str) -> bool:
@@ -237,9 +238,10 @@ def segment_command(args: argparse.Namespace) -> int:
                 raise ValueError(f"--out {out} holds the source folder {source}: the next run would read its overlays "
                                  f"as photos; give a folder outside it (or inside it, such as {source / 'segmented'})")
         images = collect_images(args.sources, out)
+        others = sorted((p.relative_to(source) for source in folders for p in source.rglob("*")  # not collected
+                         if p.is_file() and (p.suffix.lower() not in IMAGE_SUFFIXES or hidden(p.relative_to(source)))
+                         and not p.resolve().is_relative_to(out.resolve())), key=Path.as_posix)
         if not images:
-            others = sorted((p.relative_to(source) for source in folders for p in source.rglob("*") if p.is_file()),
-                            key=Path.as_posix)
             raise ValueError(f"no images found in {', '.join(args.sources)} (looked for "
                              f"{', '.join(sorted(IMAGE_SUFFIXES))}"
                              + (f"; {len(others)} other files, such as {others[0].as_posix()}" if others else "")
@@ -254,6 +256,10 @@ def segment_command(args: argparse.Namespace) -> int:
         segmenter.text_embeddings(labels)  # once, before any image: a checkpoint that cannot embed them stops here
         notes = [stored_vocabulary_note(labels) if stored else None, emulated_precision_note(segmenter.model),
                  one_class_note(labels, args.score_threshold)]
+        shown = [other for other in others if not hidden(other)]
+        if shown:  # a phone's videos, sidecar files: said once, so "segmented 40 of 40" is not a surprise
+            notes.append(f"left out {len(shown)} file(s) in {', '.join(map(str, folders))} that are not images "
+                         f"(such as {shown[0].as_posix()})")
         for note in notes:
             if note and not args.quiet:
                 print(f"note: {note}", file=sys.stderr)

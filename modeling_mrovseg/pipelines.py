@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import warnings
@@ -19,8 +20,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image
+from PIL import Image, features
 from transformers import ImageSegmentationPipeline, Pipeline
 
 try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer huggingface_hub
@@ -77,9 +79,45 @@ def open_image(image, timeout: float | None = None) -> Image.Image:
     return _open_pil(image, name)
 
 
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}  # ISO-BMFF `ftyp` brands
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether PIL reads HEIC/HEIF, the photos of iPhones (and many Android phones): with the optional pillow-heif
+    package (`pip install pillow-heif`, or `mrovseg[heif]`), whose opener applies the file's rotation itself."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def unread_format_hint(source) -> str | None:
+    """What to install for a file PIL could not identify, from its first bytes: HEIC/HEIF without pillow-heif, AVIF
+    with a Pillow built without it."""
+    if hasattr(source, "seek"):
+        source.seek(0)
+        head = source.read(12)
+    else:
+        with open(source, "rb") as file:
+            head = file.read(12)
+    brand = head[8:12] if head[4:8] == b"ftyp" else None
+    if brand in HEIF_BRANDS:
+        return ("a HEIC/HEIF file that pillow-heif cannot decode (damaged or truncated?)" if heif_support() else
+                "a HEIC/HEIF photo (iPhones' format), which PIL reads with the pillow-heif package: "
+                "pip install pillow-heif")
+    if brand in (b"avif", b"avis"):
+        return ("an AVIF file that Pillow cannot decode (damaged or truncated?)" if features.check("avif") else
+                f"an AVIF image, which this Pillow ({PIL.__version__}) does not read: pip install 'pillow>=11.3'")
+    return None
+
+
 def _open_pil(source, name: str, instead: str | None = None) -> Image.Image:
     """PIL's reading of `source` (a path or a buffer); what it cannot read is a ValueError naming the input (`instead`:
     the message to give in its place)."""
+    heif_support()
     try:
         with Image.open(source) as opened:
             opened.load()
@@ -91,7 +129,8 @@ def _open_pil(source, name: str, instead: str | None = None) -> Image.Image:
         if instead is not None:
             raise ValueError(instead) from None
         # PIL names an in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>")
-        reason = "not a format PIL reads" if isinstance(error, Image.UnidentifiedImageError) else error
+        unidentified = isinstance(error, Image.UnidentifiedImageError)
+        reason = (unread_format_hint(source) or "not a format PIL reads") if unidentified else error
         raise ValueError(f"{name} cannot be read as an image: {reason}") from None
 
 

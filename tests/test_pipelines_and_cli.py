@@ -671,6 +671,50 @@ def test_cli_folder_of_phone_photos_bombs_and_name_twins(checkpoint, tmp_path, c
     assert json.loads((out / "photo_png.json").read_text())["image"].endswith("photo.png")
 
 
+def test_cli_folder_of_heic_avif_photos_and_videos(checkpoint, tmp_path, capsys):
+    """An iPhone's folder: HEIC photos (read with pillow-heif, which applies their rotation), an AVIF, a Live Photo's
+    video (left out with a note) and a damaged HEIC (reported, the rest segmented)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # to write the photos
+    source = tmp_path / "DCIM"
+    source.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed portrait
+    Image.fromarray(random_image(48, 64)).save(source / "IMG_0001.HEIC", format="HEIF", exif=exif.tobytes())
+    Image.fromarray(random_image(40, 50, seed=1)).save(source / "IMG_0002.avif", format="AVIF")
+    (source / "IMG_0001.MOV").write_bytes(b"\x00\x00\x00\x14ftypqt  ")
+    (source / "IMG_0003.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    out = tmp_path / "out"
+    code = cli_main(["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "segmented 2 of 3 images" in captured.out, captured
+    assert "note: left out 1 file(s) in " in captured.err and "(such as IMG_0001.MOV)" in captured.err
+    assert "IMG_0003.HEIC cannot be read as an image: a HEIC/HEIF file that pillow-heif cannot decode" in captured.err
+    assert Image.open(out / "IMG_0001_labels.png").size == (48, 64)  # portrait, as the phone shows it
+    assert Image.open(out / "IMG_0002_labels.png").size == (50, 40)
+
+
+def test_reading_heic_without_pillow_heif_names_the_package(tmp_path):
+    """Where pillow-heif is not installed a HEIC photo is one line saying what to install (in a fresh interpreter:
+    this one has registered the opener with PIL)."""
+    import subprocess
+    import sys
+
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # to write the photo
+    photo = tmp_path / "IMG_0001.HEIC"
+    Image.fromarray(random_image(20, 30)).save(photo, format="HEIF")
+    script = ("import sys; sys.modules['pillow_heif'] = None\n"
+              "from modeling_mrovseg.pipelines import read_rgb\n"
+              "try:\n    read_rgb(sys.argv[1])\nexcept ValueError as error:\n    print(error)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(photo)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.stdout.strip() == (f"{photo} cannot be read as an image: a HEIC/HEIF photo (iPhones' format), which PIL "
+                                  "reads with the pillow-heif package: pip install pillow-heif"), run.stderr
+
+
 def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp_path, capsys):
     """`--out photos/segmented` run twice segments the photos, never the last run's overlays; photo.JPG beside
     photo.jpg and a/b.jpg beside a__b.jpg each keep their own outputs."""
@@ -819,12 +863,12 @@ def test_cli_unusable_out_and_missing_cuda(checkpoint, tmp_path, capsys, monkeyp
     assert "CUDA is not available" in capsys.readouterr().err
     assert cli_main([*base, "--out", str(tmp_path / "o"), "--device", "toaster"]) == 2
     assert "not a device name" in capsys.readouterr().err
-    iphone = tmp_path / "iphone"  # HEIC photos: not read here, and the message says what was looked for and found
+    iphone = tmp_path / "iphone"  # a phone's videos only: the message says what was looked for and found
     iphone.mkdir()
-    (iphone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (iphone / "IMG_0001.MOV").write_bytes(b"\x00\x00\x00\x14ftypqt  ")
     assert cli_main(["segment", str(iphone), *base[2:], "--out", str(tmp_path / "o")]) == 2
-    assert "(looked for .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp; 1 other files, such as IMG_0001.HEIC)" in \
-        capsys.readouterr().err
+    assert ("(looked for .avif, .bmp, .gif, .heic, .heif, .jfif, .jpeg, .jpg, .png, .tif, .tiff, .webp; 1 other files, "
+            "such as IMG_0001.MOV)") in capsys.readouterr().err
 
 
 MIXED_SIZES = ((90, 120), (60, 200), (90, 120), (150, 80), (40, 40))
