@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import colorsys
+import functools
+import shutil
+import subprocess
+import unicodedata
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +44,67 @@ def colorize(segmentation: np.ndarray, num_classes: int) -> Image.Image:
     return image
 
 
+# fonts tried by file name where fontconfig is absent (Windows, macOS) or offers none that draws the legend; PIL finds
+# them in the system's font folders
+FALLBACK_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "arial.ttf", "Arial Unicode.ttf", "segoeui.ttf",
+                  "msyh.ttc", "YuGothR.ttc", "malgun.ttf", "NotoSansCJK-Regular.ttc", "PingFang.ttc",
+                  "Hiragino Sans GB.ttc", "AppleSDGothicNeo.ttc")
+_reported_missing: set[str] = set()
+
+
+def missing_glyphs(font: ImageFont.FreeTypeFont, text: str) -> set[str]:
+    """Characters of `text` that `font` draws as its .notdef box (compared by bitmap: PIL exposes no glyph table).
+    PIL's bundled default font has ASCII only: "café", "Straße" or "кошка" came out as boxes."""
+    def ink(character: str) -> tuple:
+        mask = font.getmask(character)
+        return mask.size, np.asarray(mask).tobytes()
+
+    notdef = ink("\U0010fffd")  # a private-use code point no font draws
+    return {c for c in set(text) if unicodedata.category(c)[0] not in "ZCM" and ink(c) == notdef}
+
+
+@functools.cache
+def _font_for(characters: frozenset[str]) -> tuple[str | None, frozenset[str]]:
+    """(font file, characters it lacks) for text of these characters: PIL's default (None) when it draws them all,
+    else the first of fontconfig's sans-serif fonts for them, then of `FALLBACK_FONTS`, that draws them all, else the
+    one that lacks fewest."""
+    text = "".join(sorted(characters))
+    best = (None, frozenset(missing_glyphs(ImageFont.load_default(size=20), text)))
+    if not best[1]:
+        return best
+    candidates = []
+    if shutil.which("fc-match"):
+        pattern = "sans-serif:charset=" + " ".join(f"{ord(c):x}" for c in sorted(characters))
+        try:
+            found = subprocess.run(["fc-match", "-s", "-f", "%{file}\n", pattern], capture_output=True, text=True,
+                                   timeout=20).stdout
+            candidates += found.splitlines()[:30]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for name in dict.fromkeys([*candidates, *FALLBACK_FONTS]):
+        try:
+            lacking = frozenset(missing_glyphs(ImageFont.truetype(name, 20), text))
+        except OSError:  # not installed, or not a font PIL reads
+            continue
+        if len(lacking) < len(best[1]):
+            best = (name, lacking)
+        if not lacking:
+            break
+    return best
+
+
+def legend_font(texts: Sequence[str], size: int) -> ImageFont.FreeTypeFont:
+    """A font that draws every legend text (class names of any script); where no installed font does, the best one,
+    with a warning naming the characters shown as boxes (once per process)."""
+    name, lacking = _font_for(frozenset("".join(texts)))
+    new = [c for c in dict.fromkeys("".join(texts)) if c in lacking and c not in _reported_missing]
+    if new:
+        _reported_missing.update(new)
+        warnings.warn(f"no installed font draws {''.join(new)!r}: the legend shows boxes for them; install a font that "
+                      "has them (on Debian/Ubuntu fonts-noto-cjk for Chinese, Japanese and Korean)", stacklevel=3)
+    return ImageFont.load_default(size=size) if name is None else ImageFont.truetype(name, size)
+
+
 # rows a legend may take below a small image; past them (and past the image's height) the smallest classes share
 # one "+ N more classes" row: 150 classes on a 120 px photo made a 3,300 px tall picture of legend
 LEGEND_MIN_ROWS = 12
@@ -68,7 +134,6 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
     shown = [i for i in np.argsort(-counts, kind="stable") if show_absent or counts[i] > 0]
     unlabelled = int(seg.size - valid.sum())
     font_size = max(14, min(48, base.height // 30))
-    font = ImageFont.load_default(size=font_size)
     row = int(font_size * 1.6)
     draw_probe = ImageDraw.Draw(blended)
     # shares of all pixels, as in the CLI's JSON; pixels left unlabelled (score threshold) get their own row
@@ -79,6 +144,7 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
         texts.append(f"+ {len(rest)} more classes  {100 * counts[rest].sum() / seg.size:.1f}%")
     if unlabelled:
         texts.append(f"unlabelled  {100 * unlabelled / seg.size:.1f}%")
+    font = legend_font(texts, font_size)
     text_width = max((draw_probe.textlength(t, font=font) for t in texts), default=0)
     panel_width = int(text_width + row * 2)
     canvas = Image.new("RGB", (base.width + panel_width, max(base.height, row * (len(texts) + 1))), "white")

@@ -1,6 +1,7 @@
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -627,6 +628,51 @@ def test_palette_is_distinct_and_legend_is_drawn():
     tall = draw_segmentation(Image.fromarray(random_image(2000, 60)), many.repeat(17, 0)[:2000, :60],
                              [f"class {i}" for i in range(150)])
     assert tall.height == 2000  # a tall image has room for every class present
+
+
+def test_legend_draws_class_names_of_any_script_or_says_which_it_cannot(monkeypatch):
+    """PIL's bundled font has ASCII only: "café", "Straße", "кошка" were drawn as boxes. An installed font that has
+    them is used; where none does, a warning names the characters (once), never silent boxes."""
+    from PIL import ImageFont
+
+    from modeling_mrovseg import visualization
+
+    assert visualization.missing_glyphs(ImageFont.load_default(size=20), "café Straße") == {"é", "ß"}
+    assert visualization.legend_font(["road  50.0%"], 20).getname()[0] == "Aileron"  # ASCII: the default, as before
+    names = ["café", "Straße", "кошка"]
+    if visualization._font_for(frozenset("".join(names)))[0] is None:
+        pytest.skip("no installed font draws accented Latin and Cyrillic (Debian: fonts-dejavu-core)")
+    segmentation = np.repeat(np.arange(3), 40)[None].repeat(30, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picture = draw_segmentation(np.full((30, 120, 3), 255, np.uint8), segmentation, names)
+    font = visualization.legend_font([f"{name}  33.3%" for name in names], 14)
+    assert not visualization.missing_glyphs(font, "".join(names))
+    texts = np.asarray(picture.convert("L"))[:, 120 + 32:] < 128  # right of the swatches: the names as that font draws
+    assert texts.any() and np.array_equal(texts, np.asarray(draw_with(font, picture.size, names))[:, 32:] < 128)
+
+    # nothing installed draws them: the default font, and one warning naming the characters
+    visualization._font_for.cache_clear()
+    monkeypatch.setattr(visualization.shutil, "which", lambda name: None)
+    monkeypatch.setattr(visualization, "FALLBACK_FONTS", ())
+    monkeypatch.setattr(visualization, "_reported_missing", set())
+    with pytest.warns(UserWarning, match="no installed font draws 'éß'"):
+        draw_segmentation(np.full((30, 120, 3), 255, np.uint8), segmentation, ["café", "Straße", "road"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process, not per image of a folder
+        draw_segmentation(np.full((30, 120, 3), 255, np.uint8), segmentation, ["café", "Straße", "road"])
+    visualization._font_for.cache_clear()
+
+
+def draw_with(font, size: tuple[int, int], names: list[str]):
+    """The texts of `draw_segmentation`'s legend panel (beside a 120 px wide image) redrawn with `font`."""
+    from PIL import ImageDraw
+
+    panel = Image.new("L", (size[0] - 120, size[1]), 255)
+    draw, row = ImageDraw.Draw(panel), int(14 * 1.6)
+    for k, name in enumerate(names):
+        draw.text((row // 2 + int(14 * 1.5), row // 2 + k * row), f"{name}  33.3%", fill=0, font=font)
+    return panel
 
 
 def test_overlay_reads_the_image_as_the_model_does():
