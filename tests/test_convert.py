@@ -550,6 +550,33 @@ def test_a_save_to_disk_folder_reads_as_its_parquet(tmp_path):
         load_segmentation_dataset(str(tmp_path / "alone"), "train", ["a"])
 
 
+def test_split_slices_in_every_local_layout(tmp_path):
+    """`--split "validation[:100]"` (datasets' slice syntax) worked on parquet folders only; a save_to_disk folder said
+    "no split 'validation[:100]'". Every layout slices the same rows, as `load_dataset` does, and a slice past the
+    end is an error naming the split's size."""
+    import datasets
+
+    labels = [np.random.default_rng(i).integers(0, 3, (12, 16)) for i in range(4)]
+    for split in ("train", "validation"):
+        write_table(tmp_path / "parquet", split, "label", labels if split == "train" else labels[::-1])
+    (tmp_path / "parquet" / "class_names.json").write_text('["a", "b", "c"]')
+    datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet")).save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "disk" / "class_names.json").write_text('["a", "b", "c"]')
+    for spec, expected in (("validation[:3]", labels[::-1][:3]), ("validation[50%:]", labels[::-1][2:]),
+                           ("validation[-1:]", labels[:1]), ("train[:1]+validation[:1]", [labels[0], labels[3]])):
+        native = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"), split=spec)
+        assert [np.asarray(row["label"]).tolist() for row in native] == [label.tolist() for label in expected]
+        for layout in ("parquet", "disk", "disk/validation"):
+            if layout == "disk/validation" and "train" in spec:
+                continue
+            rows, _ = load_segmentation_dataset(str(tmp_path / layout), spec, ["a", "b", "c"])
+            assert [as_arrays(row)[1].tolist() for row in rows] == [label.tolist() for label in expected], (layout, spec)
+    with pytest.raises(ValueError, match=r"split 'validation\[9:\]' selects no rows of .*disk \(validation: 4 rows\)"):
+        load_segmentation_dataset(str(tmp_path / "disk"), "validation[9:]")
+    with pytest.raises(ValueError, match=r"split 'validation\[:x\]' is not a split or a slice of one"):
+        load_segmentation_dataset(str(tmp_path / "disk"), "validation[:x]")
+
+
 def test_datasets_in_the_hubs_usual_layouts_load_as_they_are(tmp_path, monkeypatch):
     """`segments/sidewalk-semantic` (the segmentation tutorial's dataset: `pixel_values`, `label`, names in
     `id2label.json`) and `scene_parse_150`'s layout (`image`, `annotation`, a per-image scene `label`) stopped

@@ -145,6 +145,29 @@ def _resolved(value: str | None, folder: Path | None) -> str | None:
 
 
 def load_local_split(path: Path, split: str):
+    """One split of a local dataset, or a part of splits as `load_dataset` takes them ("validation[:100]",
+    "train[:10%]+validation"), in every layout below: each named split is loaded whole, then sliced."""
+    import datasets
+
+    if "[" not in split and "+" not in split:
+        return load_whole_split(path, split)
+    names = [part.split("[", 1)[0].strip() for part in split.split("+")]
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"split {split!r} is not a split or a slice of one (such as 'validation[:100]' or "
+                         f"'train[:10%]'): {one_line(error)}") from None
+    whole = {name: load_whole_split(path, name) for name in dict.fromkeys(names)}
+    ranges = [part for part in instruction.to_absolute({name: len(rows) for name, rows in whole.items()})
+              if part.to > part.from_]
+    if not ranges:
+        raise ValueError(f"split {split!r} selects no rows of {path} "
+                         f"({', '.join(f'{name}: {len(rows)} rows' for name, rows in whole.items())})")
+    parts = [whole[part.splitname].select(range(part.from_, part.to)) for part in ranges]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_whole_split(path: Path, split: str):
     """
     One split of a local dataset: a `DatasetDict.save_to_disk` folder (`datasets.load_from_disk`), else a parquet file
     or folder: `<split>.parquet` or `<split>/*.parquet` (any split name), else datasets' own split patterns (a
