@@ -4,6 +4,9 @@ Each size runs in its own process so peak RSS is that run's alone:
     python -m benchmarks.memory --sizes 1024 2048 4096 --slice-batch-size 16
 Images are segmented at their own resolution (no downscaling: `shortest_edge` = the image side).
 
+    python -m benchmarks.memory --photo 12000x10000
+runs `mrovseg segment` on one photo of that size with a tiny model (`photo_run`: the cost of the photo's size alone).
+
     python -m benchmarks.memory --training
 traces one bf16 training step of ViT-B/16 (batch 8, 640 px crops) with fake tensors and reports what stays alive
 (`training_memory`), with CLIP's lean QuickGELU and with transformers' own side by side.
@@ -135,6 +138,49 @@ def training_memory(preset: str = "vit-b-16", batch: int = 8, crop: int = 640, n
             "model_and_optimizer_gb": before / gb, "kept_for_backward_gb": kept / gb, "peak_gb": alive.peak / gb}
 
 
+def photo_run(width: int, height: int) -> dict:
+    """`mrovseg segment` on one width x height photo with a tiny model at the default resolution (shortest edge 640):
+    what the photo's size alone costs (reading it, full-size labels and segment masks, the label PNG and the
+    overlay), in a child process whose peak RSS is its own. Then the overlay written at zlib level 6 (PIL's default)
+    and 1 (the CLI's) side by side: seconds and MB."""
+    import io
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from modeling_mrovseg import MROVSegForOpenVocabSegmentation
+    from processing.tiny_clip import build_tiny_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="mrovseg-photo-"))
+    clip = build_tiny_clip(folder / "clip")
+    MROVSegForOpenVocabSegmentation.from_clip(str(clip), vocabulary=["field", "road", "roof", "tree", "water"]
+                                              ).save_pretrained(folder / "model")
+    small = np.random.default_rng(0).integers(0, 256, (max(1, height // 100), max(1, width // 100), 3), np.uint8)
+    Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR).save(folder / "photo.jpg", quality=90)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "modeling_mrovseg.cli", "segment", str(folder / "photo.jpg"),
+                          "--model", str(folder / "model"), "--out", str(folder / "out"), "--quiet",
+                          "--max-pixels", str(width * height)], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        return {"photo": f"{width}x{height}", "error": run.stderr.strip().splitlines()[-1]}
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    Image.MAX_IMAGE_PIXELS = None
+    overlay = Image.open(folder / "out" / "photo_overlay.png")
+    overlay.load()
+    writes = {}
+    for level in (6, 1):
+        buffer, begin = io.BytesIO(), time.perf_counter()
+        overlay.save(buffer, format="PNG", compress_level=level)
+        writes[level] = (time.perf_counter() - begin, buffer.tell() / 1e6)
+    return {"photo": f"{width}x{height}", "megapixels": round(width * height / 1e6, 1),
+            "cli_seconds": round(seconds, 1), "cli_peak_rss_gb": round(peak / 1024**2, 2),
+            "overlay_png_seconds_level6_vs_1": [round(writes[6][0], 1), round(writes[1][0], 1)],
+            "overlay_png_mb_level6_vs_1": [round(writes[6][1], 3), round(writes[1][1], 3)]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -142,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=int, default=20)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--training", action="store_true", help="trace one ViT-B/16 training step's memory instead")
+    parser.add_argument("--photo", metavar="WIDTHxHEIGHT", help="the CLI on one photo of that size instead")
     args = parser.parse_args(argv)
+    if args.photo:
+        width, height = (int(side) for side in args.photo.lower().split("x"))
+        print(json.dumps(photo_run(width, height)), flush=True)
+        return
     if args.training:
         for plain in (True, False):
             row = training_memory(plain_activation=plain)

@@ -11,10 +11,12 @@ Without --labels the checkpoint's own vocabulary (`config.id2label`, what pipeli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -318,7 +320,8 @@ def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, a
         return False
     label_map = result["label_map"]
     colorize(label_map, len(labels)).save(out / f"{stem}_labels.png")
-    draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png")
+    # zlib's fastest level: a picture for the eye, 20-25% larger, 4x faster to write (31 s for 120 megapixels)
+    draw_segmentation(image, label_map, labels).save(out / f"{stem}_overlay.png", compress_level=1)
     total = label_map.size
     summary = {
         "image": path,
@@ -395,8 +398,29 @@ def main(argv: list[str] | None = None) -> int:
                          help="skip images whose outputs a run with the same labels and threshold completed (an "
                               "interrupted run continues)")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
+    segment.add_argument("--max-pixels", type=_positive_int(10**11), default=None,
+                         help="largest image read, in pixels (default: PIL's decompression-bomb limit, 178,956,970); "
+                              "raise it for aerial or scanned images you trust (about 30 bytes of memory per pixel)")
     args = parser.parse_args(argv)
-    return segment_command(args)
+    with image_pixel_limit(args.max_pixels):
+        return segment_command(args)
+
+
+@contextlib.contextmanager
+def image_pixel_limit(max_pixels: int | None):
+    """PIL's decompression-bomb limit set to `max_pixels` (None: PIL's own) while the CLI runs. Its warning about
+    images past half that limit is left out: the CLI reads the images it was asked to, and refuses bombs anyway."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            if max_pixels is not None:  # PIL refuses images of more than twice MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 if __name__ == "__main__":

@@ -125,14 +125,20 @@ def draw_segmentation(image, segmentation, labels: Sequence[str], alpha: float =
     if seg.shape != (base.height, base.width):
         raise ValueError(f"segmentation has shape {seg.shape} but the image is {base.height} x {base.width}.")
     colors = palette(len(labels))
-    valid = (seg >= 0) & (seg < len(labels))
-    overlay = np.asarray(base, dtype=np.float32).copy()
-    overlay[valid] = (1 - alpha) * overlay[valid] + alpha * colors[seg[valid]]
-    blended = Image.fromarray(overlay.round().astype(np.uint8))
+    pixels = np.array(base)
+    counts = np.zeros(len(labels), dtype=np.int64)
+    step = max(1, 2**20 // base.width)  # rows at a time: a 120-megapixel aerial photo took 4 GB more as one block
+    for top in range(0, base.height, step):
+        part, rows = seg[top : top + step], pixels[top : top + step]
+        valid = (part >= 0) & (part < len(labels))
+        ids = part[valid]
+        mixed = (1 - alpha) * rows[valid].astype(np.float32) + alpha * colors[ids]
+        rows[valid] = mixed.astype(np.float32).round().astype(np.uint8)
+        counts += np.bincount(ids, minlength=len(labels))
+    blended = Image.fromarray(pixels)
 
-    counts = np.bincount(seg[valid].ravel(), minlength=len(labels))
     shown = [i for i in np.argsort(-counts, kind="stable") if show_absent or counts[i] > 0]
-    unlabelled = int(seg.size - valid.sum())
+    unlabelled = int(seg.size - counts.sum())
     font_size = max(14, min(48, base.height // 30))
     row = int(font_size * 1.6)
     draw_probe = ImageDraw.Draw(blended)

@@ -261,3 +261,14 @@ def test_gpu_candidates_patch_in_and_out():
     assert gathered.is_contiguous() and torch.equal(gathered, vectors(flat, index))
     assert not vectors(flat, index).is_contiguous()  # the library hands the product a strided view
     assert MROVSegLayerNorm2d.forward is forward and processing.class_vectors is vectors
+
+
+def test_photo_benchmark_runs_the_cli_on_one_photo():
+    """`benchmarks.memory --photo`: the CLI end to end in a child process, and the overlay's two PNG levels side by
+    side (the fastest is never the smallest)."""
+    from benchmarks.memory import photo_run
+
+    row = photo_run(300, 200)
+    assert "error" not in row, row
+    assert row["photo"] == "300x200" and row["cli_seconds"] > 0 and row["cli_peak_rss_gb"] > 0.1
+    assert row["overlay_png_mb_level6_vs_1"][0] <= row["overlay_png_mb_level6_vs_1"][1]

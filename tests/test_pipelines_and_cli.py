@@ -761,6 +761,23 @@ def test_reading_heic_without_pillow_heif_names_the_package(tmp_path):
                                   "reads with the pillow-heif package: pip install pillow-heif"), run.stderr
 
 
+def test_cli_max_pixels_reads_big_images_you_trust(checkpoint, tmp_path, capsys):
+    """An aerial photo past PIL's decompression-bomb limit said "raise PIL.Image.MAX_IMAGE_PIXELS", which no CLI user
+    can: `--max-pixels` sets the limit for the run (and PIL's alarm about images past half of it is left out)."""
+    photo = tmp_path / "aerial.png"
+    Image.fromarray(random_image(200, 300)).save(photo)  # 60,000 pixels
+    base = ["segment", str(photo), "--model", str(checkpoint), "--labels", "field; road", "--quiet"]
+    before = Image.MAX_IMAGE_PIXELS
+    assert cli_main([*base, "--out", str(tmp_path / "a"), "--max-pixels", "50000"]) == 1
+    err = capsys.readouterr().err
+    assert "exceeds limit of 50000 pixels" in err and "mrovseg segment --max-pixels" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # 60,000 > 100,000 / 2: PIL warns, not the CLI
+        assert cli_main([*base, "--out", str(tmp_path / "b"), "--max-pixels", "100000"]) == 0
+    assert Image.open(tmp_path / "b" / "aerial_labels.png").size == (300, 200)
+    assert Image.MAX_IMAGE_PIXELS == before  # the library's limit is the CLI run's only
+
+
 def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp_path, capsys):
     """`--out photos/segmented` run twice segments the photos, never the last run's overlays; photo.JPG beside
     photo.jpg and a/b.jpg beside a__b.jpg each keep their own outputs."""
