@@ -80,19 +80,25 @@ def test_page_result_equals_the_cli(server, photo, checkpoint, tmp_path):
     assert summary.startswith("140 x 90 px, 3 classes, resolution 96:")
 
 
-@pytest.mark.parametrize("kind", ["transparent", "16-bit grey"])
+@pytest.mark.parametrize("kind", ["transparent", "16-bit grey", "HEIC"])
 def test_page_reads_images_as_the_cli_does(server, checkpoint, tmp_path, kind):
     """Uploads reach the model as the file itself: gradio's own RGB conversion would drop transparency (the library
-    composites onto white) and clip 16-bit values to white, so the page's overlay would differ from the CLI's."""
+    composites onto white) and clip 16-bit values to white, so the page's overlay would differ from the CLI's. A
+    phone's HEIC photo is read too (gradio opens each upload with PIL first: it failed there without pillow-heif)."""
     pixels = random_image(90, 140, seed=6)
+    path = tmp_path / "upload.png"
     if kind == "transparent":
         alpha = np.full((90, 140, 1), 255, np.uint8)
         alpha[:, :70] = 0
-        image = Image.fromarray(np.concatenate([pixels, alpha], axis=-1))
+        Image.fromarray(np.concatenate([pixels, alpha], axis=-1)).save(path)
+    elif kind == "HEIC":
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        path = tmp_path / "upload.heic"
+        Image.fromarray(pixels).save(path, format="HEIF")
     else:
-        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
-    path = tmp_path / "upload.png"
-    image.save(path)
+        Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(path)
     client = gradio_client.Client(server, verbose=False)
     overlay, _, label_png, _ = client.predict(gradio_client.handle_file(str(path)), LABELS, 96, 0, api_name="/segment")
     assert cli_main(["segment", str(path), "--model", str(checkpoint), "--labels", LABELS, "--out",
