@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
-from modeling_mrovseg.cli import files_below, one_line
+from modeling_mrovseg.cli import IMAGE_SUFFIXES, files_below, one_line
 from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
+from modeling_mrovseg.pipelines import heif_support, unread_format_hint
 from modeling_mrovseg.text_classifier import parse_class_names
 from training.data import load_local_split
 
@@ -373,7 +374,8 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{root} has no images/ folder: give a folder holding images/ and labels/ (a "
                                 "<name>.png per image)")
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    suffixes = IMAGE_SUFFIXES  # the CLI's: phones' HEIC photos too (re-encoded as PNG rows)
+    heif_support()
 
     def key(path: Path, folder: Path) -> str:  # images/b1/x.jpg pairs with labels/b1/x.png
         return path.relative_to(folder).with_suffix("").as_posix()
@@ -424,7 +426,11 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
                     raise ValueError(f"{label_path} has values {bad.tolist()[:5]} outside 0..{len(class_names) - 1} "
                                      f"and {unlabelled} (unlabelled)")
                 seen.update(values.tolist())
-                image = Image.open(image_path)
+                try:
+                    image = Image.open(image_path)
+                except Image.UnidentifiedImageError:  # a HEIC photo without pillow-heif: say what to install
+                    raise ValueError(f"{image_path} cannot be read as an image: "
+                                     f"{unread_format_hint(image_path) or 'not a format PIL reads'}") from None
                 if label.shape != shown_size(image) and label.shape == (image.height, image.width):
                     # drawn over the stored pixels of a rotated photo: turn it as the photo is turned
                     transpose = ORIENTATIONS[exif_orientation(image)]

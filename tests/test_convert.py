@@ -186,6 +186,36 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
                         str(tmp_path / "bad")], "labels such as img0.jpg are JPEGs")
 
 
+def test_folder_of_phone_photos_in_heic(tmp_path, capsys):
+    """A dataset of iPhone photos (HEIC, rotated by the file's transform) labelled upright: converted, each photo
+    stored as the PNG the model reads; a damaged one is named."""
+    import datasets
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # to write them
+    for folder in ("images", "labels"):
+        (tmp_path / "phone" / folder).mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 10 wide and 8 tall, shown 8 wide and 10 tall
+    pixels = [np.asarray(image(8, 10, seed=i)) for i in range(2)]
+    for i, stored in enumerate(pixels):
+        Image.fromarray(stored).save(tmp_path / "phone" / "images" / f"IMG_{i}.HEIC", format="HEIF",
+                                     exif=exif.tobytes(), quality=100)
+        Image.fromarray(np.full((10, 8), i, dtype=np.uint8)).save(tmp_path / "phone" / "labels" / f"IMG_{i}.png")
+    convert.main(["folder", "--source", str(tmp_path / "phone"), "--class-names", "a, b", "--val-fraction", "0",
+                  "--out", str(tmp_path / "out")])
+    dataset, _ = load_segmentation_dataset(str(tmp_path / "out"), "train")
+    for row in dataset:
+        photo, label = as_arrays(row)
+        assert photo.shape == (10, 8, 3) and label.shape == (10, 8)  # upright, as the labels were drawn
+    stored = dataset.cast_column("image", datasets.Image(decode=False))["image"]
+    assert all(cell["bytes"].startswith(b"\x89PNG") for cell in stored)  # readable wherever pillow-heif is not
+    (tmp_path / "phone" / "images" / "IMG_1.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "phone"), "--class-names", "a, b", "--out",
+                        str(tmp_path / "bad")],
+               "IMG_1.HEIC cannot be read as an image: a HEIC/HEIF file that pillow-heif cannot decode")
+
+
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
     """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
     files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
