@@ -50,6 +50,7 @@ FALLBACK_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "arial.ttf", "Arial 
                   "msyh.ttc", "YuGothR.ttc", "malgun.ttf", "NotoSansCJK-Regular.ttc", "PingFang.ttc",
                   "Hiragino Sans GB.ttc", "AppleSDGothicNeo.ttc")
 _reported_missing: set[str] = set()
+LEGEND_CHARACTERS = frozenset("0123456789.% + more classes unlabelled")  # the legend's own, beside class names
 
 
 def missing_glyphs(font: ImageFont.FreeTypeFont, text: str) -> set[str]:
@@ -96,7 +97,7 @@ def _font_for(characters: frozenset[str]) -> tuple[str | None, frozenset[str]]:
 def legend_font(texts: Sequence[str], size: int) -> ImageFont.FreeTypeFont:
     """A font that draws every legend text (class names of any script); where no installed font does, the best one,
     with a warning naming the characters shown as boxes (once per process)."""
-    name, lacking = _font_for(frozenset("".join(texts)))
+    name, lacking = _font_for(frozenset("".join(texts)) | LEGEND_CHARACTERS)  # one search for a folder's images
     new = [c for c in dict.fromkeys("".join(texts)) if c in lacking and c not in _reported_missing]
     if new:
         _reported_missing.update(new)
