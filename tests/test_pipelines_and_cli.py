@@ -778,6 +778,37 @@ def test_cli_max_pixels_reads_big_images_you_trust(checkpoint, tmp_path, capsys)
     assert Image.MAX_IMAGE_PIXELS == before  # the library's limit is the CLI run's only
 
 
+def test_cli_full_disk_stops_with_a_line_and_leaves_no_truncated_file(checkpoint, tmp_path, capsys, monkeypatch):
+    """No space left while writing an overlay ended in PIL's traceback with a truncated PNG in --out; now the run
+    stops with one line naming the file and how to continue, the PNG is written whole or not at all, and
+    --skip-done finishes the rest."""
+    import errno
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(random_image(30, 40, seed=ord(name))).save(source / f"{name}.png")
+    save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        if "b_overlay" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG half")  # what a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "out"
+    argv = ["segment", str(source), "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out), "--quiet"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out / 'b_overlay.png'}: No space left on device; segmented 1 of 3 images" in err
+    assert "--skip-done" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_labels.png", "a_overlay.png", "b_labels.png"]
+    monkeypatch.setattr(Image.Image, "save", save)  # room again
+    assert cli_main([*argv, "--skip-done"]) == 0
+    assert "segmented 2 of 3 images" in capsys.readouterr().out and (out / "b_overlay.png").is_file()
+
+
 def test_cli_output_inside_the_source_folder_and_names_that_meet(checkpoint, tmp_path, capsys):
     """`--out photos/segmented` run twice segments the photos, never the last run's overlays; photo.JPG beside
     photo.jpg and a/b.jpg beside a__b.jpg each keep their own outputs."""
