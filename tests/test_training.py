@@ -371,6 +371,49 @@ def test_used_output_dir_refused_damaged_checkpoints_skipped_nothing_unpickled(t
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_checkpoints_total_limit_and_a_full_disk(tiny_clip_dir, synthetic, tmp_path, monkeypatch):
+    """Every checkpoint was kept (60 of 0.7 GB in the ViT-B/16 recipe) and the disk that filled up ended the run in
+    safetensors' traceback. `--checkpoints_total_limit` keeps the newest N once a newer one is complete (a resume
+    continues exactly); a checkpoint that cannot be written stops the run naming the last one and what to do."""
+    import errno
+
+    base = args(tiny_clip_dir, synthetic, tmp_path, max_steps=3, checkpointing_steps=1, checkpoints_total_limit=2,
+                eval_split="none")
+    train.main(base)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    (tmp_path / "checkpoints" / "step_1").mkdir()  # damaged (a killed save): no resume reads it
+    train.main([*args(tiny_clip_dir, synthetic, tmp_path, max_steps=5, checkpointing_steps=1,
+                      checkpoints_total_limit=2, eval_split="none"), "--resume_from_checkpoint", "latest",
+                "--resume_with_changed_args"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_5"]
+    assert train.older_checkpoints(tmp_path, 5, 1) == [tmp_path / "checkpoints" / "step_4"]
+    assert train.older_checkpoints(tmp_path, 4, 1) == []  # a later step's is never the one to go
+
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def full_disk(self, output_dir=None, **kwargs):
+        if output_dir.endswith("step_2"):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    out = tmp_path / "full"
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(tiny_clip_dir, synthetic, out, max_steps=3, checkpointing_steps=1, eval_split="none"))
+    assert str(stop.value) == (f"error: cannot write the checkpoint of step 2 (No space left on device); the last one "
+                               f"is {out / 'checkpoints' / 'step_1'}. Make room (--checkpoints_total_limit N keeps only "
+                               "the newest N) and continue with the same command and --resume_from_checkpoint latest")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # the half-written one removed
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    results = train.main([*args(tiny_clip_dir, synthetic, out, max_steps=3, checkpointing_steps=1, eval_split="none"),
+                          "--resume_from_checkpoint", "latest"])
+    assert results["stopped_at"] == 3 and (out / "model" / "model.safetensors").is_file()
+
+
 def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_clip_dir, synthetic, tmp_path,
                                                                            capsys):
     from training import evaluate as evaluate_script

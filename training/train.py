@@ -21,6 +21,7 @@ import math
 import os
 import re
 import signal
+import shutil
 import sys
 import threading
 import time
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile the model (accelerate's inductor backend): pays off on a GPU over many "
                              "steps of one crop size; the first steps are slow while it compiles")
     parser.add_argument("--checkpointing_steps", type=int, default=1000)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None,
+                        help="keep only the newest N checkpoints (default: all; one of ViT-B/16 with its optimizer "
+                             "takes about 0.7 GB)")
     parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
     parser.add_argument("--resume_with_changed_args", action="store_true",
                         help="resume although run-defining arguments (batch size, lr, seed, data ...) differ from "
@@ -90,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "checkpointing_steps", "log_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("stop_after_steps", "eval_max_samples"):
+    for name in ("stop_after_steps", "eval_max_samples", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_steps", "lora_rank", "num_workers"):
@@ -191,6 +195,23 @@ def latest_checkpoint(output_dir: Path, log=print) -> tuple[Path, dict] | None:
         except ValueError as problem:
             log(f"checkpoint {path} cannot be resumed from: {problem}; trying the one before it")
     return None
+
+
+def older_checkpoints(output_dir: Path, step: int, keep: int) -> list[Path]:
+    """The checkpoints to delete once step `step`'s is complete: all older than the newest `keep` complete ones up to
+    it (damaged ones among them, which no resume reads). Later steps (an earlier, longer run's) are left alone."""
+    steps = sorted(((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
+                    if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) <= step), reverse=True)
+    kept = 0
+    for index, (_, path) in enumerate(steps):
+        try:
+            read_checkpoint(path)
+        except ValueError:
+            continue
+        kept += 1
+        if kept == keep:
+            return [older for _, older in steps[index + 1 :]]
+    return []
 
 
 # what makes a run the run it is: resuming with another value would not continue it (other data order, other
@@ -348,8 +369,6 @@ def unlock_output_dir(output_dir: Path) -> None:
 def prepare_output_dir(output_dir: Path, args) -> None:
     """Delete the earlier run `--overwrite_output_dir` replaces; called once the dataset and model have loaded, so a
     mistyped argument never costs the earlier run."""
-    import shutil
-
     for name in earlier_run(output_dir, args):
         target = output_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -507,14 +526,25 @@ def main(argv=None) -> dict:
         finite &= torch.stack([torch.isfinite(p).all() for p in params]).all()
         stop_if_diverged()
         path = output_dir / "checkpoints" / f"step_{step}"
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
-            state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
-                     "train_rows": len(train_set)}
-            write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
+        try:
+            accelerator.save_state(str(path))
+            if accelerator.is_main_process:
+                # plain values (the schedule's lambda is None), and the run's arguments for a resume to check
+                state = {"step": step, "lr_schedule": schedule.state_dict(), "run_args": run_args(args),
+                         "train_rows": len(train_set)}
+                write_atomically(path / "training_state.json", json.dumps(state))  # last: a complete checkpoint
+        except OSError as error:  # a full disk: safetensors' or torch's traceback said nothing of what to do
+            if world == 1:
+                shutil.rmtree(path, ignore_errors=True)  # incomplete: a resume would skip it anyway
+            raise SystemExit(f"error: cannot write the checkpoint of step {step} ({error.strerror or error}); the "
+                             f"last one is {saved_at or 'none (the run starts over)'}. Make room "
+                             "(--checkpoints_total_limit N keeps only the newest N) and continue with the same "
+                             "command and --resume_from_checkpoint latest") from None
         saved_at = path
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process and args.checkpoints_total_limit:
+            for old in older_checkpoints(output_dir, step, args.checkpoints_total_limit):
+                shutil.rmtree(old)
 
     def stop_requested() -> bool:
         """Whether a signal asks every process to stop after this step. One process reads its own flag; several
