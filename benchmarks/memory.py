@@ -167,9 +167,12 @@ def photo_run(width: int, height: int) -> dict:
     if run.returncode != 0:
         return {"photo": f"{width}x{height}", "error": run.stderr.strip().splitlines()[-1]}
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    Image.MAX_IMAGE_PIXELS = None
-    overlay = Image.open(folder / "out" / "photo_overlay.png")
-    overlay.load()
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the overlay: the photo and its legend
+    try:
+        overlay = Image.open(folder / "out" / "photo_overlay.png")
+        overlay.load()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     writes = {}
     for level in (6, 1):
         buffer, begin = io.BytesIO(), time.perf_counter()
