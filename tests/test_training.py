@@ -415,7 +415,7 @@ def test_checkpoints_total_limit_and_a_full_disk(tiny_clip_dir, synthetic, tmp_p
 
 
 def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_clip_dir, synthetic, tmp_path,
-                                                                           capsys):
+                                                                           capsys, monkeypatch):
     from training import evaluate as evaluate_script
 
     train.main(args(tiny_clip_dir, synthetic, tmp_path / "run", max_steps=1, checkpointing_steps=1))
@@ -449,6 +449,16 @@ def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_
             evaluate_script.main([*base, *bad])
         assert error.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "run"]  # no probe or partial file left
+    import errno
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate_script, "write_atomically", full_disk)  # the disk filled up while it evaluated
+    with pytest.raises(SystemExit, match=r"cannot write --output .*late.json \(No space left on device\); the scores "
+                                         r"are printed above"):
+        evaluate_script.main([*base, "--output", str(tmp_path / "late.json")])
+    assert "mIoU " in capsys.readouterr().out
 
 
 def test_evaluation_of_images_without_a_labelled_pixel_says_so(tiny_clip_dir, synthetic, tmp_path, capsys):

@@ -117,7 +117,12 @@ def main(argv=None) -> dict:
         print(f"mIoU {format_miou(results['mean_iou'])} over {count} images of {results['benchmark']} ({args.split}) "
               f"at shortest edge {args.eval_size}")
         if args.output:
-            write_atomically(Path(args.output), json.dumps(results, indent=2))
+            try:
+                write_atomically(Path(args.output), json.dumps(results, indent=2))
+            except OSError as error:  # a full disk after hours of evaluation: the scores are above, not lost
+                accelerator.end_training()
+                raise SystemExit(f"error: cannot write --output {args.output} ({error.strerror or error}); the scores "
+                                 "are printed above") from None
     # the process group goes while the interpreter is whole: left to its finalisation, gloo's workers may still hold
     # tensors of the last gather, whose release then needs a GIL that is going away
     accelerator.end_training()
