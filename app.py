@@ -53,6 +53,8 @@ class Segmenter:
         self.default_resolution = self.pipeline.image_processor.size.get("shortest_edge") or 640
         # the page opens on the served checkpoint's own classes (a Space for cracks and rust showed the main job's)
         self.default_labels = vocabulary_text(self.pipeline.model.vocabulary)
+        # the page's own default text is always taken, however many classes the checkpoint knows
+        self.max_classes = max(MAX_CLASSES, len(self.pipeline.model.vocabulary))
         self.lock = threading.Lock()
         self.outputs = Path(tempfile.mkdtemp(prefix="mrovseg-demo-"))
         atexit.register(shutil.rmtree, self.outputs, ignore_errors=True)
@@ -70,9 +72,9 @@ class Segmenter:
         if not image_path:
             raise ValueError("Upload an image or pick an example first.")
         labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
-        if len(labels) > MAX_CLASSES:
-            raise ValueError(f"{len(labels)} class names: this page takes at most {MAX_CLASSES} per request (the CLI "
-                             "and the pipelines take any number).")
+        if len(labels) > self.max_classes:
+            raise ValueError(f"{len(labels)} class names: this page takes at most {self.max_classes} per request (the "
+                             "CLI and the pipelines take any number).")
         size = MROVSegImageProcessor.size_for_resolution(int(resolution))
         threshold = None if threshold is None or threshold <= 0 else float(threshold)
         image = read_rgb(str(image_path))  # as the CLI reads it; an unreadable file or a bomb is a ValueError

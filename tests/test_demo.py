@@ -152,7 +152,7 @@ def test_page_in_a_real_browser(server, photo):
     assert Image.open(ARTIFACTS / "demo.png").size[0] == 1280
 
 
-def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
+def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path, monkeypatch):
     """Two uploads named image.png (every clipboard paste is): the first's download still holds the first's labels."""
     sys.path.insert(0, str(ROOT))
     from app import Segmenter
@@ -175,6 +175,14 @@ def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path):
     many = ", ".join(f"class {i}" for i in range(MAX_CLASSES + 1))
     with pytest.raises(ValueError, match=f"{MAX_CLASSES + 1} class names: this page takes at most {MAX_CLASSES}"):
         segmenter(str(tmp_path / "1" / "image.png"), many, 64, 0)
+    # a checkpoint that knows more classes than that: the page's own default text is still taken, one more is not
+    import app
+
+    monkeypatch.setattr(app, "MAX_CLASSES", 2)  # below the checkpoint's three
+    small = Segmenter(str(checkpoint))
+    assert small(str(tmp_path / "1" / "image.png"), small.default_labels, 64, 0)[3].startswith("50 x 60 px, 3 classes")
+    with pytest.raises(ValueError, match="4 class names: this page takes at most 3 per request"):
+        small(str(tmp_path / "1" / "image.png"), small.default_labels + ", tree", 64, 0)
 
 
 def test_a_taken_port_is_a_message(checkpoint, capsys):
