@@ -27,6 +27,17 @@ def split_synonyms(label: str) -> list[str]:
     return synonyms
 
 
+def _read_text_file(path: Path, what: str) -> str:
+    """A text file as Windows tools write it too: UTF-8 with or without a BOM (Notepad), or UTF-16 with its BOM
+    (Windows PowerShell's `>` and `Out-File`, which said "not text"); other encodings are named as not UTF-8."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8") from None
+
+
 def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = True) -> list[str] | None:
     """
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
@@ -52,10 +63,7 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
         if allow_files and (value.strip().lower().endswith((".json", ".txt")) or _is_file(path)):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
-            try:
-                text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is no part of a name
-            except UnicodeDecodeError as error:
-                raise ValueError(f"class-name file {value!r} is not text: {error}") from None
+            text = _read_text_file(path, f"class-name file {value!r}")
             if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
                 value = _json_names(text, f"class-name file {value!r}")
             else:  # one class per line (a line may carry synonyms: "sofa, couch")

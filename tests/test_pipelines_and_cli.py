@@ -600,6 +600,14 @@ def test_class_names_from_files(tmp_path):
     (tmp_path / "notepad.json").write_bytes('\ufeff["sky", "road"]'.encode("utf-8"))
     assert parse_labels(str(tmp_path / "notepad.txt")) == ["sky", "sofa, couch"]
     assert parse_labels(str(tmp_path / "notepad.json")) == ["sky", "road"]
+    # Windows PowerShell's `"sky", "road" > labels.txt` writes UTF-16 with a BOM (it said "is not text"); a Latin-1
+    # file is named as not UTF-8
+    (tmp_path / "powershell.txt").write_bytes("sky\r\nroad\r\n".encode("utf-16"))
+    assert parse_labels(str(tmp_path / "powershell.txt")) == ["sky", "road"]
+    (tmp_path / "latin1.txt").write_bytes("café\nroad\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt' is not UTF-8 text \(invalid continuation byte at byte 3\): "
+                                         r"save it as UTF-8"):
+        parse_labels(str(tmp_path / "latin1.txt"))
 
 
 def test_palette_is_distinct_and_legend_is_drawn():
