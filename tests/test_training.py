@@ -414,6 +414,24 @@ def test_checkpoints_total_limit_and_a_full_disk(tiny_clip_dir, synthetic, tmp_p
     assert results["stopped_at"] == 3 and (out / "model" / "model.safetensors").is_file()
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_clip_dir, synthetic, tmp_path, capsys):
+    """Resumed from step_2 of a run that reached step_4 (to redo it with a lower learning rate), the run's own step_3
+    was written into the old step_3 folder, and a later "latest" picked the old step_4 over it: a silent return to
+    the abandoned run. The later checkpoints are moved aside, whole, and "latest" is this run's."""
+    run = dict(max_steps=4, checkpointing_steps=1, eval_split="none")
+    train.main(args(tiny_clip_dir, synthetic, tmp_path, **run))
+    old_step_4 = weights(tmp_path, 4)
+    capsys.readouterr()
+    train.main([*args(tiny_clip_dir, synthetic, tmp_path, lr="5e-4", stop_after_steps=3, **run),
+                "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "step_2"), "--resume_with_changed_args"])
+    aside = tmp_path / "checkpoints" / "set_aside_after_step_2"
+    assert f"moved 2 checkpoint(s) of the run before this resume (step_3, step_4) to {aside}" in capsys.readouterr().out
+    assert sorted(p.name for p in aside.iterdir()) == ["step_3", "step_4"]
+    assert all(torch.equal(old_step_4[k], v) for k, v in load_file(str(aside / "step_4" / "model.safetensors")).items())
+    path, state = train.latest_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoints" / "step_3" and state["run_args"]["lr"] == 5e-4
+
+
 def test_evaluate_script_scores_a_checkpoint_and_names_what_it_cannot_load(tiny_clip_dir, synthetic, tmp_path,
                                                                            capsys, monkeypatch):
     from training import evaluate as evaluate_script

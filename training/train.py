@@ -197,6 +197,27 @@ def latest_checkpoint(output_dir: Path, log=print) -> tuple[Path, dict] | None:
     return None
 
 
+def set_aside_later_checkpoints(output_dir: Path, step: int, log=print) -> Path | None:
+    """Checkpoints past the one resumed from belong to the run before it (a resume from an explicit earlier
+    checkpoint, with a lower learning rate, say): "latest" would later have picked one of them over this run's, and
+    this run would have written its own into their folders file by file. They are moved, whole, to
+    checkpoints/set_aside_after_step_N[_K]/, which no resume reads; nothing is deleted."""
+    later = [p for p in (output_dir / "checkpoints").glob("step_*")
+             if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) > step]
+    if not later:
+        return None
+    aside, number = output_dir / "checkpoints" / f"set_aside_after_step_{step}", 1
+    while aside.exists():
+        number += 1
+        aside = output_dir / "checkpoints" / f"set_aside_after_step_{step}_{number}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    log(f"moved {len(later)} checkpoint(s) of the run before this resume ({', '.join(sorted(p.name for p in later))}) "
+        f"to {aside}: resuming from step {step} continues from there")
+    return aside
+
+
 def older_checkpoints(output_dir: Path, step: int, keep: int) -> list[Path]:
     """The checkpoints to delete once step `step`'s is complete: all older than the newest `keep` complete ones up to
     it (damaged ones among them, which no resume reads). Later steps (an earlier, longer run's) are left alone."""
@@ -479,6 +500,8 @@ def main(argv=None) -> dict:
         # the log continues from the checkpoint: what a killed run logged after it is done again (and a line it left
         # half-written would swallow the next record)
         write_atomically(log_path, "".join(json.dumps(r) + "\n" for r in read_log(log_path) if r["step"] <= start_step))
+        set_aside_later_checkpoints(output_dir, start_step, accelerator.print)
+    accelerator.wait_for_everyone()
     history = []
 
     def run_evaluation(step: int) -> dict:
