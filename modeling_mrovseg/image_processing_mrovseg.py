@@ -81,7 +81,9 @@ def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = 
             return to_rgb_uint8(np.asarray(image, dtype=np.float32), index)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if image.mode == "La":  # premultiplied grey: PIL converts it to LA only
+            image = image.convert("LA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa"):
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)

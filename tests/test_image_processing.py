@@ -195,7 +195,7 @@ def _pil(mode, size=(40, 30), **info):
 
 @pytest.mark.parametrize("image", [
     _pil("L"), _pil("LA"), _pil("RGBA"), _pil("CMYK"), _pil("I;16"), _pil("I"), _pil("F"), _pil("1"),
-    _pil("P", transparency=0), _pil("P"), _pil("YCbCr"),
+    _pil("P", transparency=0), _pil("P"), _pil("YCbCr"), _pil("PA"), _pil("RGBa"), _pil("La"), _pil("HSV"),
 ])
 def test_any_pil_mode_becomes_rgb(image):
     out = _process(image)
@@ -208,6 +208,10 @@ def test_transparency_composited_onto_white_and_16_bit_scaled():
     torch.testing.assert_close(_process(rgba)["pixel_values"], white["pixel_values"])
     grey16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     torch.testing.assert_close(_process(grey16)["pixel_values"], white["pixel_values"])
+    # premultiplied grey ("La": PIL converts it to LA only, and said "conversion from La to L not supported")
+    grey = Image.new("LA", (8, 8), (100, 128))
+    torch.testing.assert_close(_process(grey.convert("La"))["pixel_values"], _process(grey)["pixel_values"],
+                               atol=2 / 255 / 0.27, rtol=0)  # premultiplying rounds by a grey level
 
 
 def test_16_bit_images_of_8_or_12_bit_values_are_read_by_the_rule_and_named():
