@@ -415,8 +415,11 @@ def _single_slot(template: str) -> bool:
 
 
 def normalize_class_name(name: str) -> str:
-    """One spelling per class name: Unicode NFC and single spaces (`"traffic  cone"` == `"traffic cone"`)."""
-    return " ".join(unicodedata.normalize("NFC", name).split())
+    """One spelling per class name: Unicode NFC and single spaces (`"traffic  cone"` == `"traffic cone"`). Control
+    characters count as spaces, and the zero-width space and BOM that text copied from a web page carries are dropped
+    (`"sky\u200b"` and `"sky"` were two classes, one of them drawn with a box in the legend)."""
+    name = unicodedata.normalize("NFC", name).replace("\u200b", "").replace("\ufeff", "")
+    return " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in name).split())
 
 
 __all__ = ["MROVSegConfig", "NotAnMROVSegCheckpoint", "VILD_TEMPLATES", "CLIP_PRESETS", "IGNORE_INDEX",

@@ -479,6 +479,12 @@ def test_class_names_one_spelling_and_distinct_within_clip_context(tiny_clip_dir
     assert validate_labels(["traffic  cone", "cafe\u0301"]) == ["traffic cone", "caf\u00e9"]
     with pytest.raises(ValueError, match="Duplicate class name"):
         validate_labels(["traffic cone", "traffic  cone"])
+    # pasted from a web page or a terminal: a zero-width space, a BOM, a control character (one class, no box in
+    # the legend); a zero-width non-joiner, which spells Persian words, is kept
+    assert validate_labels(["sky\u200b", "\ufeffroad", "traffic\x00cone", "خانه\u200cها"]) == [
+        "sky", "road", "traffic cone", "خانه\u200cها"]
+    with pytest.raises(ValueError, match="Duplicate class name 'sky'"):
+        validate_labels(["sky", "sky\u200b"])
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
                                                       num_decoder_heads=4, prompt_templates=["{}"])
     long = "x" * 90  # the tiny tokenizer has no merges: one token per character
