@@ -12,8 +12,9 @@ and OUT/class_names.json. One sub-command per source format:
     python -m processing.convert folder       --source my_data --class-names "background,crack,rust" --out data/mine
 
 `folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
-index, 255 = unlabelled; `--binary-masks` for 0/255 masks of two classes); a seeded `--val-fraction` of the images
-becomes the validation split.
+index, 255 = unlabelled; `--binary-masks` for 0/255 masks of two classes; `--label-colors` for colour-coded masks,
+and a CVAT "Segmentation mask" export, JPEGImages/ + SegmentationClass/ + labelmap.txt, reads as it is); a seeded
+`--val-fraction` of the images becomes the validation split.
 
 Images are stored as everyone shows them: a photo's EXIF orientation applies (JPEG bytes are kept with their EXIF,
 which `datasets` applies when decoding; other formats are stored rotated), 16-bit images are scaled and transparency
@@ -359,18 +360,94 @@ def convert_pascal_voc(source: str, out: Path, split: str, variant: int) -> Path
     return write_split(out, split, rows, names)
 
 
-def convert_folder(source: str, out: Path, class_names: list[str], val_fraction: float = 0.1,
-                   seed: int = 0, binary_masks: bool = False) -> list[Path]:
+# class names in a colour map that mark pixels to leave unlabelled rather than a class (VOC's boundary "void")
+UNLABELLED_NAMES = {"void", "ignore", "unlabelled", "unlabeled"}
+
+
+def read_label_colors(spec: str) -> dict[tuple[int, int, int], str]:
+    """Colour -> class name of colour-coded label PNGs, in class order: a `labelmap.txt` as CVAT's "Segmentation
+    mask" export and VOC-style tools write it (`name:r,g,b:parts:actions` per line, `#` comments), or JSON (inline or
+    a file) mapping names to [r, g, b]."""
+    path = Path(spec).expanduser()
+    text = path.read_text(encoding="utf-8-sig") if path.is_file() else spec
+    if text.lstrip().startswith("{"):
+        try:
+            pairs = [(name, color) for name, color in json.loads(text).items()]
+        except (ValueError, AttributeError) as error:
+            raise ValueError(f"--label-colors {spec!r} is not a JSON object of name -> [r, g, b]: {error}") from None
+    else:
+        pairs = [(line.split(":")[0], line.split(":")[1].split(",") if ":" in line else [])
+                 for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    colors: dict[tuple[int, int, int], str] = {}
+    for name, color in pairs:
+        try:
+            rgb = tuple(int(c) for c in color)
+        except (TypeError, ValueError):
+            rgb = ()
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise ValueError(f"--label-colors {spec!r}: {name!r} has no r,g,b colour ({color!r})")
+        if rgb in colors:
+            raise ValueError(f"--label-colors {spec!r}: {colors[rgb]!r} and {name!r} share the colour {rgb}")
+        colors[rgb] = name.strip()
+    if not colors:
+        raise ValueError(f"--label-colors {spec!r} names no colours")
+    return colors
+
+
+def colors_to_ids(label: Image.Image, colors: dict[tuple[int, int, int], str], class_names: list[str],
+                  where: Path) -> np.ndarray:
+    """A colour-coded label image as class ids (colours named as unlabelled -> the unlabelled value); a colour the map
+    lacks is an error naming it and its pixel count (a smoothed edge, another export's colours)."""
+    rgb = np.asarray(label.convert("RGB"), dtype=np.int64)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    values, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
+    unlabelled = unlabelled_value(len(class_names))
+    table, unknown = np.empty(len(values), dtype=np.int64), []
+    for i, value in enumerate(values.tolist()):
+        color = (value >> 16, (value >> 8) & 255, value & 255)
+        name = colors.get(color)
+        if name is None:
+            unknown.append(f"{color} ({counts[i]} pixels)")
+        else:
+            table[i] = unlabelled if name.lower() in UNLABELLED_NAMES else class_names.index(name)
+    if unknown:
+        raise ValueError(f"{where} has colours that --label-colors does not name: {', '.join(unknown[:3])}"
+                         f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''} (labels must be drawn "
+                         "without smoothing, in the export's own colours)")
+    return table[inverse.reshape(packed.shape)]
+
+
+def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fraction: float = 0.1,
+                   seed: int = 0, binary_masks: bool = False,
+                   label_colors: dict[tuple[int, int, int], str] | None = None) -> list[Path]:
     """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count).
 
     Sub-folders are read too (images/b1/x.jpg with labels/b1/x.png); hidden files (`.DS_Store`, macOS `._photo.jpg`
     copies) are skipped. `binary_masks`: each label is a mask, 0 for
     class 0 and any other value (1, 255) for class 1 (two class names); otherwise 255 is unlabelled, so a folder of
-    0/255 masks, which would train nothing but class 0, is an error that points to this option."""
+    0/255 masks, which would train nothing but class 0, is an error that points to this option.
+
+    `label_colors` (colour -> class name, `read_label_colors`): labels are colour-coded PNGs; the class names are the
+    map's, in its order. A CVAT "Segmentation mask" (VOC-style) export reads as it is: JPEGImages/ and
+    SegmentationClass/ stand for images/ and labels/, and its labelmap.txt gives the colours."""
     root = Path(source)
-    image_dir, label_dir = root / "images", root / "labels"
     if not root.is_dir():
         raise FileNotFoundError(f"source folder {root} not found")
+    image_dir, label_dir = root / "images", root / "labels"
+    if not image_dir.is_dir() and (root / "JPEGImages").is_dir():  # a CVAT / VOC-style export
+        image_dir, label_dir = root / "JPEGImages", root / "SegmentationClass"
+    if label_colors is None and (root / "labelmap.txt").is_file() and class_names is None:
+        label_colors = read_label_colors(str(root / "labelmap.txt"))
+    if label_colors is not None:
+        from_colors = [name for name in label_colors.values() if name.lower() not in UNLABELLED_NAMES]
+        if class_names is not None and class_names != from_colors:
+            raise ValueError(f"--class-names {class_names} differ from the label colours' classes {from_colors}; "
+                             "give one of them")
+        if binary_masks:
+            raise ValueError("--binary-masks and label colours exclude each other: colours name every class")
+        class_names = from_colors
+    if class_names is None:
+        raise ValueError(f"no class names for {root}: give --class-names (or --label-colors for colour-coded labels)")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{root} has no images/ folder: give a folder holding images/ and labels/ (a "
                                 "<name>.png per image)")
@@ -414,10 +491,14 @@ def convert_folder(source: str, out: Path, class_names: list[str], val_fraction:
     def reader(items):
         def rows():
             for image_path, label_path in items:
-                label = np.asarray(Image.open(label_path), dtype=np.int64)
+                if label_colors is not None:
+                    label = colors_to_ids(Image.open(label_path), label_colors, class_names, label_path)
+                else:
+                    label = np.asarray(Image.open(label_path), dtype=np.int64)
                 if label.ndim != 2:  # 0 and 255 in every channel would pass the value check below
                     raise ValueError(f"{label_path} has {label.shape[-1]} channels (a colour mask?); labels must be "
-                                     "one channel of class ids (an L or P PNG)")
+                                     "one channel of class ids (an L or P PNG), or give their colours with "
+                                     "--label-colors")
                 if binary_masks:
                     label = (label != 0).astype(np.int64)
                 values = np.unique(label)
@@ -476,7 +557,11 @@ def main(argv=None) -> None:
         sub.add_argument("--out", required=True, type=os.path.expanduser)
         sub.add_argument("--overwrite", action="store_true", help="replace an --out that holds another dataset")
         if name == "folder":
-            sub.add_argument("--class-names", required=True, help='"a,b,c" or a JSON list file')
+            sub.add_argument("--class-names", default=None,
+                             help='"a,b,c" or a JSON list file (not needed with --label-colors or a labelmap.txt)')
+            sub.add_argument("--label-colors", default=None,
+                             help="colour-coded labels: a labelmap.txt (CVAT's export; read from --source by itself) "
+                                  'or JSON {"name": [r, g, b], ...}')
             sub.add_argument("--val-fraction", type=float, default=0.1,
                              help="share of images for validation, in [0, 1)")
             sub.add_argument("--binary-masks", action="store_true",
@@ -496,6 +581,8 @@ def main(argv=None) -> None:
     try:
         if args.dataset == "folder":  # read once (a file, or names typed out)
             args.class_names = parse_class_names(args.class_names)
+            if args.label_colors is not None:
+                args.label_colors = read_label_colors(args.label_colors)
         planned = _planned_class_names(args)
         if planned is not None and not args.overwrite:  # before hours of conversion, where the names are known
             check_same_dataset(out, planned)
@@ -515,6 +602,8 @@ KNOWN_CLASS_NAMES = {("coco-stuff", None): COCO_STUFF_171, ("ade20k-150", None):
 
 def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
     """The class names a conversion will write, where known without reading the source."""
+    if args.dataset == "folder" and args.label_colors is not None:
+        return [name for name in args.label_colors.values() if name.lower() not in UNLABELLED_NAMES]
     if args.dataset == "folder":
         return args.class_names
     names = KNOWN_CLASS_NAMES.get((args.dataset, getattr(args, "variant", None)))
@@ -523,7 +612,8 @@ def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
 
 def _convert(args: argparse.Namespace, out: Path) -> list[Path]:
     if args.dataset == "folder":
-        return convert_folder(args.source, out, args.class_names, args.val_fraction, binary_masks=args.binary_masks)
+        return convert_folder(args.source, out, args.class_names, args.val_fraction, binary_masks=args.binary_masks,
+                              label_colors=args.label_colors)
     written = []
     for split in args.splits:
         if args.dataset == "coco-stuff":

@@ -216,6 +216,55 @@ def test_folder_of_phone_photos_in_heic(tmp_path, capsys):
                "IMG_1.HEIC cannot be read as an image: a HEIC/HEIF file that pillow-heif cannot decode")
 
 
+def test_colour_coded_labels_and_a_cvat_export(tmp_path, capsys):
+    """Annotation tools export colour-coded masks (CVAT's "Segmentation mask": JPEGImages/, SegmentationClass/ of RGB
+    PNGs and a labelmap.txt): "has 3 channels (a colour mask?)" was the end of the road. A CVAT export converts as
+    it is, names and colours from its labelmap.txt; colours can be given for images/ + labels/ too (a colour named
+    void is left unlabelled), and a colour the map lacks is named with its pixel count."""
+    export = tmp_path / "cvat"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (export / folder).mkdir(parents=True)
+    (export / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\ncar:250,50,83::\n"
+                                         "person:51,221,255::\n")
+    expected = []
+    for i in range(3):
+        image(8, 10, seed=i).save(export / "JPEGImages" / f"frame_{i}.jpg")
+        ids = np.zeros((8, 10), np.int64)
+        ids[: 2 + i] = 1
+        ids[6:, :3] = 2
+        colours = np.array([(0, 0, 0), (250, 50, 83), (51, 221, 255)], np.uint8)[ids]
+        Image.fromarray(colours).save(export / "SegmentationClass" / f"frame_{i}.png")
+        expected.append(ids)
+    convert.main(["folder", "--source", str(export), "--val-fraction", "0", "--out", str(tmp_path / "out")])
+    labels, names = read_back(tmp_path / "out", "train")
+    assert names == ["background", "car", "person"]
+    assert sorted(label.tolist() for label in labels) == sorted(ids.tolist() for ids in expected)
+
+    mine = tmp_path / "mine"  # images/ + labels/ with colours given inline, one of them "void"
+    (mine / "images").mkdir(parents=True)
+    (mine / "labels").mkdir()
+    image(8, 10).save(mine / "images" / "a.png")
+    colours = np.zeros((8, 10, 3), np.uint8)
+    colours[:4] = (255, 0, 0)
+    colours[:, -2:] = (224, 224, 192)  # VOC's boundary colour
+    Image.fromarray(colours).save(mine / "labels" / "a.png")
+    spec = '{"sky": [0, 0, 0], "crack": [255, 0, 0], "void": [224, 224, 192]}'
+    convert.main(["folder", "--source", str(mine), "--label-colors", spec, "--val-fraction", "0", "--out",
+                  str(tmp_path / "mine_out")])
+    (label,), names = read_back(tmp_path / "mine_out", "train")
+    assert names == ["sky", "crack"] and label[0, 0] == 1 and label[7, 0] == 0 and (label[:, -2:] == 255).all()
+    colours[0, 0] = (254, 0, 0)  # an anti-aliased edge
+    Image.fromarray(colours).save(mine / "labels" / "a.png")
+    fails_with(capsys, ["folder", "--source", str(mine), "--label-colors", spec, "--out", str(tmp_path / "bad")],
+               "a.png has colours that --label-colors does not name: (254, 0, 0) (1 pixels)")
+    fails_with(capsys, ["folder", "--source", str(mine), "--label-colors", spec, "--class-names", "sky, road", "--out",
+                        str(tmp_path / "bad")], "--class-names ['sky', 'road'] differ from the label colours' classes")
+    fails_with(capsys, ["folder", "--source", str(mine), "--out", str(tmp_path / "bad")],
+               "no class names for")
+    fails_with(capsys, ["folder", "--source", str(mine), "--class-names", "sky, crack", "--out", str(tmp_path / "bad")],
+               "or give their colours with --label-colors")
+
+
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
     """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
     files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
