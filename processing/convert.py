@@ -369,8 +369,11 @@ def read_label_colors(spec: str) -> dict[tuple[int, int, int], str]:
     mask" export and VOC-style tools write it (`name:r,g,b:parts:actions` per line, `#` comments), or JSON (inline or
     a file) mapping names to [r, g, b]."""
     path = Path(spec).expanduser()
-    text = path.read_text(encoding="utf-8-sig") if path.is_file() else spec
-    if text.lstrip().startswith("{"):
+    try:
+        text = path.read_text(encoding="utf-8-sig") if path.is_file() else spec
+    except OSError:  # inline JSON too long to be a file name
+        text = spec
+    if text.lstrip().startswith(("{", "[")):
         try:
             pairs = [(name, color) for name, color in json.loads(text).items()]
         except (ValueError, AttributeError) as error:
@@ -436,8 +439,8 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
     image_dir, label_dir = root / "images", root / "labels"
     if not image_dir.is_dir() and (root / "JPEGImages").is_dir():  # a CVAT / VOC-style export
         image_dir, label_dir = root / "JPEGImages", root / "SegmentationClass"
-    if label_colors is None and (root / "labelmap.txt").is_file() and class_names is None:
-        label_colors = read_label_colors(str(root / "labelmap.txt"))
+        if label_colors is None and (root / "labelmap.txt").is_file():
+            label_colors = read_label_colors(str(root / "labelmap.txt"))
     if label_colors is not None:
         from_colors = [name for name in label_colors.values() if name.lower() not in UNLABELLED_NAMES]
         if class_names is not None and class_names != from_colors:
