@@ -14,7 +14,8 @@ and OUT/class_names.json. One sub-command per source format:
 `folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
 index, 255 = unlabelled; `--binary-masks` for 0/255 masks of two classes; `--label-colors` for colour-coded masks,
 and a CVAT "Segmentation mask" export, JPEGImages/ + SegmentationClass/ + labelmap.txt, reads as it is); a seeded
-`--val-fraction` of the images becomes the validation split.
+`--val-fraction` of the images becomes the validation split. A Roboflow "Semantic Segmentation Masks" export (train/,
+valid/, test/ with <stem>_mask.png beside each image and a _classes.csv) converts with its own splits and names.
 
 Images are stored as everyone shows them: a photo's EXIF orientation applies (JPEG bytes are kept with their EXIF,
 which `datasets` applies when decoding; other formats are stored rotated), 16-bit images are scaled and transparency
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import json
 import os
@@ -360,6 +362,59 @@ def convert_pascal_voc(source: str, out: Path, split: str, variant: int) -> Path
     return write_split(out, split, rows, names)
 
 
+# Roboflow's "Semantic Segmentation Masks" export: one folder per split, each image beside its <stem>_mask.png (class
+# ids) and a _classes.csv ("Pixel Value, Class")
+ROBOFLOW_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+
+def roboflow_class_names(root: Path) -> list[str] | None:
+    """The class names of a Roboflow export (its splits' _classes.csv, which must agree), or None for another layout."""
+    tables = [root / folder / "_classes.csv" for folder in ROBOFLOW_SPLITS]
+    tables = [table for table in tables if table.is_file()]
+    if not tables:
+        return None
+    found = []
+    for table in tables:
+        rows = [line.split(",", 1) for line in table.read_text(encoding="utf-8-sig").splitlines()[1:] if line.strip()]
+        try:
+            by_value = {int(value): name.strip() for value, name in rows}
+        except ValueError:
+            raise ValueError(f"{table} is not a 'Pixel Value, Class' table") from None
+        if sorted(by_value) != list(range(len(by_value))):
+            raise ValueError(f"{table} numbers its classes {sorted(by_value)[:8]}, not 0..{len(by_value) - 1}")
+        found.append([by_value[i] for i in range(len(by_value))])
+    if any(names != found[0] for names in found):
+        raise ValueError(f"the _classes.csv of {root}'s splits name different classes")
+    return found[0]
+
+
+def convert_roboflow(root: Path, out: Path, class_names: list[str]) -> list[Path]:
+    """A Roboflow export's splits (train, valid -> validation, test) as they are: each image with its _mask.png."""
+    written = []
+    for folder, split in ROBOFLOW_SPLITS.items():
+        masks = files_below(root / folder, {".png"}) if (root / folder).is_dir() else []
+        masks = [mask for mask in masks if mask.stem.endswith("_mask")]
+        if not masks:
+            continue
+        pairs = []
+        for mask in masks:
+            stem = mask.name[: -len("_mask.png")]
+            image_path = next((p for p in mask.parent.glob(f"{glob.escape(stem)}.*")
+                               if p.stem == stem and p.suffix.lower() in IMAGE_SUFFIXES), None)
+            if image_path is None:
+                raise FileNotFoundError(f"{mask} has no image {stem}.<jpg|png> beside it")
+            pairs.append((image_path, mask))
+
+        def rows(pairs=pairs):
+            for image_path, mask in pairs:
+                yield Image.open(image_path), np.asarray(Image.open(mask), dtype=np.int64)
+
+        written.append(write_split(out, split, rows, class_names))
+    if not written:
+        raise FileNotFoundError(f"{root} holds no <image>_mask.png in {', '.join(ROBOFLOW_SPLITS)}/")
+    return written
+
+
 # class names in a colour map that mark pixels to leave unlabelled rather than a class (VOC's boundary "void")
 UNLABELLED_NAMES = {"void", "ignore", "unlabelled", "unlabeled"}
 
@@ -436,6 +491,12 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"source folder {root} not found")
+    exported = roboflow_class_names(root)
+    if exported is not None:  # its own splits, its own class names
+        if class_names is not None and class_names != exported:
+            raise ValueError(f"--class-names {class_names} differ from the export's _classes.csv {exported}; give one "
+                             "of them")
+        return convert_roboflow(root, out, exported)
     image_dir, label_dir = root / "images", root / "labels"
     if not image_dir.is_dir() and (root / "JPEGImages").is_dir():  # a CVAT / VOC-style export
         image_dir, label_dir = root / "JPEGImages", root / "SegmentationClass"

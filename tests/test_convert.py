@@ -265,6 +265,36 @@ def test_colour_coded_labels_and_a_cvat_export(tmp_path, capsys):
                "or give their colours with --label-colors")
 
 
+def test_a_roboflow_export_converts_with_its_splits_and_classes(tmp_path, capsys):
+    """Roboflow's "Semantic Segmentation Masks" export (train/, valid/, test/, each image beside its <stem>_mask.png
+    of class ids, and a _classes.csv) was "has no images/ folder": it converts with its own splits and class names."""
+    export = tmp_path / "roboflow"
+    expected = {}
+    for folder, count in (("train", 3), ("valid", 2)):
+        (export / folder).mkdir(parents=True)
+        (export / folder / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, pothole\n")
+        for i in range(count):
+            stem = f"road{i}_jpg.rf.{folder}{i}"  # Roboflow's names
+            image(8, 10, seed=i).save(export / folder / f"{stem}.jpg")
+            mask = np.zeros((8, 10), np.uint8)
+            mask[: i + 1] = 1
+            Image.fromarray(mask).save(export / folder / f"{stem}_mask.png")
+            expected.setdefault(folder, []).append(mask.tolist())
+    convert.main(["folder", "--source", str(export), "--out", str(tmp_path / "out")])
+    train, names = read_back(tmp_path / "out", "train")
+    validation, _ = read_back(tmp_path / "out", "validation")
+    assert names == ["background", "pothole"]
+    assert sorted(label.tolist() for label in train) == sorted(expected["train"])
+    assert sorted(label.tolist() for label in validation) == sorted(expected["valid"])
+    (export / "valid" / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, crack\n")
+    fails_with(capsys, ["folder", "--source", str(export), "--out", str(tmp_path / "bad")],
+               "_classes.csv of")
+    (export / "valid" / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, pothole\n")
+    (export / "train" / "road0_jpg.rf.train0.jpg").unlink()
+    fails_with(capsys, ["folder", "--source", str(export), "--out", str(tmp_path / "bad")],
+               "road0_jpg.rf.train0_mask.png has no image road0_jpg.rf.train0.<jpg|png> beside it")
+
+
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
     """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
     files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
