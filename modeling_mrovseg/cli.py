@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="skip images whose outputs a run with the same labels and threshold completed (an "
                               "interrupted run continues)")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
-    segment.add_argument("--max-pixels", type=_positive_int(10**11), default=None,
+    segment.add_argument("--max-pixels", type=_positive_int(10**11), default=None, metavar="N",
                          help="largest image read, in pixels (default: PIL's decompression-bomb limit, 178,956,970); "
                               "raise it for aerial or scanned images you trust (about 30 bytes of memory per pixel)")
     args = parser.parse_args(argv)
