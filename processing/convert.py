@@ -452,6 +452,11 @@ def read_label_colors(spec: str) -> dict[tuple[int, int, int], str]:
     return colors
 
 
+def color_classes(colors: dict[tuple[int, int, int], str]) -> list[str]:
+    """The classes of a colour map in its order: a name given two colours is one class, void-like names none."""
+    return list(dict.fromkeys(name for name in colors.values() if name.lower() not in UNLABELLED_NAMES))
+
+
 def colors_to_ids(label: Image.Image, colors: dict[tuple[int, int, int], str], class_names: list[str],
                   where: Path) -> np.ndarray:
     """A colour-coded label image as class ids (colours named as unlabelled -> the unlabelled value); a colour the map
@@ -503,7 +508,7 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
         if label_colors is None and (root / "labelmap.txt").is_file():
             label_colors = read_label_colors(str(root / "labelmap.txt"))
     if label_colors is not None:
-        from_colors = [name for name in label_colors.values() if name.lower() not in UNLABELLED_NAMES]
+        from_colors = color_classes(label_colors)
         if class_names is not None and class_names != from_colors:
             raise ValueError(f"--class-names {class_names} differ from the label colours' classes {from_colors}; "
                              "give one of them")
@@ -667,7 +672,7 @@ KNOWN_CLASS_NAMES = {("coco-stuff", None): COCO_STUFF_171, ("ade20k-150", None):
 def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
     """The class names a conversion will write, where known without reading the source."""
     if args.dataset == "folder" and args.label_colors is not None:
-        return [name for name in args.label_colors.values() if name.lower() not in UNLABELLED_NAMES]
+        return color_classes(args.label_colors)
     if args.dataset == "folder":
         return args.class_names
     names = KNOWN_CLASS_NAMES.get((args.dataset, getattr(args, "variant", None)))

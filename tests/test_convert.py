@@ -249,6 +249,7 @@ def test_colour_coded_labels_and_a_cvat_export(tmp_path, capsys):
     colours[:, -2:] = (224, 224, 192)  # VOC's boundary colour
     Image.fromarray(colours).save(mine / "labels" / "a.png")
     spec = '{"sky": [0, 0, 0], "crack": [255, 0, 0], "void": [224, 224, 192]}'
+    assert convert.color_classes(convert.read_label_colors("sky:0,0,0::\ncar:1,1,1::\ncar:2,2,2::")) == ["sky", "car"]
     convert.main(["folder", "--source", str(mine), "--label-colors", spec, "--val-fraction", "0", "--out",
                   str(tmp_path / "mine_out")])
     (label,), names = read_back(tmp_path / "mine_out", "train")
