@@ -541,7 +541,8 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
         lossy = files_below(label_dir, {".jpg", ".jpeg"}) if label_dir.is_dir() else []
         hint = (f" (labels such as {lossy[0].name} are JPEGs: JPEG compression changes class ids along every edge, "
                 "so labels must be PNGs, saved from the tool that drew them)") if lossy else ""
-        raise FileNotFoundError(f"need a labels/<name>.png for each image in {image_dir}; missing {missing[:3]}"
+        raise FileNotFoundError(f"need a {label_dir.name}/<name>.png for each image in {image_dir}; missing "
+                                f"{missing[:3]}"
                                 f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}{hint}")
     stems = Counter(key(p, image_dir) for p in images)
     twins = sorted({p.name for p in images if stems[key(p, image_dir)] > 1})
