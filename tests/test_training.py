@@ -425,7 +425,7 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_clip_dir,
     train.main([*args(tiny_clip_dir, synthetic, tmp_path, lr="5e-4", stop_after_steps=3, **run),
                 "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "step_2"), "--resume_with_changed_args"])
     aside = tmp_path / "checkpoints" / "set_aside_after_step_2"
-    assert f"moved 2 checkpoint(s) of the run before this resume (step_3, step_4) to {aside}" in capsys.readouterr().out
+    assert f"moved 2 later checkpoint(s) (step_3, step_4) to {aside}: resuming from step 2" in capsys.readouterr().out
     assert sorted(p.name for p in aside.iterdir()) == ["step_3", "step_4"]
     assert all(torch.equal(old_step_4[k], v) for k, v in load_file(str(aside / "step_4" / "model.safetensors")).items())
     path, state = train.latest_checkpoint(tmp_path)

@@ -199,9 +199,9 @@ def latest_checkpoint(output_dir: Path, log=print) -> tuple[Path, dict] | None:
 
 def set_aside_later_checkpoints(output_dir: Path, step: int, log=print) -> Path | None:
     """Checkpoints past the one resumed from belong to the run before it (a resume from an explicit earlier
-    checkpoint, with a lower learning rate, say): "latest" would later have picked one of them over this run's, and
-    this run would have written its own into their folders file by file. They are moved, whole, to
-    checkpoints/set_aside_after_step_N[_K]/, which no resume reads; nothing is deleted."""
+    checkpoint, with a lower learning rate, say), or are a killed save's: "latest" would later have picked one of them
+    over this run's, and this run would have written its own into their folders file by file. They are moved, whole,
+    to checkpoints/set_aside_after_step_N[_K]/, which no resume reads; nothing is deleted."""
     later = [p for p in (output_dir / "checkpoints").glob("step_*")
              if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) > step]
     if not later:
@@ -213,8 +213,8 @@ def set_aside_later_checkpoints(output_dir: Path, step: int, log=print) -> Path 
     aside.mkdir()
     for path in later:
         path.rename(aside / path.name)
-    log(f"moved {len(later)} checkpoint(s) of the run before this resume ({', '.join(sorted(p.name for p in later))}) "
-        f"to {aside}: resuming from step {step} continues from there")
+    log(f"moved {len(later)} later checkpoint(s) ({', '.join(sorted(p.name for p in later))}) to {aside}: resuming "
+        f"from step {step} continues from there")
     return aside
 
 
