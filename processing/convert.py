@@ -501,6 +501,8 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
         if class_names is not None and class_names != exported:
             raise ValueError(f"--class-names {class_names} differ from the export's _classes.csv {exported}; give one "
                              "of them")
+        print(f"note: {root} is a Roboflow export: its own splits and _classes.csv are used (no --val-fraction)",
+              file=sys.stderr)
         return convert_roboflow(root, out, exported)
     image_dir, label_dir = root / "images", root / "labels"
     if not image_dir.is_dir() and (root / "JPEGImages").is_dir():  # a CVAT / VOC-style export

@@ -282,6 +282,7 @@ def test_a_roboflow_export_converts_with_its_splits_and_classes(tmp_path, capsys
             Image.fromarray(mask).save(export / folder / f"{stem}_mask.png")
             expected.setdefault(folder, []).append(mask.tolist())
     convert.main(["folder", "--source", str(export), "--out", str(tmp_path / "out")])
+    assert "is a Roboflow export: its own splits and _classes.csv are used" in capsys.readouterr().err
     train, names = read_back(tmp_path / "out", "train")
     validation, _ = read_back(tmp_path / "out", "validation")
     assert names == ["background", "pothole"]
