@@ -681,7 +681,8 @@ def test_split_slices_in_every_local_layout(tmp_path):
             if layout == "disk/validation" and "train" in spec:
                 continue
             rows, _ = load_segmentation_dataset(str(tmp_path / layout), spec, ["a", "b", "c"])
-            assert [as_arrays(row)[1].tolist() for row in rows] == [label.tolist() for label in expected], (layout, spec)
+            got = [as_arrays(row)[1].tolist() for row in rows]
+            assert got == [label.tolist() for label in expected], (layout, spec)
     with pytest.raises(ValueError, match=r"split 'validation\[9:\]' selects no rows of .*disk \(validation: 4 rows\)"):
         load_segmentation_dataset(str(tmp_path / "disk"), "validation[9:]")
     with pytest.raises(ValueError, match=r"split 'validation\[:x\]' is not a split or a slice of one"):

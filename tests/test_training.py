@@ -404,9 +404,10 @@ def test_checkpoints_total_limit_and_a_full_disk(tiny_clip_dir, synthetic, tmp_p
     out = tmp_path / "full"
     with pytest.raises(SystemExit) as stop:
         train.main(args(tiny_clip_dir, synthetic, out, max_steps=3, checkpointing_steps=1, eval_split="none"))
+    last = out / "checkpoints" / "step_1"
     assert str(stop.value) == (f"error: cannot write the checkpoint of step 2 (No space left on device); the last one "
-                               f"is {out / 'checkpoints' / 'step_1'}. Make room (--checkpoints_total_limit N keeps only "
-                               "the newest N) and continue with the same command and --resume_from_checkpoint latest")
+                               f"is {last}. Make room (--checkpoints_total_limit N keeps only the newest N) and "
+                               "continue with the same command and --resume_from_checkpoint latest")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]  # the half-written one removed
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     results = train.main([*args(tiny_clip_dir, synthetic, out, max_steps=3, checkpointing_steps=1, eval_split="none"),
