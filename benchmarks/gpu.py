@@ -1,6 +1,6 @@
 """GPU benchmark: latency, memory, throughput, bf16 agreement and an accelerate training smoke run, in one run.
 
-    python -m benchmarks.gpu            # on a CUDA device: the figures the targets need; writes the "gpu" section
+    python -m benchmarks.gpu            # on a CUDA device: the figures the targets need; writes "gpu_latest"
     python -m benchmarks.gpu --studies  # and the side-by-side studies (about twice as long)
     python -m benchmarks.gpu --sections latency --sizes 2048x2048 --compiled-sizes 2048x2048   # a part of it
     python -m benchmarks.gpu --smoke [--studies]   # the same code on the CPU with the tiny config (CI runs both)
@@ -727,7 +727,8 @@ def main(argv=None) -> dict:
     if not args.no_write and not args.smoke:
         from benchmarks.results_file import write_section
 
-        write_section("gpu", "## GPU\n\n" + text)
+        # its own section: the "gpu" one is written by hand around the runs (A to D) and would be replaced
+        write_section("gpu_latest", "## GPU, the latest `python -m benchmarks.gpu`\n\n" + text)
     return results
 
 
