@@ -184,12 +184,16 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of OUTPUT_DIR/checkpoints/step_N, newest first (folders set aside or named otherwise left out)."""
+    found = [(p.name.split("_")[1], p) for p in (output_dir / "checkpoints").glob("step_*")]
+    return sorted(((int(step), path) for step, path in found if step.isdigit()), reverse=True)
+
+
 def latest_checkpoint(output_dir: Path, log=print) -> tuple[Path, dict] | None:
     """The newest complete checkpoint and its training state; incomplete or damaged newer ones are reported and
     skipped."""
-    steps = sorted(((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
-                    if p.name.split("_")[1].isdigit()), reverse=True)
-    for _, path in steps:
+    for _, path in checkpoint_steps(output_dir):
         try:
             return path, read_checkpoint(path)
         except ValueError as problem:
@@ -202,8 +206,7 @@ def set_aside_later_checkpoints(output_dir: Path, step: int, log=print) -> Path 
     checkpoint, with a lower learning rate, say), or are a killed save's: "latest" would later have picked one of them
     over this run's, and this run would have written its own into their folders file by file. They are moved, whole,
     to checkpoints/set_aside_after_step_N[_K]/, which no resume reads; nothing is deleted."""
-    later = [p for p in (output_dir / "checkpoints").glob("step_*")
-             if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) > step]
+    later = [path for number, path in checkpoint_steps(output_dir) if number > step]
     if not later:
         return None
     aside, number = output_dir / "checkpoints" / f"set_aside_after_step_{step}", 1
@@ -221,8 +224,7 @@ def set_aside_later_checkpoints(output_dir: Path, step: int, log=print) -> Path 
 def older_checkpoints(output_dir: Path, step: int, keep: int) -> list[Path]:
     """The checkpoints to delete once step `step`'s is complete: all older than the newest `keep` complete ones up to
     it (damaged ones among them, which no resume reads). Later steps (an earlier, longer run's) are left alone."""
-    steps = sorted(((int(p.name.split("_")[1]), p) for p in (output_dir / "checkpoints").glob("step_*")
-                    if p.name.split("_")[1].isdigit() and int(p.name.split("_")[1]) <= step), reverse=True)
+    steps = [(number, path) for number, path in checkpoint_steps(output_dir) if number <= step]
     kept = 0
     for index, (_, path) in enumerate(steps):
         try:
