@@ -98,12 +98,22 @@ def is_hub_id(name: str) -> bool:
     return not Path(name).expanduser().exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` only with a complete file (written beside it, then renamed): a run killed while writing leaves
-    the earlier file, or none, never a truncated one."""
+def replace_atomically(path: Path, write) -> None:
+    """Replace `path` only with a complete file: `write(partial)` writes it beside `path`, then it is renamed over it.
+    A run killed while writing leaves the earlier file, or none, never a truncated one; a write that fails (a full
+    disk, Ctrl-C) leaves no partial file behind."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8", newline="")  # the same bytes on every system
-    partial.replace(path)
+    try:
+        write(partial)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` as the file `path`, complete or not at all (`replace_atomically`)."""
+    replace_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8", newline=""))  # same bytes
 
 
 def check_source(parser: argparse.ArgumentParser, flag: str, value: str, kind: str) -> None:
@@ -323,9 +333,10 @@ def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, a
         tqdm.write(f"skipped {reason if reason.startswith(shown) else f'{shown}: {reason}'}", file=sys.stderr)
         return False
     label_map = result["label_map"]
-    save_png(colorize(label_map, len(labels)), out / f"{stem}_labels.png")
+    written(out / f"{stem}_labels.png", lambda partial: colorize(label_map, len(labels)).save(partial, format="PNG"))
     # zlib's fastest level: a picture for the eye, 20-25% larger, 4x faster to write (31 s for 120 megapixels)
-    save_png(draw_segmentation(image, label_map, labels), out / f"{stem}_overlay.png", compress_level=1)
+    overlay = draw_segmentation(image, label_map, labels)
+    written(out / f"{stem}_overlay.png", lambda partial: overlay.save(partial, format="PNG", compress_level=1))
     total = label_map.size
     summary = {
         "image": path,
@@ -334,10 +345,8 @@ def segment_one(segmenter, path: str, stem: str, labels: list[str], out: Path, a
         "classes": {s["label"]: {"pixel_share": s["pixels"] / total, "score": s["score"]} for s in result["segments"]},
         "unlabelled_share": float((label_map < 0).sum() / total),
     }
-    try:
-        write_atomically(out / f"{stem}.json", json.dumps(summary, indent=2))  # last: the image's outputs are complete
-    except OSError as error:
-        raise OutputNotWritten(f"cannot write {out / f'{stem}.json'}: {error.strerror or error}") from None
+    text = json.dumps(summary, indent=2)  # last: the image's outputs are complete
+    written(out / f"{stem}.json", lambda partial: partial.write_text(text, encoding="utf-8", newline=""))
     return True
 
 
@@ -345,18 +354,13 @@ class OutputNotWritten(Exception):
     """An output file could not be written (no space left, a folder gone read-only): the run stops, naming it."""
 
 
-def save_png(picture, path: Path, **options) -> None:
-    """`picture` as the PNG `path`, complete or not at all: written beside it, then renamed (a full disk left a
-    truncated PNG that image viewers show half grey)."""
-    partial = path.with_name(f".{path.name}.partial")
+def written(path: Path, write) -> None:
+    """One output of the CLI, complete or not at all (`replace_atomically`: a full disk left a truncated PNG that
+    image viewers show half grey); a write that fails is `OutputNotWritten` naming the file."""
     try:
-        picture.save(partial, format="PNG", **options)
-        partial.replace(path)
-    except BaseException as error:  # Ctrl-C too: no hidden partial file stays behind
-        partial.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputNotWritten(f"cannot write {path}: {error.strerror or error}") from None
-        raise
+        replace_atomically(path, write)
+    except OSError as error:
+        raise OutputNotWritten(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _positive_int(upper: int):
