@@ -44,7 +44,8 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     couch"), and so is a config's id2label ({0: "sky", 1: "road"}, in id order); a string is such a list in JSON
     ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for text typed into a web page) holding a
     JSON list, an id2label mapping ({"0": "sky", ...}) or one class per line, or names separated by ";" (each may
-    carry synonyms) or, without any ";", by "," (single names). None stays None.
+    carry synonyms) or, without any ";", by "," (single names); a string of several lines is read as a file's text.
+    None stays None.
     """
     if value is None:
         return None
@@ -66,12 +67,28 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
             text = _read_text_file(path, f"class-name file {value!r}")
             if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
                 value = _json_names(text, f"class-name file {value!r}")
-            else:  # one class per line (a line may carry synonyms: "sofa, couch")
-                value = [line for line in text.splitlines() if line.strip()]
+            else:
+                value = _one_per_line(text)
+        elif len(value.strip().splitlines()) > 1:  # a file's text pasted or read by the caller: "car\nroad" was one
+            value = _one_per_line(value)           # class named "car road" that took every pixel
         else:
-            separator = ";" if ";" in value else ","
-            value = [part for part in value.split(separator) if part.strip()]
+            value = _separated(value)
     return validate_labels(list(value))
+
+
+def _separated(text: str) -> list[str]:
+    """Names separated by ";" (each may carry synonyms) or, without any ";", by "," (single names)."""
+    separator = ";" if ";" in text else ","
+    return [part for part in text.split(separator) if part.strip()]
+
+
+def _one_per_line(text: str) -> list[str]:
+    """One class per line (a line may carry synonyms: "sofa, couch"); a list wrapped over lines (a line but the
+    last ending in "," or ";") is read as one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.endswith((",", ";")) for line in lines[:-1]):
+        return _separated(" ".join(lines))
+    return lines
 
 
 def _json_names(text: str, where: str) -> list[str]:

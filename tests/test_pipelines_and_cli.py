@@ -579,6 +579,12 @@ def test_parse_labels():
     with pytest.raises(ValueError, match=r"maps the ids \[0, 2\]: class ids must run from 0 to N - 1"):
         parse_labels({0: "sky", 2: "road"})
     assert parse_labels(("sky", "road")) == ["sky", "road"] and parse_labels(np.array(["sky"])) == ["sky"]
+    # a class-name file's text given as a string (`open("labels.txt").read()`, a paste into the demo's box) is read as
+    # the file is: "car\nroad\ngrass" was one class named "car road grass" that took every pixel
+    assert parse_labels("car\nroad\r\nsofa, couch\n") == ["car", "road", "sofa, couch"]
+    # a comma list wrapped over lines stays a list (its lines end in the separator)
+    assert parse_labels("car, road,\ngrass, sky") == ["car", "road", "grass", "sky"]
+    assert parse_labels("sofa, couch;\nlamp") == ["sofa, couch", "lamp"]
 
 
 def test_class_names_from_files(tmp_path):
