@@ -18,7 +18,8 @@ measured in this run on this card, side by side:
    `compiled=True` path, every class map resampled, the score contraction, both score layouts and a candidate,
    contiguous boundary class vectors), and batch-8 throughput at 640^2, eager and compiled;
 3. training-step throughput and peak memory (AdamW, clip 0.01, bf16 autocast, 640 crops) for ViT-B/16 (batch 8, eager
-   and compiled; `--studies`: with transformers' QuickGELU in CLIP) and ViT-L/14 (batch 4);
+   and with compiled regions, whose first step is their build; `--studies`: the whole forward compiled, and
+   transformers' QuickGELU in CLIP) and ViT-L/14 (batch 4);
 4. bf16 autocast against fp32 on the same input (relative error of the logits, argmax agreement, also on the pixels
    whose fp32 winner leads by more than bf16 can move: random weights often make every pixel a near tie);
 5. a 60-step `accelerate launch --mixed_precision bf16` training run and `training.evaluate` on synthetic data.
@@ -425,29 +426,43 @@ def training_throughput(args, device) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, 1e-4, 1e-4, device)  # as training.train builds it
         seeds = torch.arange(batch_size, device=device)
-        # the first preset also as `training.train --compile` runs it: the forward through torch.compile (the
-        # loss's matching stays eager: scipy on the host)
-        variants = [("eager", model)]
+        # the first preset also as `training.train --compile regional` runs it: CLIP's layers and the decoders
+        # compiled in place, one build per block shape (the loss's matching stays eager: scipy on the host); with
+        # `--studies` also `--compile` (the whole forward in one graph: about three times the build)
+        variants = ["eager"]
         if preset_index == 0 and args.studies:  # side by side: transformers' QuickGELU in CLIP (keeps its sigmoid)
-            variants.append(("eager_plain_quick_gelu", model))
-        if args.compile and preset_index == 0:
-            variants.append(("compiled", torch.compile(model, backend=args.compile_backend)))
-        for name, forward in variants:
-            step = training_step(forward, batch, seeds, params, optimizer, device)
+            variants.append("eager_plain_quick_gelu")
+        if (args.compile or args.smoke) and preset_index == 0:  # the smoke run traces them (aot_eager)
+            # the whole forward first: compiling the regions changes `model` in place
+            variants += ["compiled", "compiled_regions"] if args.studies else ["compiled_regions"]
+        for name in variants:
             activation = plain_quick_gelu(model) if name == "eager_plain_quick_gelu" else contextlib.nullcontext()
             reset_peak(device)
+            row = {"preset": preset, "batch": batch_size, "crop": crop, "variant": name}
             try:
+                forward = compiled_training_model(model, name, args.compile_backend) if "compiled" in name else model
+                step = training_step(forward, batch, seeds, params, optimizer, device)
+                if "compiled" in name:
+                    row["first_call_s"] = first_call_s(step, device)  # the build
                 with activation:
-                    ms = timed(step, device, max(2, args.runs // 2), warmup=3 if name == "compiled" else 2)
+                    ms = timed(step, device, max(2, args.runs // 2), warmup=2)
             except Exception as error:  # a compiler failure is a result to report, not the end of the run
-                rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name,
-                             "error": repr(error)[:500]})
+                rows.append({**row, "error": repr(error)[:500]})
                 continue
-            rows.append({"preset": preset, "batch": batch_size, "crop": crop, "variant": name, "step_s": ms / 1000,
-                         "images_per_s": batch_size * 1000 / ms, "peak_gb": peak_gb(device)})
+            rows.append({**row, "step_s": ms / 1000, "images_per_s": batch_size * 1000 / ms,
+                         "peak_gb": peak_gb(device)})
             print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer, variants, step
+        del model, optimizer, forward, step
     return rows
+
+
+def compiled_training_model(model, name: str, backend: str):
+    """The model as `training.train --compile` runs it (a compiled wrapper) or `--compile regional` (its regions
+    compiled in place)."""
+    if name == "compiled":
+        return torch.compile(model, backend=backend)
+    model.compile_regions(backend=backend)
+    return model
 
 
 def training_step(forward, batch, seeds, params, optimizer, device):
@@ -548,17 +563,19 @@ def report(results: dict) -> str:
     if "postprocess_and_batch" in results:
         lines += ["", postprocess_line(results["postprocess_and_batch"], results["num_labels"], post)]
     if "training" in results:
-        lines += ["", "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| training (AdamW, clip 0.01, bf16) | batch | step s | images/s | peak GB | first step s |",
+                  "|---|---|---|---|---|---|"]
         for row in results["training"]:
             label = f"{row['preset']}, {row['crop']} crops" + {
-                "compiled": ", compiled", "eager_plain_quick_gelu": ", transformers' QuickGELU in CLIP"}.get(
-                row.get("variant"), "")
+                "compiled": ", compiled (`--compile`)", "compiled_regions": ", compiled regions (`--compile regional`)",
+                "eager_plain_quick_gelu": ", transformers' QuickGELU in CLIP"}.get(row.get("variant"), "")
             if "error" in row:
-                lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | |")
+                lines.append(f"| {label} | {row['batch']} | failed: {row['error'][:120]} | | | |")
                 continue
             peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.1f}"
-            lines.append(f"| {label} | {row['batch']} | {row['step_s']:.3f} | {row['images_per_s']:.1f} | {peak} |")
+            first = f"{row['first_call_s']:.0f}" if "first_call_s" in row else "-"
+            lines.append(f"| {label} | {row['batch']} | {row['step_s']:.3f} | {row['images_per_s']:.1f} | {peak} "
+                         f"| {first} |")
     if "bf16_agreement" in results:
         def agreement(v: dict) -> str:
             decided = v.get("argmax_agreement_decided")

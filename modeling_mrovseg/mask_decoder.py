@@ -21,13 +21,13 @@ class MROVSegPixelDecoder(nn.Module):
     def __init__(self, config: MROVSegConfig):
         super().__init__()
         widths = config.pixel_decoder_channels
-        num_stages = len(widths)
-        self.laterals = nn.ModuleList()
+        # the last stage has no shallower tapped layer left, so no lateral (lists of one module class each:
+        # accelerate's regional compilation compiles a mixed list as one module, which cannot be iterated)
+        self.laterals = nn.ModuleList(nn.Conv2d(config.hidden_dim, width, 1) for width in widths[:-1])
         self.stages = nn.ModuleList()
         in_width = config.hidden_dim
         for k, width in enumerate(widths):
-            has_skip = k < num_stages - 1  # the last stage has no shallower tapped layer left
-            self.laterals.append(nn.Conv2d(config.hidden_dim, width, 1) if has_skip else nn.Identity())
+            has_skip = k < len(self.laterals)
             self.stages.append(
                 nn.Sequential(
                     nn.Conv2d(in_width + (width if has_skip else 0), width, 3, padding=1, bias=False),
@@ -41,10 +41,11 @@ class MROVSegPixelDecoder(nn.Module):
         """fused: adapted maps of the tapped layers, shallow to deep, (B, D, h, w) -> (B, c, h*2^T, w*2^T)."""
         x = fused[-1]
         skips = fused[:-1][::-1]  # next-shallower first
-        for k, (lateral, stage) in enumerate(zip(self.laterals, self.stages)):
+        for k, stage in enumerate(self.stages):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            if k < len(skips):
-                skip = F.interpolate(lateral(skips[k]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            if k < len(self.laterals):
+                skip = F.interpolate(self.laterals[k](skips[k]), size=x.shape[-2:], mode="bilinear",
+                                     align_corners=False)
                 x = torch.cat([x, skip], dim=1)
             x = stage(x)
         return x

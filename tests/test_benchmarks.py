@@ -46,10 +46,13 @@ def test_gpu_benchmark_smoke_runs_every_path(tmp_path):
     assert smoke["ok"], smoke.get("stderr")
     assert smoke["steps"] == 4 and 0 <= smoke["mean_iou"] <= 1
     assert "| 96 x 160 |" in gpu.report(results)
-    # eager training with the lean and with transformers' QuickGELU in CLIP, side by side; the model gets its own back
-    assert [row["variant"] for row in results["training"]] == ["eager", "eager_plain_quick_gelu"]
-    assert all(row["images_per_s"] > 0 for row in results["training"])
+    # eager training with the lean and with transformers' QuickGELU in CLIP, side by side; the model gets its own back;
+    # the whole forward compiled beside compiled regions, each with its build (traced with aot_eager on the CPU)
+    training = results["training"]
+    assert [row["variant"] for row in training] == ["eager", "eager_plain_quick_gelu", "compiled", "compiled_regions"]
+    assert all(row["images_per_s"] > 0 for row in training) and all(row["first_call_s"] > 0 for row in training[2:])
     assert "transformers' QuickGELU in CLIP" in gpu.report(results)
+    assert "compiled (`--compile`)" in gpu.report(results) and "compiled regions" in gpu.report(results)
 
 
 def test_gpu_benchmark_without_studies_measures_what_the_targets_need(tmp_path):
@@ -62,7 +65,7 @@ def test_gpu_benchmark_without_studies_measures_what_the_targets_need(tmp_path):
     extra = results["postprocess_and_batch"]
     assert set(extra) == {"postprocess_size", "postprocess_ms", "smooth_postprocess_ms",
                           "smooth_boundary_cell_fraction", "batch8_size", "batch8_eager_images_per_s"}
-    assert [row["variant"] for row in results["training"]] == ["eager"]
+    assert [row["variant"] for row in results["training"]] == ["eager", "compiled_regions"]
     assert results["studies"] is False and set(results["section_seconds"]) == {"latency", "postprocess_and_batch",
                                                                                 "training"}
     text = gpu.report(results)

@@ -528,22 +528,37 @@ def test_labels_must_cover_the_canvas():
               labels=torch.zeros(2, height - 1, width, dtype=torch.long))
 
 
-def test_compiled_training_step_equals_eager():
+@pytest.mark.parametrize("compiled", ["whole", "regions", "accelerate_regions"])
+def test_compiled_training_step_equals_eager(compiled):
     """`training.train --compile`: the forward with labels through torch.compile (the loss's matching breaks the
-    graph for scipy on the host) gives the eager loss and gradients."""
+    graph for scipy on the host) gives the eager loss and gradients. So does `--compile regional`
+    (`compile_regions`: CLIP's layers, adapters, decoders compiled in place, one build per block shape), and
+    accelerate's regional compilation (`accelerate config`), which compiled the pixel decoder's mixed list of
+    laterals as one module that then could not be iterated."""
+    from accelerate.utils import compile_regions
+
     model = build().train()
     inputs = inputs_for(model.config, (96, 200), labels=True, return_pixel_mask=True)
     seeds = torch.tensor([3, 4])
     grads = []
-    for forward in (model, torch.compile(model, backend="aot_eager")):
+
+    def compiled_model():  # after the eager step: `compile_regions` compiles the model itself
+        if compiled == "regions":
+            model.compile_regions(backend="aot_eager")
+            assert model.mrovseg.vision_model.encoder.layers[0]._compiled_call_impl is not None
+            return model
+        return (compile_regions if compiled == "accelerate_regions" else torch.compile)(model, backend="aot_eager")
+
+    for step in ("eager", "compiled"):
+        forward = model if step == "eager" else compiled_model()
         model.zero_grad()
         loss = forward(**inputs, loss_seeds=seeds).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
     assert len(grads[1][1]) == len(grads[0][1]) > 10
-    for compiled, eager in zip(grads[1][1], grads[0][1]):
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for with_compile, eager in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(with_compile, eager, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
 
 

@@ -238,6 +238,32 @@ def test_bf16_mixed_precision_and_accumulation_run(tiny_clip_dir, synthetic, tmp
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in results["history"])
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_regional_compile_trains_as_eager_does_and_resumes_without_it(tiny_clip_dir, synthetic, tmp_path, monkeypatch,
+                                                                      lora_rank):
+    """`--compile regional` compiles the model's regions in place: its steps equal eager ones (within float
+    rounding), its checkpoints hold the same parameter names, so a run resumes without it (LoRA too)."""
+    compile_regions, compiled = MROVSegForOpenVocabSegmentation.compile_regions, []
+
+    def without_inductor(self, **kwargs):  # the same graphs, without minutes of inductor's C++ builds on a CPU
+        compile_regions(self, backend="aot_eager")
+        compiled.append(self.mrovseg.vision_model.encoder.layers[0]._compiled_call_impl is not None)
+
+    monkeypatch.setattr(MROVSegForOpenVocabSegmentation, "compile_regions", without_inductor)
+    common = dict(max_steps=4, checkpointing_steps=2, eval_split="none", lora_rank=lora_rank)
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "eager", stop_after_steps=2, **common))
+    train.main(args(tiny_clip_dir, synthetic, tmp_path / "regional", stop_after_steps=2, compile="regional", **common))
+    assert compiled == [True]
+    eager, regional = weights(tmp_path / "eager", 2), weights(tmp_path / "regional", 2)
+    assert sorted(regional) == sorted(eager)
+    for name, value in eager.items():
+        torch.testing.assert_close(regional[name], value, rtol=1e-4, atol=1e-6)
+    results = train.main(args(tiny_clip_dir, synthetic, tmp_path / "regional", resume_from_checkpoint="latest",
+                              **common))
+    assert results["stopped_at"] == 4 and compiled == [True]
+    torch._dynamo.reset()
+
+
 class _StopAfterFirstForward(Exception):
     pass
 
