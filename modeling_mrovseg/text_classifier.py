@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,9 +44,9 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     The one reading of class names given by users: a list is taken as is (an entry may carry synonyms, "sofa,
     couch"), and so is a config's id2label ({0: "sky", 1: "road"}, in id order); a string is such a list in JSON
     ('["sky", "sofa, couch"]'), a file (unless `allow_files=False`, as for text typed into a web page) holding a
-    JSON list, an id2label mapping ({"0": "sky", ...}) or one class per line, or names separated by ";" (each may
-    carry synonyms) or, without any ";", by "," (single names); a string of several lines is read as a file's text.
-    None stays None.
+    JSON list, an id2label mapping ({"0": "sky", ...}), a class table (.csv, .tsv) or one class per line, or names
+    separated by ";" (each may carry synonyms) or, without any ";", by "," (single names); a string of several
+    lines is read as a file's text. None stays None.
     """
     if value is None:
         return None
@@ -61,12 +62,14 @@ def parse_class_names(value: str | Sequence[str] | None, allow_files: bool = Tru
     elif isinstance(value, str):
         path = Path(value).expanduser()
         # a name ending in .json or .txt is a file's (a missing labels.txt was one class named "labels.txt")
-        if allow_files and (value.strip().lower().endswith((".json", ".txt")) or _is_file(path)):
+        if allow_files and (value.strip().lower().endswith((".json", ".txt", ".csv", ".tsv")) or _is_file(path)):
             if not path.is_file():
                 raise ValueError(f"class-name file {value!r} not found.")
             text = _read_text_file(path, f"class-name file {value!r}")
             if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
                 value = _json_names(text, f"class-name file {value!r}")
+            elif path.suffix.lower() in (".csv", ".tsv"):
+                value = _table_names(text, f"class-name table {value!r}")
             else:
                 value = _one_per_line(text)
         elif len(value.strip().splitlines()) > 1:  # a file's text pasted or read by the caller: "car\nroad" was one
@@ -84,11 +87,57 @@ def _separated(text: str) -> list[str]:
 
 def _one_per_line(text: str) -> list[str]:
     """One class per line (a line may carry synonyms: "sofa, couch"); a list wrapped over lines (a line but the
-    last ending in "," or ";") is read as one line."""
+    last ending in "," or ";") is read as one line. Lines numbered in order ("0 road", "1: sidewalk", 0..N-1 or
+    1..N, as label maps' id lists are written) lose their numbers: "0 road" was a class named so."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if any(line.endswith((",", ";")) for line in lines[:-1]):
         return _separated(" ".join(lines))
+    numbered = [re.fullmatch(r"(\d+)\s*[:,.=\t ]\s*(\S.*)", line) for line in lines]
+    if len(lines) > 1 and all(numbered) and _in_order([int(match[1]) for match in numbered]):
+        return [match[2] for match in numbered]
     return lines
+
+
+def _in_order(ids: list[int]) -> bool:
+    return ids[0] in (0, 1) and ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+# the columns of class tables: names (ADE20K's objectInfo150.csv: Name; Roboflow's _classes.csv: Class) and ids
+NAME_COLUMNS = ("name", "names", "class", "class name", "class_name", "classname", "label", "category")
+ID_COLUMNS = ("id", "idx", "index", "pixel value", "class id", "class_id", "label id", "value")
+
+
+def _table_names(text: str, where: str) -> list[str]:
+    """The name column of a class table with a header row (.csv, .tsv), in row order: ADE20K's objectInfo150.csv
+    ("Idx,Ratio,Train,Val,Name", synonyms as "building;edifice"), Roboflow's _classes.csv ("Pixel Value, Class"),
+    "id,name" lists. Read line by line, its header was a class and every row a class with its numbers as synonyms.
+    An id column must number the rows 0..N-1 or 1..N in order, or ids would get other classes' names."""
+    import csv
+    import io
+
+    dialect = csv.excel_tab if "\t" in text.partition("\n")[0] else csv.excel
+    rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text), dialect)
+            if any(map(str.strip, row))]
+    header = [cell.lower() for cell in rows[0]] if rows else []
+    if len(header) == 1 and header[0] not in NAME_COLUMNS:  # one column, no header: a list of names
+        return [row[0] for row in rows]
+    column = next((header.index(name) for name in NAME_COLUMNS if name in header), None)
+    if column is None:
+        raise ValueError(f"{where} has no column of class names (its columns: {', '.join(rows[0]) or 'none'}); "
+                         f"name it one of {', '.join(NAME_COLUMNS[:3])}, or give one class per line in a .txt")
+    body = rows[1:]
+    if any(len(row) <= column or not row[column] for row in body):
+        raise ValueError(f"{where}: a row has no {rows[0][column]!r}")
+    ids = next((header.index(name) for name in ID_COLUMNS if name in header), None)
+    if ids is not None:
+        try:
+            numbers = [int(row[ids]) for row in body]
+        except (ValueError, IndexError):
+            raise ValueError(f"{where}: its {rows[0][ids]!r} column holds something other than class ids") from None
+        if numbers and not _in_order(numbers):
+            raise ValueError(f"{where} numbers its rows {numbers[:8]} in its {rows[0][ids]!r} column: they must "
+                             "run from 0 or 1 in order, one row per class")
+    return [", ".join(part for part in row[column].split(";") if part.strip()) for row in body]
 
 
 def _json_names(text: str, where: str) -> list[str]:

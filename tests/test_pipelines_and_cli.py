@@ -587,6 +587,31 @@ def test_parse_labels():
     assert parse_labels("sofa, couch;\nlamp") == ["sofa, couch", "lamp"]
 
 
+def test_class_names_from_tables_and_numbered_lines(tmp_path):
+    """Class lists as datasets ship them: a table's header was a class and each row a class whose numbers were its
+    synonyms ("1, 0.1576, 11664, 1172, wall"); numbered lines were classes named "0 road"."""
+    (tmp_path / "objectInfo150.csv").write_text(  # ADE20K's, synonyms joined by ";"
+        "Idx,Ratio,Train,Val,Name\n1,0.1576,11664,1172,wall\n2,0.1072,6046,612,building;edifice\n")
+    (tmp_path / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, car\n")  # Roboflow's
+    (tmp_path / "names.tsv").write_text("id\tname\n0\troad\n1\t\"traffic cone\"\n")
+    (tmp_path / "plain.csv").write_text("road\nsky\n")
+    assert parse_labels(str(tmp_path / "objectInfo150.csv")) == ["wall", "building, edifice"]
+    assert parse_labels(str(tmp_path / "_classes.csv")) == ["background", "car"]
+    assert parse_labels(str(tmp_path / "names.tsv")) == ["road", "traffic cone"]
+    assert parse_labels(str(tmp_path / "plain.csv")) == ["road", "sky"]
+    (tmp_path / "shuffled.csv").write_text("id,name\n1,sky\n0,road\n")
+    with pytest.raises(ValueError, match=r"numbers its rows \[1, 0\] in its 'id' column: they must run from 0 or 1"):
+        parse_labels(str(tmp_path / "shuffled.csv"))
+    (tmp_path / "counts.csv").write_text("Ratio,Train\n0.1,5\n")
+    with pytest.raises(ValueError, match="has no column of class names \\(its columns: Ratio, Train\\)"):
+        parse_labels(str(tmp_path / "counts.csv"))
+    assert parse_labels("0 road\n1: sidewalk\n2\tsky") == ["road", "sidewalk", "sky"]
+    assert parse_labels("1 road\n2 sky") == ["road", "sky"]
+    # numbers that are part of names, or not a count from 0 or 1, stay
+    assert parse_labels("2 wheeler\n3d printer") == ["2 wheeler", "3d printer"]
+    assert parse_labels("5 road\n6 sky") == ["5 road", "6 sky"]
+
+
 def test_class_names_from_files(tmp_path):
     """A JSON list, or one class per line (synonyms comma-separated within a line), as a labels.txt holds them."""
     (tmp_path / "names.json").write_text('["sky", "sofa, couch"]')
