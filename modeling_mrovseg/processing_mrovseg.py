@@ -9,15 +9,19 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_mrovseg import VILD_TEMPLATES
-from .text_classifier import build_prompts, tokenize_prompts, validate_labels
+from .text_classifier import build_prompts, parse_class_names, tokenize_prompts
+
+
+TOKENIZER_KWARGS = ("padding", "truncation", "max_length")
 
 
 class MROVSegProcessor(ProcessorMixin):
     r"""
     Wraps [`MROVSegImageProcessor`] and a CLIP tokenizer. `text=` is a list of class names (a name may carry
-    synonyms, `"sofa, couch"`); every name is put into every prompt template and tokenized, and
-    `text_prompt_owners` (T x 2: class index, synonym index) tells the model how to pool the prompts back into
-    one embedding per class.
+    synonyms, `"sofa, couch"`) or a string of them, read as the pipelines read it; every name is put into every
+    prompt template and tokenized, and `text_prompt_owners` (T x 2: class index, synonym index) tells the model how
+    to pool the prompts back into one embedding per class. `padding`, `truncation` and `max_length` (CLIPSeg's
+    processor takes them) are accepted and change nothing: prompts are always padded and cut at CLIP's context.
 
     Example:
 
@@ -47,10 +51,15 @@ class MROVSegProcessor(ProcessorMixin):
         return cls(MROVSegImageProcessor.from_model_config(config, **image_processor_kwargs), tokenizer,
                    prompt_templates=config.prompt_templates)
 
-    def __call__(self, images=None, text: Sequence[str] | None = None, segmentation_maps=None,
+    def __call__(self, images=None, text: str | Sequence[str] | None = None, segmentation_maps=None,
                  return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         if images is None and text is None:
             raise ValueError("Give `images`, `text` (class names) or both.")
+        # the tokenizer's settings as CLIPSeg's processor takes them (`padding=True`): prompts are always padded to
+        # the longest and truncated to CLIP's context, so they change nothing; given to the image processor they
+        # were a TypeError about its own keyword arguments
+        for name in TOKENIZER_KWARGS:
+            kwargs.pop(name, None)
         data = {}
         if images is not None:
             data.update(self.image_processor(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors,
@@ -59,9 +68,9 @@ class MROVSegProcessor(ProcessorMixin):
             data.update(self.tokenize_class_names(text))
         return BatchFeature(data=data)
 
-    def tokenize_class_names(self, labels: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize_class_names(self, labels: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask (T x L) for all template x synonym prompts, and their (class, synonym) owners."""
-        labels = validate_labels(labels)
+        labels = parse_class_names(labels, allow_files=False)  # as the pipelines read them: "sky, road" too
         prompts, owners = build_prompts(labels, self.prompt_templates)
         return {**tokenize_prompts(self.tokenizer, prompts), "text_prompt_owners": torch.tensor(owners, dtype=torch.long)}
 

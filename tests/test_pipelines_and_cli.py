@@ -37,6 +37,12 @@ def test_processor_round_trip_and_prompt_pooling(checkpoint, tiny_tokenizer):
         image_only = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "text_prompt_owners")}
         stored = model(**image_only).class_queries_logits
     torch.testing.assert_close(per_call, stored, rtol=1e-5, atol=1e-5)
+    # the tokenizer's settings as CLIPSeg's processor takes them change nothing (they were a TypeError naming the
+    # image processor's keyword arguments)
+    clipseg_style = processor(images=images()[0], text=["sofa, couch", "lamp"], padding=True, truncation=True)
+    assert all(torch.equal(clipseg_style[k], v) for k, v in inputs.items()) and clipseg_style.keys() == inputs.keys()
+    # class names as a string, read as the pipelines read them (it was "not a single string")
+    assert torch.equal(processor(text="sofa, couch; lamp")["input_ids"], inputs["input_ids"])
     with pytest.raises(ValueError, match="Duplicate"):
         processor(text=["lamp", "lamp"])
     with pytest.raises(ValueError, match="Give `images`"):
