@@ -173,8 +173,9 @@ def _is_file(path: Path) -> bool:
 
 def validate_labels(labels: Sequence[str]) -> list[str]:
     """
-    Reject an empty vocabulary and duplicated class names (which would make argmax ambiguous). Names are compared
-    and returned in one spelling (Unicode NFC, single spaces; synonyms joined by ", ").
+    Reject an empty vocabulary and duplicated class names (which would make argmax ambiguous), and warn of a
+    synonym two classes share. Names are compared and returned in one spelling (Unicode NFC, single spaces;
+    synonyms joined by ", ").
     """
     if isinstance(labels, str):
         raise ValueError("Pass the vocabulary as a list of class names, not a single string.")
@@ -187,6 +188,15 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
         if key in seen:
             raise ValueError(f"Duplicate class name {label!r} at positions {seen[key]} and {i}.")
         seen[key] = i
+    owners: dict[str, int] = {}  # a synonym of two classes ("road" and "road, street") splits its pixels between them
+    for i, label in enumerate(labels):
+        for synonym in dict.fromkeys(name.lower() for name in split_synonyms(label)):
+            if synonym in owners:
+                first = owners[synonym]
+                warnings.warn(f"{synonym!r} names class {first} ({labels[first]!r}) and class {i} ({label!r}): "
+                              "what it describes is split between the two; give each class its own names.",
+                              stacklevel=2)
+            owners.setdefault(synonym, i)
     return labels
 
 

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -485,6 +487,16 @@ def test_class_names_one_spelling_and_distinct_within_clip_context(tiny_clip_dir
         "sky", "road", "traffic cone", "خانه\u200cها"]
     with pytest.raises(ValueError, match="Duplicate class name 'sky'"):
         validate_labels(["sky", "sky\u200b"])
+    # a synonym of two classes splits what it describes between them: said, naming both
+    with pytest.warns(UserWarning, match=r"'road' names class 0 \('road'\) and class 1 \('Road, street'\)"):
+        assert validate_labels(["road", "Road, street"]) == ["road", "Road, street"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_labels(["sofa, couch, sofa", "lamp"])  # a synonym repeated within its own class is no conflict
+        from processing import class_names
+
+        for vocabulary in (class_names.ADE20K_150, class_names.COCO_STUFF_171, class_names.PASCAL_CONTEXT_59):
+            validate_labels(vocabulary)
     model = MROVSegForOpenVocabSegmentation.from_clip(str(tiny_clip_dir), num_queries=8, hidden_dim=32,
                                                       num_decoder_heads=4, prompt_templates=["{}"])
     long = "x" * 90  # the tiny tokenizer has no merges: one token per character
