@@ -249,14 +249,15 @@ class MROVSegPreTrainedModel(PreTrainedModel):
         ones), taken out of `kwargs` so the saved text embeddings load; the caller embeds them afterwards.
 
         For a closed-set model `id2label` renames the head's outputs; here a name is what the model looks for, so
-        renaming the stored embeddings would label "sky" pixels "a". `num_labels` alone names nothing: an error."""
+        renaming the stored embeddings would label "sky" pixels "a". `num_labels` or `label2id` alone: an error."""
         config = kwargs.get("config")
         if "id2label" in kwargs:
             id2label = {int(k): v for k, v in kwargs.pop("id2label").items()}
             kwargs.pop("label2id", None)
             kwargs.pop("num_labels", None)
-        elif "num_labels" in kwargs:
-            raise ValueError("num_labels= cannot name classes for an open-vocabulary model: pass id2label= (the "
+        elif "num_labels" in kwargs or "label2id" in kwargs:  # label2id alone was dropped: the saved names stayed
+            given = "num_labels" if "num_labels" in kwargs else "label2id"
+            raise ValueError(f"{given}= cannot name classes for an open-vocabulary model: pass id2label= (the "
                              "class names) or call model.set_vocabulary(names, tokenizer) after loading.")
         elif isinstance(config, PretrainedConfig) and getattr(config, "id2label", None) and source is not None:
             try:

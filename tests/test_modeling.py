@@ -425,6 +425,8 @@ def test_class_names_given_to_from_pretrained_are_embedded_not_renamed(checkpoin
     assert torch.equal(same.vocabulary_embeds, saved)  # the saved names: the saved embeddings, nothing re-embedded
     with pytest.raises(ValueError, match="num_labels= cannot name classes"):
         MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint, num_labels=5)
+    with pytest.raises(ValueError, match="label2id= cannot name classes"):  # it was dropped: the saved names stayed
+        MROVSegForOpenVocabSegmentation.from_pretrained(checkpoint, label2id={"cat": 0})
     bare = tmp_path / "no-tokenizer"
     shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
                                                                     "special_tokens_map.json", "processor_config.json"))
