@@ -3,8 +3,8 @@
     pip install -e ".[demo]"
     python app.py --model DIR_OR_HUB_ID [--port 7860] [--device cuda] [--dtype bfloat16] [--host 127.0.0.1]
 
-Upload or pick an image, type class names (comma separated; synonyms of one class with ";" between classes, as in the
-CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
+Upload or pick an image, type class names (comma separated or one per line; synonyms of one class with ";" between
+classes, as in the CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
 legend, a per-class table (pixel share, score) and a downloadable label PNG (pixel value = class number). Without
 --model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's (outputs/run/model). It binds
 127.0.0.1 unless --host says otherwise, and Gradio's analytics stay off.
@@ -131,7 +131,8 @@ def build_demo(segmenter: Segmenter, examples: list[str] | None = None):
                 # onto white, 16-bit range); gradio's default "RGB" re-saves a converted copy that drops both
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
                 labels = gr.Textbox(value=segmenter.default_labels, label="Class names",
-                                    info='comma separated; synonyms of one class: "sofa, couch; lamp"')
+                                    info='comma separated, or one per line; synonyms of one class: '
+                                         '"sofa, couch; lamp"')
                 resolution = gr.Slider(64, 2048, value=segmenter.default_resolution, step=32,
                                        label="Resolution (shortest edge, px)")
                 threshold = gr.Number(value=0, minimum=0, label="Score threshold (0: label every pixel)")
