@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                               "or http(s) URLs")
     segment.add_argument("--model", type=os.path.expanduser, required=True, help="checkpoint folder or Hub id")
     segment.add_argument("--labels", default=None, help='class names, e.g. "sky,road,car" or "sofa, couch; lamp", or '
-                         "a file: a JSON list, an id2label.json or one class per line (default: the checkpoint's "
-                         "vocabulary)")
+                         "a file: a JSON list, an id2label.json, a class table (.csv with a name column) or one "
+                         "class per line (default: the checkpoint's vocabulary)")
     segment.add_argument("--out", required=True, type=os.path.expanduser, help="output folder")
     segment.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     segment.add_argument("--resolution", type=_positive_int(8192), default=None,
