@@ -27,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder of parquet files, a DatasetDict.save_to_disk folder or a Hub dataset id")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--class_names", default=None,
-                        help="class names: a JSON list, a file (JSON list, id2label.json, class table .csv, one per line) or "
-                             "comma-separated (default: from the dataset)")
+                        help="class names: a JSON list, a file (JSON list, id2label.json, class table .csv, one "
+                             "per line) or comma-separated (default: from the dataset)")
     parser.add_argument("--benchmark_name", default=None, help="name for the results (default: the dataset)")
     parser.add_argument("--output", default=None, type=os.path.expanduser, help="results JSON (default: printed only)")
     parser.add_argument("--eval_size", type=int, default=640, help="shortest edge the images are resized to")

@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", type=os.path.expanduser, required=True,
                         help="folder of parquet files, a DatasetDict.save_to_disk folder or a Hub dataset id")
     parser.add_argument("--class_names", default=None,
-                        help="class names: a JSON list, a file (JSON list, id2label.json, class table .csv, one per line) or "
-                             "comma-separated (default: from the dataset)")
+                        help="class names: a JSON list, a file (JSON list, id2label.json, class table .csv, one "
+                             "per line) or comma-separated (default: from the dataset)")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default="validation", help='split to evaluate on ("none": no evaluation)')
     parser.add_argument("--output_dir", required=True, type=os.path.expanduser)
