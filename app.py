@@ -4,10 +4,10 @@
     python app.py --model DIR_OR_HUB_ID [--port 7860] [--device cuda] [--dtype bfloat16] [--host 127.0.0.1]
 
 Upload or pick an image, type class names (comma separated or one per line; synonyms of one class with ";" between
-classes, as in the CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows the overlay with its
-legend, a per-class table (pixel share, score) and a downloadable label PNG (pixel value = class number). Without
---model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's (outputs/run/model). It binds
-127.0.0.1 unless --host says otherwise, and Gradio's analytics stay off.
+classes, as in the CLI: "sofa, couch; lamp"), choose the resolution and an optional score threshold: the page shows
+the overlay with its legend, a per-class table (pixel share, score) and a downloadable label PNG (pixel value = class
+number). Without --model it serves $MROVSEG_MODEL, the checkpoint a Space folder names, or the main job's
+(outputs/run/model). It binds 127.0.0.1 unless --host says otherwise, and Gradio's analytics stay off.
 """
 
 from __future__ import annotations
