@@ -452,7 +452,7 @@ def training_throughput(args, device) -> list[dict]:
             rows.append({**row, "step_s": ms / 1000, "images_per_s": batch_size * 1000 / ms,
                          "peak_gb": peak_gb(device)})
             print(json.dumps(rows[-1]), flush=True)
-        del model, optimizer, forward, step
+        model = optimizer = params = forward = step = None  # released before the next preset builds its model
     return rows
 
 
