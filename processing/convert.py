@@ -10,12 +10,16 @@ and OUT/class_names.json. One sub-command per source format:
     python -m processing.convert pascal-context --source VOCdevkit/VOC2010 --variant 59|459 --out data/pc59
     python -m processing.convert pascal-voc   --source VOCdevkit/VOC2012 --variant 20|21 --out data/voc20
     python -m processing.convert folder       --source my_data --class-names "background,crack,rust" --out data/mine
+    python -m processing.convert coco         --source my_export --background background --out data/mine
 
 `folder` reads your own data: my_data/images/<name>.<jpg|png> with my_data/labels/<name>.png (pixel value = class
 index, 255 = unlabelled; `--binary-masks` for 0/255 masks of two classes; `--label-colors` for colour-coded masks,
 and a CVAT "Segmentation mask" export, JPEGImages/ + SegmentationClass/ + labelmap.txt, reads as it is); a seeded
 `--val-fraction` of the images becomes the validation split. A Roboflow "Semantic Segmentation Masks" export (train/,
 valid/, test/ with <stem>_mask.png beside each image and a _classes.csv) converts with its own splits and names.
+`coco` reads COCO instance annotations (polygons or RLE), as CVAT ("COCO 1.0"), Roboflow ("COCO Segmentation"),
+Label Studio and most labelling tools export them: each pixel gets the category of the annotation on top (smaller
+regions over larger ones), categories in id order; `--background NAME` labels the pixels no annotation covers.
 
 Images are stored as everyone shows them: a photo's EXIF orientation applies (JPEG bytes are kept with their EXIF,
 which `datasets` applies when decoding; other formats are stored rotated), 16-bit images are scaled and transparency
@@ -179,6 +183,15 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
     """(height, width) of the image as shown (and as `datasets` and the image processor decode it)."""
     swapped = exif_orientation(image) >= 5
     return (image.width, image.height) if swapped else (image.height, image.width)
+
+
+def as_shown(label: np.ndarray, image: Image.Image) -> tuple[np.ndarray, bool]:
+    """A label drawn over the stored pixels of a photo with an EXIF rotation (it fits only those) turned as the photo
+    is shown, and whether it was."""
+    if label.shape != shown_size(image) and label.shape == (image.height, image.width):
+        transpose = ORIENTATIONS[exif_orientation(image)]
+        return np.asarray(Image.fromarray(label.astype(np.int32)).transpose(transpose), dtype=np.int64), True
+    return label, False
 
 
 def stray_label_values(values: np.ndarray, num_classes: int) -> np.ndarray:
@@ -415,6 +428,152 @@ def convert_roboflow(root: Path, out: Path, class_names: list[str]) -> list[Path
     return written
 
 
+# ---------------------------------------------------------------- COCO instance annotations (polygons, RLE)
+def coco_annotation_files(root: Path, annotations: str | None) -> dict[str, Path]:
+    """split -> COCO JSON: the file given (one split, divided by --val-fraction), a Roboflow "COCO Segmentation"
+    export's splits (train/, valid/, test/, each with _annotations.coco.json beside its images), or the one JSON in
+    annotations/ or in the folder itself (CVAT's "COCO 1.0": annotations/instances_default.json; Label Studio's
+    result.json)."""
+    if annotations is not None:
+        path = Path(annotations).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--annotations {path} not found")
+        return {"": path}
+    splits = {split: root / folder / "_annotations.coco.json" for folder, split in ROBOFLOW_SPLITS.items()
+              if (root / folder / "_annotations.coco.json").is_file()}
+    if splits:
+        return splits
+    folder = root / "annotations" if (root / "annotations").is_dir() else root
+    found = sorted(folder.glob("*.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{'no' if not found else len(found)} JSON files in {folder}: give the COCO "
+                                "annotation file with --annotations")
+    return {"": found[0]}
+
+
+def read_coco(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as error:
+        raise ValueError(f"{path} is not JSON: {error}") from None
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise ValueError(f"{path} is no COCO annotation file (it needs images, annotations and categories)")
+    return data
+
+
+def coco_categories(data: dict) -> list[dict]:
+    """The categories a COCO file can label with, in id order: one that only names other categories' supercategory
+    and labels nothing (Roboflow exports the project's name so, as id 0) is left out."""
+    used = {annotation["category_id"] for annotation in data["annotations"]}
+    parents = {category.get("supercategory") for category in data["categories"]}
+    return [category for category in sorted(data["categories"], key=lambda c: c["id"])
+            if category["id"] in used or category["name"] not in parents]
+
+
+def coco_label(annotations: list[dict], height: int, width: int, class_of: dict[int, int], fill: int,
+               where: str) -> np.ndarray:
+    """One image's annotations (polygons, RLE, compressed or not) as a (height, width) map of class indices, `fill`
+    where none lies; larger regions first, so an object drawn inside another (a sign on a wall) stays on top."""
+    from pycocotools import mask as coco_mask
+
+    masks = []
+    for annotation in annotations:
+        shape = annotation.get("segmentation")
+        if isinstance(shape, list):  # polygons [x1, y1, x2, y2, ...]; fewer than 3 points enclose nothing
+            polygons = [polygon for polygon in shape if len(polygon) >= 6]
+            if not polygons:
+                continue
+            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+        elif isinstance(shape, dict) and "counts" in shape:
+            if list(shape.get("size", [])) != [height, width]:
+                raise ValueError(f"{where}: an RLE mask of size {shape.get('size')} on an image of {height} x {width}")
+            counts = shape["counts"]
+            rle = (coco_mask.frPyObjects(shape, height, width) if isinstance(counts, list)
+                   else {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts})
+        else:  # a bounding box alone labels no pixel
+            continue
+        mask = coco_mask.decode(rle).astype(bool)
+        masks.append((int(mask.sum()), class_of[annotation["category_id"]], mask))
+    label = np.full((height, width), fill, dtype=np.int64)
+    for _, class_index, mask in sorted(masks, key=lambda item: -item[0]):
+        label[mask] = class_index
+    return label
+
+
+def convert_coco(source: str, out: Path, annotations: str | None = None, background: str | None = None,
+                 val_fraction: float = 0.1, seed: int = 0) -> list[Path]:
+    """COCO instance annotations (what CVAT, Roboflow, Label Studio and most labelling tools export) -> semantic
+    label maps: each pixel the category of the annotation on top, the categories in id order as class names
+    (after `background`, which then labels the pixels no annotation covers; unlabelled without it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocotools") is None:
+        raise ValueError("COCO annotations are decoded with pycocotools: pip install pycocotools (or the `coco` "
+                         "extra: pip install -e \".[coco]\")")
+    root = Path(source)
+    if not root.is_dir():
+        raise FileNotFoundError(f"source folder {root} not found")
+    files = coco_annotation_files(root, annotations)
+    datas = {split: read_coco(path) for split, path in files.items()}
+    categories = {split: coco_categories(data) for split, data in datas.items()}
+    first_split, first = next(iter(categories.items()))
+    for split, found in categories.items():
+        if [c["name"] for c in found] != [c["name"] for c in first]:
+            raise ValueError(f"the COCO files of {root} name different categories: {files[first_split]} and "
+                             f"{files[split]}")
+    names = [category["name"] for category in first]
+    if not names:
+        raise ValueError(f"{files[first_split]} has no categories")
+    class_names = parse_class_names(([background] if background else []) + names)
+    offset = 1 if background else 0
+    fill = 0 if background else unlabelled_value(len(class_names))
+    heif_support()
+
+    def rows_of(split: str, images: list[dict]):
+        data, folder = datas[split], files[split].parent
+        class_of = {category["id"]: index + offset for index, category in enumerate(categories[split])}
+        by_image: dict[int, list[dict]] = {}
+        for annotation in data["annotations"]:
+            if annotation["category_id"] not in class_of:
+                raise ValueError(f"{files[split]}: an annotation of image {annotation.get('image_id')} names "
+                                 f"category {annotation['category_id']}, which is not among its categories")
+            by_image.setdefault(annotation["image_id"], []).append(annotation)
+
+        def image_path(entry: dict) -> Path:
+            name = entry["file_name"]
+            for base in (folder, root, root / "images", folder.parent / "images"):
+                if (base / name).is_file():
+                    return base / name
+            raise FileNotFoundError(f"{files[split]} names the image {name}, found neither beside it nor in "
+                                    f"{root} or {root / 'images'}")
+
+        paths = {entry["id"]: image_path(entry) for entry in images}  # every file checked before the first row
+
+        def rows():
+            for entry in images:
+                path, height, width = paths[entry["id"]], int(entry["height"]), int(entry["width"])
+                label = coco_label(by_image.get(entry["id"], []), height, width, class_of, fill, str(path))
+                image = Image.open(path)
+                yield image, as_shown(label, image)[0]
+        return rows
+
+    written = []
+    for split, data in datas.items():
+        images = sorted(data["images"], key=lambda entry: entry["id"])
+        if split:  # a Roboflow export's own splits
+            written.append(write_split(out, split, rows_of(split, images), class_names))
+            continue
+        order = np.random.default_rng(seed).permutation(len(images))
+        num_val = int(round(len(images) * val_fraction)) if len(images) > 1 else 0
+        parts = {"validation": [images[i] for i in sorted(order[:num_val])],
+                 "train": [images[i] for i in sorted(order[num_val:])]}
+        written += [write_split(out, name, rows_of("", part), class_names) for name, part in parts.items() if part]
+    if not background:
+        print(f"note: pixels outside every annotation are unlabelled ({fill}), so nothing teaches the model what is "
+              "none of these classes; --background NAME makes them a class", file=sys.stderr)
+    return written
+
+
 # class names in a colour map that mark pixels to leave unlabelled rather than a class (VOC's boundary "void")
 UNLABELLED_NAMES = {"void", "ignore", "unlabelled", "unlabeled"}
 
@@ -584,10 +743,8 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
                 except Image.UnidentifiedImageError:  # a HEIC photo without pillow-heif: say what to install
                     raise ValueError(f"{image_path} cannot be read as an image: "
                                      f"{unread_format_hint(image_path) or 'not a format PIL reads'}") from None
-                if label.shape != shown_size(image) and label.shape == (image.height, image.width):
-                    # drawn over the stored pixels of a rotated photo: turn it as the photo is turned
-                    transpose = ORIENTATIONS[exif_orientation(image)]
-                    label = np.asarray(Image.fromarray(label.astype(np.int32)).transpose(transpose), dtype=np.int64)
+                label, was_turned = as_shown(label, image)
+                if was_turned:
                     turned.append(label_path.name)
                 yield image, label
         return rows
@@ -623,11 +780,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="dataset", required=True)
-    for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc", "folder"):
+    for name in ("coco-stuff", "ade20k-150", "ade20k-847", "pascal-context", "pascal-voc", "folder", "coco"):
         sub = commands.add_parser(name)
         sub.add_argument("--source", type=os.path.expanduser, required=True)
         sub.add_argument("--out", required=True, type=os.path.expanduser)
         sub.add_argument("--overwrite", action="store_true", help="replace an --out that holds another dataset")
+        if name == "coco":
+            sub.add_argument("--annotations", default=None,
+                             help="the COCO JSON (default: a Roboflow export's splits, or the one JSON in "
+                                  "SOURCE/annotations/ or SOURCE)")
+            sub.add_argument("--background", default=None,
+                             help="a class name for the pixels no annotation covers (default: unlabelled)")
+            sub.add_argument("--val-fraction", type=float, default=0.1,
+                             help="share of images for validation, in [0, 1) (one annotation file)")
+            continue
         if name == "folder":
             sub.add_argument("--class-names", default=None,
                              help='"a,b,c" or a JSON list file (not needed with --label-colors or a labelmap.txt)')
@@ -645,7 +811,7 @@ def main(argv=None) -> None:
         if name in ("pascal-context", "pascal-voc"):
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)
-    if args.dataset == "folder" and not 0 <= args.val_fraction < 1:
+    if args.dataset in ("folder", "coco") and not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -683,6 +849,8 @@ def _planned_class_names(args: argparse.Namespace) -> list[str] | None:
 
 
 def _convert(args: argparse.Namespace, out: Path) -> list[Path]:
+    if args.dataset == "coco":
+        return convert_coco(args.source, out, args.annotations, args.background, args.val_fraction)
     if args.dataset == "folder":
         return convert_folder(args.source, out, args.class_names, args.val_fraction, binary_masks=args.binary_masks,
                               label_colors=args.label_colors)

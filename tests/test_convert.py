@@ -297,6 +297,86 @@ def test_a_roboflow_export_converts_with_its_splits_and_classes(tmp_path, capsys
                "road0_jpg.rf.train0_mask.png has no image road0_jpg.rf.train0.<jpg|png> beside it")
 
 
+def coco_file(images: list[tuple[int, str, int, int]], annotations: list[dict], categories=None) -> dict:
+    categories = categories or [{"id": 0, "name": "walls", "supercategory": "none"},  # Roboflow's project entry
+                                {"id": 1, "name": "crack", "supercategory": "walls"},
+                                {"id": 3, "name": "rust", "supercategory": "walls"}]
+    return {"images": [{"id": i, "file_name": name, "height": h, "width": w} for i, name, h, w in images],
+            "annotations": [{"id": k, "iscrowd": 0, **a} for k, a in enumerate(annotations)],
+            "categories": categories}
+
+
+def test_coco_annotations_polygons_and_rle_become_label_maps(tmp_path, capsys):
+    """COCO instance annotations, as CVAT, Roboflow and Label Studio export them (polygons, compressed and
+    uncompressed RLE, category ids with gaps): each pixel the class of the annotation on top, smaller over larger."""
+    import json
+
+    from pycocotools import mask as coco_mask
+
+    source = tmp_path / "cvat"
+    (source / "images").mkdir(parents=True)
+    (source / "annotations").mkdir()
+    for name in ("a.jpg", "b.png"):
+        image(10, 12).save(source / "images" / name)
+    rust = np.zeros((10, 12), np.uint8, order="F")
+    rust[6:9, 1:4] = 1
+    compressed = coco_mask.encode(rust)
+    compressed["counts"] = compressed["counts"].decode()  # as JSON holds it
+    flat = rust.flatten(order="F")  # uncompressed RLE: run lengths, column-major, starting with zeros
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    annotations = [
+        {"image_id": 1, "category_id": 1, "segmentation": [[0, 0, 12, 0, 12, 10, 0, 10]], "area": 120},  # all
+        {"image_id": 1, "category_id": 3, "segmentation": compressed, "area": 9},  # on top of the larger crack
+        {"image_id": 2, "category_id": 3, "segmentation": {"size": [10, 12], "counts": runs}, "iscrowd": 1},
+        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2]},  # a box alone labels nothing
+    ]
+    data = coco_file([(1, "a.jpg", 10, 12), (2, "b.png", 10, 12)], annotations)
+    (source / "annotations" / "instances_default.json").write_text(json.dumps(data))
+    convert.main(["coco", "--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0"])
+    assert "pixels outside every annotation are unlabelled (255)" in capsys.readouterr().err
+    labels, names = read_back(tmp_path / "out", "train")
+    assert names == ["crack", "rust"]  # in id order, Roboflow's project entry left out
+    first = np.zeros((10, 12), np.int64)
+    first[rust.astype(bool)] = 1
+    second = np.where(rust.astype(bool), 1, 255)
+    assert [label.tolist() for label in labels] == [first.tolist(), second.tolist()]
+    # --background: a class for the pixels no annotation covers
+    convert.main(["coco", "--source", str(source), "--out", str(tmp_path / "bg"), "--background", "wall",
+                  "--val-fraction", "0"])
+    labels, names = read_back(tmp_path / "bg", "train")
+    assert names == ["wall", "crack", "rust"] and labels[1].tolist() == np.where(rust.astype(bool), 2, 0).tolist()
+    (source / "images" / "b.png").unlink()
+    fails_with(capsys, ["coco", "--source", str(source), "--out", str(tmp_path / "bad")], "names the image b.png")
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # where pycocotools is not installed: one line saying what to install
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "pycocotools" else
+                      find_spec(name, *rest))
+        fails_with(capsys, ["coco", "--source", str(source), "--out", str(tmp_path / "bad")],
+                   "pip install pycocotools")
+
+
+def test_a_roboflow_coco_export_converts_with_its_splits(tmp_path, capsys):
+    import json
+
+    export = tmp_path / "roboflow-coco"
+    for folder, count in (("train", 2), ("valid", 1)):
+        (export / folder).mkdir(parents=True)
+        entries = [(i, f"p{i}_jpg.rf.{folder}.jpg", 8, 10) for i in range(count)]
+        for _, name, h, w in entries:
+            image(h, w).save(export / folder / name)
+        annotations = [{"image_id": i, "category_id": 1, "segmentation": [[0, 0, 10, 0, 10, 4, 0, 4]]}
+                       for i in range(count)]
+        (export / folder / "_annotations.coco.json").write_text(json.dumps(coco_file(entries, annotations)))
+    convert.main(["coco", "--source", str(export), "--out", str(tmp_path / "out"), "--background", "road"])
+    train, names = read_back(tmp_path / "out", "train")
+    validation, _ = read_back(tmp_path / "out", "validation")
+    assert names == ["road", "crack", "rust"] and len(train) == 2 and len(validation) == 1
+    assert validation[0].tolist() == [[1] * 10] * 4 + [[0] * 10] * 4
+
+
 def test_scratch_folders_of_killed_conversions_are_removed_by_the_next(tmp_path, capsys):
     """A conversion killed with -9 (no `finally` runs) left its hidden scratch folder, a whole dataset's parquet
     files, beside --out for good; the next conversion into that folder removes it, not a running one's."""
