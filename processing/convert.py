@@ -185,6 +185,16 @@ def shown_size(image: Image.Image) -> tuple[int, int]:
     return (image.width, image.height) if swapped else (image.height, image.width)
 
 
+NO_VALIDATION_NOTE = ("note: no validation split (--val-fraction gives none of these images): train with --eval_split "
+                      "none, or --eval_split train to score the training images")
+
+
+def note_absent_classes(class_names: list[str], seen: set[int]) -> None:
+    absent = [name for index, name in enumerate(class_names) if index not in seen]
+    if absent:
+        print(f"note: {len(absent)} class(es) appear in no label: {', '.join(absent[:10])}", file=sys.stderr)
+
+
 def as_shown(label: np.ndarray, image: Image.Image) -> tuple[np.ndarray, bool]:
     """A label drawn over the stored pixels of a photo with an EXIF rotation (it fits only those) turned as the photo
     is shown, and whether it was."""
@@ -553,11 +563,12 @@ def convert_coco(source: str, out: Path, annotations: str | None = None, backgro
             for entry in images:
                 path, height, width = paths[entry["id"]], int(entry["height"]), int(entry["width"])
                 label = coco_label(by_image.get(entry["id"], []), height, width, class_of, fill, str(path))
+                seen.update(np.unique(label).tolist())
                 image = Image.open(path)
                 yield image, as_shown(label, image)[0]
         return rows
 
-    written = []
+    written, seen = [], set()
     for split, data in datas.items():
         images = sorted(data["images"], key=lambda entry: entry["id"])
         if split:  # a Roboflow export's own splits
@@ -568,6 +579,9 @@ def convert_coco(source: str, out: Path, annotations: str | None = None, backgro
         parts = {"validation": [images[i] for i in sorted(order[:num_val])],
                  "train": [images[i] for i in sorted(order[num_val:])]}
         written += [write_split(out, name, rows_of("", part), class_names) for name, part in parts.items() if part]
+        if not parts["validation"]:
+            print(NO_VALIDATION_NOTE, file=sys.stderr)
+    note_absent_classes(class_names, seen)
     if not background:
         print(f"note: pixels outside every annotation are unlabelled ({fill}), so nothing teaches the model what is "
               "none of these classes; --background NAME makes them a class", file=sys.stderr)
@@ -756,12 +770,9 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
     if seen == {0, unlabelled} and unlabelled == 255 and len(class_names) > 1:
         raise ValueError(f"the labels hold only 0 and 255, and 255 means unlabelled, so class {class_names[1]!r} "
                          "never appears: for 0/255 masks pass --binary-masks (255 becomes class 1)")
-    absent = [name for index, name in enumerate(class_names) if index not in seen]
-    if absent:
-        print(f"note: {len(absent)} class(es) appear in no label: {', '.join(absent[:10])}", file=sys.stderr)
+    note_absent_classes(class_names, seen)
     if not splits["validation"]:
-        print("note: no validation split (--val-fraction gives none of these images): train with --eval_split none, "
-              "or --eval_split train to score the training images", file=sys.stderr)
+        print(NO_VALIDATION_NOTE, file=sys.stderr)
     if turned:
         print(f"note: {len(turned)} label(s) fit the unrotated pixels of a photo with an EXIF rotation and were turned "
               f"with it (e.g. {turned[0]})", file=sys.stderr)

@@ -374,6 +374,7 @@ def test_a_roboflow_coco_export_converts_with_its_splits(tmp_path, capsys):
     train, names = read_back(tmp_path / "out", "train")
     validation, _ = read_back(tmp_path / "out", "validation")
     assert names == ["road", "crack", "rust"] and len(train) == 2 and len(validation) == 1
+    assert "1 class(es) appear in no label: rust" in capsys.readouterr().err
     assert validation[0].tolist() == [[1] * 10] * 4 + [[0] * 10] * 4
 
 
