@@ -468,6 +468,12 @@ def read_coco(path: Path) -> dict:
         raise ValueError(f"{path} is not JSON: {error}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise ValueError(f"{path} is no COCO annotation file (it needs images, annotations and categories)")
+    for part, keys in (("images", ("id", "file_name", "height", "width")), ("annotations", ("image_id", "category_id")),
+                       ("categories", ("id", "name"))):
+        for entry in data[part]:
+            missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(f"{path}: an entry of its {part} lacks {', '.join(missing)}: {str(entry)[:80]}")
     return data
 
 

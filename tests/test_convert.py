@@ -348,6 +348,10 @@ def test_coco_annotations_polygons_and_rle_become_label_maps(tmp_path, capsys):
     assert names == ["wall", "crack", "rust"] and labels[1].tolist() == np.where(rust.astype(bool), 2, 0).tolist()
     (source / "images" / "b.png").unlink()
     fails_with(capsys, ["coco", "--source", str(source), "--out", str(tmp_path / "bad")], "names the image b.png")
+    broken = {**data, "annotations": [{"image_id": 1, "segmentation": []}]}
+    (source / "annotations" / "instances_default.json").write_text(json.dumps(broken))
+    fails_with(capsys, ["coco", "--source", str(source), "--out", str(tmp_path / "bad")],
+               "an entry of its annotations lacks category_id")
     import importlib.util
 
     find_spec = importlib.util.find_spec  # where pycocotools is not installed: one line saying what to install
