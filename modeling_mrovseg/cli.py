@@ -431,8 +431,28 @@ def main(argv: list[str] | None = None) -> int:
                          help="largest image read, in pixels (default: PIL's decompression-bomb limit, 178,956,970); "
                               "raise it for aerial or scanned images you trust (about 30 bytes of memory per pixel)")
     args = parser.parse_args(argv)
-    with image_pixel_limit(args.max_pixels):
+    with image_pixel_limit(args.max_pixels), warnings_as_lines():
         return segment_command(args)
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """While the CLI runs, the package's and its libraries' UserWarnings (an animated GIF's other frames, a legend
+    font without the names' characters) as one line each, "warning: ...", above the progress bar; Python's form
+    named a line of this package's source and quoted it. Other warnings keep Python's form."""
+    from tqdm.auto import tqdm
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning):
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -65,12 +66,22 @@ def _scale_32_bit(values: np.ndarray, where: str) -> np.ndarray:
     return values.astype(np.float64) / (255.0 if high <= 255 else 65535.0)
 
 
+def warn_if_several_frames(image: Image.Image, name: str) -> None:
+    """A GIF's animation or a TIFF's pages: the frame the image is at (the first, as opened) is the one read; said,
+    rather than leaving the others out without a word. A camera's MPO (previews beside the photo) is one photo."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO" and image.tell() == 0:
+        warnings.warn(f"{name} has {frames} frames (an animation or a multi-page file): only the first is "
+                      "segmented", stacklevel=3)
+
+
 def to_rgb_uint8(image: Any, index: int = 0, channels_first_hint: bool | None = None) -> np.ndarray:
     """Turn one PIL image, numpy array or torch tensor into an H x W x 3 uint8 array (see module docstring)."""
     where = f"image {index}"
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{where} is empty (size {image.width} x {image.height}).")
+        warn_if_several_frames(image, getattr(image, "filename", "") or where)
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
             _warn_if_few_bits(np.asarray(image))

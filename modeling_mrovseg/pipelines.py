@@ -117,10 +117,13 @@ def unread_format_hint(source) -> str | None:
 def _open_pil(source, name: str, instead: str | None = None) -> Image.Image:
     """PIL's reading of `source` (a path or a buffer); what it cannot read is a ValueError naming the input (`instead`:
     the message to give in its place)."""
+    from .image_processing_mrovseg import warn_if_several_frames
+
     heif_support()
     try:
         with Image.open(source) as opened:
             opened.load()
+            warn_if_several_frames(opened, name)  # the copy below knows nothing of the other frames
             return opened.copy()
     except Image.DecompressionBombError as error:
         raise ValueError(f"{name}: {error} Resize it first, or raise the limit if you trust it "

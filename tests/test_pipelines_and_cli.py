@@ -101,6 +101,30 @@ def test_both_pipelines_read_paths_as_the_processor_does(checkpoint, zero_shot, 
         assert np.array_equal(zero_shot(path)["label_map"], stock_label_map(from_path))
 
 
+def test_the_first_frame_of_an_animation_or_a_multi_page_file_is_segmented_and_said(checkpoint, zero_shot, tmp_path,
+                                                                                     capsys):
+    """An animated GIF or a multi-page TIFF: its first frame is segmented, and a warning says the others are not
+    (they were left out without a word); a camera's MPO (previews beside the photo) and an image a caller moved to
+    another frame are read as they are, unsaid. The CLI says it in one line."""
+    frames = [Image.fromarray(random_image(20, 30, seed=i)) for i in range(3)]
+    for name in ("anim.gif", "pages.tif", "camera.mpo"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    for name in ("anim.gif", "pages.tif"):
+        with pytest.warns(UserWarning, match=f"{name} has 3 frames .* only the first is segmented"):
+            from_file = zero_shot(str(tmp_path / name))["label_map"]
+        assert np.array_equal(from_file, zero_shot(read_rgb(Image.open(tmp_path / name).convert("RGB")))["label_map"])
+    moved = Image.open(tmp_path / "anim.gif")
+    moved.seek(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zero_shot(str(tmp_path / "camera.mpo"))
+        zero_shot(moved)
+    code = cli_main(["segment", str(tmp_path / "anim.gif"), "--model", str(checkpoint), "--labels", "lamp, floor",
+                     "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"warning: {tmp_path / 'anim.gif'} has 3 frames" in err and "UserWarning" not in err, err
+
+
 def test_urls_and_base64_are_read_as_files_are(tmp_path, monkeypatch):
     """A URL, a data URL and a bare base64 string of a 16-bit, transparent or EXIF-rotated file read to the same
     array as the file's path (transformers' load_image flattened them to 8-bit RGB first); bad sources are a
