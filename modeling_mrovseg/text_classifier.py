@@ -179,7 +179,8 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
     """
     if isinstance(labels, str):
         raise ValueError("Pass the vocabulary as a list of class names, not a single string.")
-    labels = [", ".join(split_synonyms(label)) for label in labels]
+    synonyms = [split_synonyms(label) for label in labels]
+    labels = [", ".join(names) for names in synonyms]
     if not labels:
         raise ValueError("The vocabulary is empty: give at least one class name.")
     seen: dict[str, int] = {}
@@ -189,8 +190,8 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
             raise ValueError(f"Duplicate class name {label!r} at positions {seen[key]} and {i}.")
         seen[key] = i
     owners: dict[str, int] = {}  # a synonym of two classes ("road" and "road, street") splits its pixels between them
-    for i, label in enumerate(labels):
-        for synonym in dict.fromkeys(name.lower() for name in split_synonyms(label)):
+    for i, (label, names) in enumerate(zip(labels, synonyms)):
+        for synonym in dict.fromkeys(name.lower() for name in names):
             if synonym in owners:
                 first = owners[synonym]
                 warnings.warn(f"{synonym!r} names class {first} ({labels[first]!r}) and class {i} ({label!r}): "

@@ -195,6 +195,13 @@ def note_absent_classes(class_names: list[str], seen: set[int]) -> None:
         print(f"note: {len(absent)} class(es) appear in no label: {', '.join(absent[:10])}", file=sys.stderr)
 
 
+def validation_split(items: list, val_fraction: float, seed: int) -> dict[str, list]:
+    """A seeded `val_fraction` of `items` as the validation split, the rest as train (one item: no validation)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    num_val = int(round(len(items) * val_fraction)) if len(items) > 1 else 0
+    return {"validation": [items[i] for i in order[:num_val]], "train": [items[i] for i in order[num_val:]]}
+
+
 def as_shown(label: np.ndarray, image: Image.Image) -> tuple[np.ndarray, bool]:
     """A label drawn over the stored pixels of a photo with an EXIF rotation (it fits only those) turned as the photo
     is shown, and whether it was."""
@@ -545,15 +552,22 @@ def convert_coco(source: str, out: Path, annotations: str | None = None, backgro
     fill = 0 if background else unlabelled_value(len(class_names))
     heif_support()
 
-    def rows_of(split: str, images: list[dict]):
-        data, folder = datas[split], files[split].parent
-        class_of = {category["id"]: index + offset for index, category in enumerate(categories[split])}
+    def index(split: str) -> tuple[dict[int, int], dict[int, list[dict]]]:
+        """Category id -> class index, and image id -> its annotations, of one annotation file."""
+        class_of = {category["id"]: number + offset for number, category in enumerate(categories[split])}
         by_image: dict[int, list[dict]] = {}
-        for annotation in data["annotations"]:
+        for annotation in datas[split]["annotations"]:
             if annotation["category_id"] not in class_of:
                 raise ValueError(f"{files[split]}: an annotation of image {annotation.get('image_id')} names "
                                  f"category {annotation['category_id']}, which is not among its categories")
             by_image.setdefault(annotation["image_id"], []).append(annotation)
+        return class_of, by_image
+
+    indexes = {split: index(split) for split in datas}
+
+    def rows_of(split: str, images: list[dict]):
+        folder = files[split].parent
+        class_of, by_image = indexes[split]
 
         def image_path(entry: dict) -> Path:
             name = entry["file_name"]
@@ -580,10 +594,8 @@ def convert_coco(source: str, out: Path, annotations: str | None = None, backgro
         if split:  # a Roboflow export's own splits
             written.append(write_split(out, split, rows_of(split, images), class_names))
             continue
-        order = np.random.default_rng(seed).permutation(len(images))
-        num_val = int(round(len(images) * val_fraction)) if len(images) > 1 else 0
-        parts = {"validation": [images[i] for i in sorted(order[:num_val])],
-                 "train": [images[i] for i in sorted(order[num_val:])]}
+        parts = {name: sorted(part, key=lambda entry: entry["id"])  # each split in id order
+                 for name, part in validation_split(images, val_fraction, seed).items()}
         written += [write_split(out, name, rows_of("", part), class_names) for name, part in parts.items() if part]
         if not parts["validation"]:
             print(NO_VALIDATION_NOTE, file=sys.stderr)
@@ -732,9 +744,7 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
     if binary_masks and len(class_names) != 2:
         raise ValueError(f"binary masks label two classes (0 and the rest), but {len(class_names)} class names were "
                          "given")
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    num_val = int(round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
-    splits = {"validation": [pairs[i] for i in order[:num_val]], "train": [pairs[i] for i in order[num_val:]]}
+    splits = validation_split(pairs, val_fraction, seed)
 
     turned, seen = [], set()
     unlabelled = unlabelled_value(len(class_names))  # 255, or 65535 in 16-bit label PNGs past 255 classes
