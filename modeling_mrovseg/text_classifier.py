@@ -118,12 +118,14 @@ def _table_names(text: str, where: str) -> list[str]:
     dialect = csv.excel_tab if "\t" in text.partition("\n")[0] else csv.excel
     rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text), dialect)
             if any(map(str.strip, row))]
-    header = [cell.lower() for cell in rows[0]] if rows else []
+    if not rows:
+        raise ValueError(f"{where} is empty")
+    header = [cell.lower() for cell in rows[0]]
     if len(header) == 1 and header[0] not in NAME_COLUMNS:  # one column, no header: a list of names
         return [row[0] for row in rows]
     column = next((header.index(name) for name in NAME_COLUMNS if name in header), None)
     if column is None:
-        raise ValueError(f"{where} has no column of class names (its columns: {', '.join(rows[0]) or 'none'}); "
+        raise ValueError(f"{where} has no column of class names (its columns: {', '.join(rows[0])}); "
                          f"name it one of {', '.join(NAME_COLUMNS[:3])}, or give one class per line in a .txt")
     body = rows[1:]
     if any(len(row) <= column or not row[column] for row in body):

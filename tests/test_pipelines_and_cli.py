@@ -632,6 +632,9 @@ def test_class_names_from_tables_and_numbered_lines(tmp_path):
     (tmp_path / "shuffled.csv").write_text("id,name\n1,sky\n0,road\n")
     with pytest.raises(ValueError, match=r"numbers its rows \[1, 0\] in its 'id' column: they must run from 0 or 1"):
         parse_labels(str(tmp_path / "shuffled.csv"))
+    (tmp_path / "empty.csv").write_text("\n\n")  # was an IndexError
+    with pytest.raises(ValueError, match="class-name table '.*empty.csv' is empty"):
+        parse_labels(str(tmp_path / "empty.csv"))
     (tmp_path / "counts.csv").write_text("Ratio,Train\n0.1,5\n")
     with pytest.raises(ValueError, match="has no column of class names \\(its columns: Ratio, Train\\)"):
         parse_labels(str(tmp_path / "counts.csv"))
