@@ -36,6 +36,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from modeling_mrovseg.configuration_mrovseg import unlabelled_value
 from modeling_mrovseg.image_processing_mrovseg import to_rgb_uint8
 from modeling_mrovseg.pipelines import heif_support, unread_format_hint
 from modeling_mrovseg.text_classifier import parse_class_names
-from training.data import load_local_split
+from training.data import grey_channel, load_local_split
 
 from .class_names import (
     ADE20K_150,
@@ -671,12 +672,38 @@ def colors_to_ids(label: Image.Image, colors: dict[tuple[int, int, int], str], c
     return table[inverse.reshape(packed.shape)]
 
 
+def name_ending(key: str) -> str:
+    """The last part of a file name from its last "_" or "-" on ("_mask" of "day1/img0_mask"), or ""."""
+    match = re.search(r"[_-][^_/-]*$", key)
+    return match.group() if match else ""
+
+
+def rename(key: str, image_ending: str, label_ending: str) -> str:
+    return key[:len(key) - len(image_ending)] + label_ending
+
+
+def renamed_pairing(image_keys: list[str], label_keys: set[str]) -> tuple[str, str] | None:
+    """(image ending, label ending) under which every image finds its label, for folders whose names differ by
+    one ending that all of them share: img0.jpg with img0_mask.png, 119_sat.jpg with 119_mask.png (DeepGlobe);
+    None if no such renaming pairs them all."""
+    def shared_ending(keys) -> str:
+        endings = {name_ending(k) for k in keys}
+        return endings.pop() if len(endings) == 1 else ""
+
+    image_ending, label_ending = shared_ending(image_keys), shared_ending(label_keys)
+    for renaming in ((image_ending, label_ending), ("", label_ending), (image_ending, "")):
+        if renaming != ("", "") and all(rename(k, *renaming) in label_keys for k in image_keys):
+            return renaming
+    return None
+
+
 def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fraction: float = 0.1,
                    seed: int = 0, binary_masks: bool = False,
                    label_colors: dict[tuple[int, int, int], str] | None = None) -> list[Path]:
     """Images + label PNGs in two folders -> train/validation parquet (labels checked against the class count).
 
-    Sub-folders are read too (images/b1/x.jpg with labels/b1/x.png); hidden files (`.DS_Store`, macOS `._photo.jpg`
+    Sub-folders are read too (images/b1/x.jpg with labels/b1/x.png), names that differ by one shared ending pair
+    (`renamed_pairing`), a grey label saved as RGB reads as one channel; hidden files (`.DS_Store`, macOS `._photo.jpg`
     copies) are skipped. `binary_masks`: each label is a mask, 0 for
     class 0 and any other value (1, 255) for class 1 (two class names); otherwise 255 is unlabelled, so a folder of
     0/255 masks, which would train nothing but class 0, is an error that points to this option.
@@ -727,6 +754,12 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
         doubled = sorted(p.name for p in found if label_keys[key(p, label_dir)] > 1)
         raise ValueError(f"labels {doubled[:4]} name one image twice; keep one label file per image")
     pairs = [(p, labels.get(key(p, image_dir))) for p in images]
+    if any(label is None for _, label in pairs):
+        renaming = renamed_pairing([key(p, image_dir) for p in images], set(labels))
+        if renaming is not None:
+            pairs = [(p, labels[rename(key(p, image_dir), *renaming)]) for p in images]
+            print(f"note: labels are paired with images by name as {pairs[0][0].name} -> {pairs[0][1].name}",
+                  file=sys.stderr)
     missing = [str(label_dir / f"{key(image, image_dir)}.png") for image, label in pairs if label is None]
     if not pairs:
         raise FileNotFoundError(f"no images in {image_dir} (looked for {', '.join(sorted(suffixes))})")
@@ -756,10 +789,18 @@ def convert_folder(source: str, out: Path, class_names: list[str] | None, val_fr
                     label = colors_to_ids(Image.open(label_path), label_colors, class_names, label_path)
                 else:
                     label = np.asarray(Image.open(label_path), dtype=np.int64)
-                if label.ndim != 2:  # 0 and 255 in every channel would pass the value check below
-                    raise ValueError(f"{label_path} has {label.shape[-1]} channels (a colour mask?); labels must be "
-                                     "one channel of class ids (an L or P PNG), or give their colours with "
-                                     "--label-colors")
+                if label.ndim != 2:
+                    grey = grey_channel(label)  # a grey map saved as RGB (cv2.imwrite of a 3-channel array)
+                    if grey is None:
+                        raise ValueError(f"{label_path} has {label.shape[-1]} channels (a colour mask?); labels must "
+                                         "be one channel of class ids (an L or P PNG), or give their colours with "
+                                         "--label-colors")
+                    if not binary_masks and (grey == unlabelled).any():  # the value check could not tell them apart
+                        raise ValueError(f"{label_path} is grey in {label.shape[-1]} channels and holds {unlabelled}: "
+                                         f"class ids with {unlabelled} unlabelled, or a white-on-black colour mask? "
+                                         "Save labels as one channel (an L PNG), or pass --binary-masks or "
+                                         "--label-colors")
+                    label = grey
                 if binary_masks:
                     label = (label != 0).astype(np.int64)
                 values = np.unique(label)

@@ -168,6 +168,11 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     colour[:4] = 255  # white on black: 0 and 255 only, as a colour mask of one class often is
     Image.fromarray(colour).save(tmp_path / "mine" / "labels" / "img0.png")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
+                        str(tmp_path / "bad")], "is grey in 3 channels and holds 255: class ids with 255 unlabelled, "
+               "or a white-on-black colour mask?")
+    colour[:4] = (200, 30, 30)
+    Image.fromarray(colour).save(tmp_path / "mine" / "labels" / "img0.png")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                         str(tmp_path / "bad")], "has 3 channels (a colour mask?)")
     # images in sub-folders, labels at the same place below labels/ (only the top folder's were read: the others
     # were left out without a word, or "missing []" when all were in sub-folders)
@@ -184,6 +189,37 @@ def test_own_folder_of_images_and_label_pngs(tmp_path, capsys):
     (tmp_path / "mine" / "labels" / "img0.png").rename(tmp_path / "mine" / "labels" / "img0.jpg")
     fails_with(capsys, ["folder", "--source", str(tmp_path / "mine"), "--class-names", "a,b,c", "--out",
                         str(tmp_path / "bad")], "labels such as img0.jpg are JPEGs")
+
+
+def test_folder_labels_named_apart_from_their_images_and_grey_labels_saved_as_rgb(tmp_path, capsys):
+    """Labels named `<image>_mask.png` (and DeepGlobe's 119_sat.jpg / 119_mask.png) pair with their images by that
+    shared ending, with a note (each image was "missing" its label); a grey label map saved as RGB (cv2.imwrite of a
+    3-channel array) reads as its one channel, as training reads it (it was refused as a colour mask)."""
+    for layout, (image_ending, label_ending) in {"mask": ("", "_mask"), "deepglobe": ("_sat", "_mask")}.items():
+        root = tmp_path / layout
+        for sub in ("images", "labels"):
+            (root / sub / "b1").mkdir(parents=True)
+        for i in range(4):
+            where = "b1/" if i % 2 else ""
+            image(8, 10, seed=i).save(root / "images" / f"{where}{i + 100}{image_ending}.jpg")
+            grey = np.full((8, 10, 3), i % 3, dtype=np.uint8)
+            Image.fromarray(grey).save(root / "labels" / f"{where}{i + 100}{label_ending}.png")
+        convert.main(["folder", "--source", str(root), "--class-names", "a, b, c", "--val-fraction", "0",
+                      "--out", str(tmp_path / f"{layout}_out")])
+        assert (f"labels are paired with images by name as 100{image_ending}.jpg -> 100{label_ending}.png"
+                in capsys.readouterr().err)
+        train, _ = read_back(tmp_path / f"{layout}_out", "train")
+        assert sorted(int(label[0, 0]) for label in train) == [0, 0, 1, 2] and train[0].shape == (8, 10)
+    (tmp_path / "mask" / "labels" / "102_mask.png").rename(tmp_path / "mask" / "labels" / "102_label.png")
+    fails_with(capsys, ["folder", "--source", str(tmp_path / "mask"), "--class-names", "a,b,c", "--out",
+                        str(tmp_path / "bad")], "missing ['")  # endings that differ pair nothing
+    # white on black in 3 equal channels is a one-class mask with --binary-masks
+    for i, path in enumerate(sorted((tmp_path / "deepglobe" / "labels").rglob("*.png"))):
+        Image.fromarray(np.repeat(np.array([[0] * 10, [255] * 10] * 4, np.uint8)[..., None], 3, axis=2)).save(path)
+    convert.main(["folder", "--source", str(tmp_path / "deepglobe"), "--class-names", "land, water",
+                  "--binary-masks", "--val-fraction", "0", "--out", str(tmp_path / "binary_out")])
+    train, _ = read_back(tmp_path / "binary_out", "train")
+    assert all(label[:, 0].tolist() == [0, 1] * 4 for label in train)
 
 
 def test_folder_of_phone_photos_in_heic(tmp_path, capsys):

@@ -237,6 +237,13 @@ def _hub_class_names(repo_id: str, dataset):
     return None
 
 
+def grey_channel(label: np.ndarray) -> np.ndarray | None:
+    """The one channel of an (H, W, C) label whose colour channels are equal (a grey map saved as RGB or RGBA, its
+    alpha channel aside), or None for a colour mask."""
+    colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]
+    return None if (colour[..., 1:] != colour[..., :1]).any() else label[..., 0]
+
+
 def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row.
 
@@ -253,11 +260,11 @@ def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
                          "interpolation?); labels must be class ids")
     label = label.astype(np.int64)
     if label.ndim == 3:
-        colour = label[..., :3] if label.shape[-1] >= 3 else label[..., :1]  # an alpha channel (LA, RGBA) aside
-        if (colour[..., 1:] != colour[..., :1]).any():
-            raise ValueError(f"a label has {colour.shape[-1]} different colour channels (a colour mask?); labels must "
-                             "be one channel of class ids")
-        label = label[..., 0]
+        grey = grey_channel(label)
+        if grey is None:
+            raise ValueError(f"a label has {min(label.shape[-1], 3)} different colour channels (a colour mask?); "
+                             "labels must be one channel of class ids")
+        label = grey
     if image.shape[:2] != label.shape:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     return image, label
