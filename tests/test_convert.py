@@ -1,6 +1,8 @@
 """Each converter on a tiny fixture in its raw format, read back through the training loader."""
 
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -573,6 +575,28 @@ def test_training_reads_one_channel_of_a_grey_label_saved_as_rgb_and_refuses_a_c
                                                                                              np.float32))):
         with pytest.raises(ValueError, match=r"no whole numbers \(a label map resized with bilinear interpolation"):
             as_arrays({"image": image(2, 2), "label": blurred})
+
+
+def test_rows_without_a_label_or_with_damaged_image_bytes_are_named():
+    """A parquet row written without its label (None) failed deep in numpy ("int() argument must be ... not
+    'NoneType'", a traceback) and damaged bytes were "cannot identify image file <_io.BytesIO object at 0x...>":
+    each is now a ValueError that training and evaluation report with the row's index."""
+    import datasets
+
+    from training.data import row_arrays
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(png, format="PNG")
+    label = {"bytes": png.getvalue(), "path": None}
+    rows = {"image": [image(2, 2), None, {"bytes": b"not an image", "path": None}, image(2, 2)],
+            "label": [label, label, label, None]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    assert row_arrays(dataset, 0)[1].tolist() == [[0, 0], [0, 0]]
+    for index, message in ((1, "its image is missing (None)"), (3, "its label is missing (None)"),
+                           (2, "its image or label holds bytes that are no image PIL reads")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            row_arrays(dataset, index)
 
 
 def test_folder_of_0_255_masks_hidden_files_and_name_twins(tmp_path, capsys):

@@ -244,12 +244,25 @@ def grey_channel(label: np.ndarray) -> np.ndarray | None:
     return None if (colour[..., 1:] != colour[..., :1]).any() else label[..., 0]
 
 
+def row_arrays(dataset, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """`as_arrays` of `dataset[index]`; bytes that are no image say so without PIL's "<_io.BytesIO object at ...>"."""
+    try:
+        example = dataset[index]
+    except Image.UnidentifiedImageError:
+        raise ValueError("its image or label holds bytes that are no image PIL reads (a damaged or truncated "
+                         "file?)") from None
+    return as_arrays(example)
+
+
 def as_arrays(example) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image and (H, W) int64 label of one dataset row.
 
     The image reads as the image processor reads it at inference (`to_rgb_uint8`: EXIF orientation, 16-bit scaled,
     transparency on white), so a model trains on what it will see. A label stored with equal colour channels (a grey
     map saved as RGB or RGBA) is read from one; a colour mask is an error, not its red channel."""
+    for column in ("image", "label"):
+        if example[column] is None:  # a missing value (a row written without its label)
+            raise ValueError(f"its {column} is missing (None)")
     image = example["image"]
     if isinstance(image, (list, tuple)):  # an Array3D or nested-sequence column: datasets gives nested lists
         image = np.asarray(image)
@@ -367,7 +380,7 @@ class StepBatches(torch.utils.data.Dataset):
             row = int(self.epoch_order(epoch)[offset % len(self.dataset)])
             seed = sample_seed(self.seed, position)
             try:
-                image, label = as_arrays(self.dataset[row])
+                image, label = row_arrays(self.dataset, row)
                 self.check_label_values(label)
             except (OSError, ValueError) as error:
                 raise TrainingRowError(f"training row {row}: {one_line(error)}") from error

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from modeling_mrovseg.cli import one_line
 
-from .data import as_arrays, stray_label_values
+from .data import row_arrays, stray_label_values
 
 
 @torch.inference_mode()
@@ -34,7 +34,7 @@ def evaluate_segmentation(model, image_processor, dataset, class_names: Sequence
     failure = None
     for index in tqdm(indices, desc="evaluating", disable=not show_progress, unit="image"):
         try:
-            image, label = as_arrays(dataset[int(index)])
+            image, label = row_arrays(dataset, int(index))
             stray = stray_label_values(label, num_classes, ignore)
             if stray:  # the metric counts no class there: a mismatched vocabulary would score silently high
                 raise ValueError(f"its label holds values {stray[:5]}, neither class ids "
@@ -86,8 +86,6 @@ def trainer_mean_iou(config) -> dict:
 
     from modeling_mrovseg import MEAN_IOU
     from modeling_mrovseg.image_processing_mrovseg import image_scores, label_scores
-
-    from .data import stray_label_values
 
     num_classes, ignore = len(config.id2label), config.ignore_index
     state = {"metric": evaluate.load(MEAN_IOU)}
