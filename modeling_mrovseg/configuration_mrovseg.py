@@ -6,11 +6,26 @@ import dataclasses
 import difflib
 import math
 import string
+import sys
 import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
+import transformers
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Remote code run with transformers 4 (a Hub checkpoint loaded with `trust_remote_code=True`) failed deep in
+    transformers' module loader ("cannot import name 'initialization'"): name the version to install instead. Every
+    module of the package imports this one before transformers' 5-only names."""
+    if int(version.split(".")[0]) < 5:
+        sys.modules.pop(__name__, None)  # transformers' module loader keeps a failed module: check again next time
+        raise ImportError(f"MROVSeg's code needs transformers 5 or newer, and this Python has transformers {version}: "
+                          "pip install -U 'transformers>=5'")
+
+
+check_transformers_version()
 
 # Label value of unlabelled and padding pixels: the one default of the config, the image processor and the metric.
 IGNORE_INDEX = 255

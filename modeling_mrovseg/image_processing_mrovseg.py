@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+# first: with transformers 4 it names the version these modules need (the imports below would fail)
+from .configuration_mrovseg import IGNORE_INDEX, near_name, with_hint
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType, logging
 
-from .configuration_mrovseg import IGNORE_INDEX, near_name, with_hint
 from .slicing import SliceGrid, slice_windows, stitch_windows
 
 logger = logging.get_logger(__name__)

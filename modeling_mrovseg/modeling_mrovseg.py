@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# first: with transformers 4 it names the version these modules need (the imports below would fail)
+from .configuration_mrovseg import MROVSegConfig, NotAnMROVSegCheckpoint, near_name, with_hint
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +33,6 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
-from .configuration_mrovseg import MROVSegConfig, NotAnMROVSegCheckpoint, near_name, with_hint
 from .layers import MROVSegQuickGELU
 from .loss_mrovseg import MROVSegLoss
 from .mask_decoder import MROVSegMaskHead, MROVSegPixelDecoder, MROVSegQueryDecoder

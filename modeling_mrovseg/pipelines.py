@@ -19,6 +19,9 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
+# first: with transformers 4 it names the version these modules need (the imports below would fail)
+from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, one_line, with_hint
+
 import numpy as np
 import PIL
 import torch
@@ -30,7 +33,6 @@ try:  # the HTTP client of transformers' load_image: httpx, or httpx2 with newer
 except ImportError:
     import httpx
 
-from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, one_line, with_hint
 from .text_classifier import parse_class_names
 
 

@@ -103,3 +103,48 @@ def test_checkpoint_carries_its_zero_shot_pipeline(checkpoint, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert np.array_equal(np.load(folder / "remote_labels.npy"), expected)
+
+
+OLD_TRANSFORMERS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_mrovseg"] = None  # as on a machine without this package
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, AutoProcessor, pipeline
+    # what the remote code reads (transformers swaps its module in sys.modules on first use, so set it after that)
+    sys.modules["transformers"].__version__ = "4.57.6"
+    folder = sys.argv[1]
+    loaders = {"AutoImageProcessor": lambda: AutoImageProcessor.from_pretrained(folder, trust_remote_code=True),
+               "AutoProcessor": lambda: AutoProcessor.from_pretrained(folder, trust_remote_code=True),
+               "AutoConfig": lambda: AutoConfig.from_pretrained(folder, trust_remote_code=True),
+               "model": lambda: AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True),
+               "pipeline": lambda: pipeline("mrovseg-zero-shot-image-segmentation", model=folder,
+                                            trust_remote_code=True)}
+    for name, load in loaders.items():  # twice: a module that failed once is not left half-loaded
+        for attempt in range(2):
+            try:
+                load()
+                raise SystemExit(f"{name} loaded")
+            except ImportError as error:
+                print(name, str(error).strip().splitlines()[-1])
+    """
+)
+
+
+def test_remote_code_under_transformers_4_names_the_version_it_needs(checkpoint, tmp_path):
+    """With transformers 4, a Hub checkpoint's remote code failed inside transformers' module loader ("cannot import
+    name 'initialization' from 'transformers'", or 'transformers.image_processing_backends'); every way of loading
+    it now names the version to install, each time it is tried (checked by hand with transformers 4.57.6)."""
+    import shutil
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", OLD_TRANSFORMERS_SCRIPT, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 10, result.stdout
+    for line in lines:
+        assert line.endswith(" MROVSeg's code needs transformers 5 or newer, and this Python has transformers 4.57.6: "
+                             "pip install -U 'transformers>=5'"), line
