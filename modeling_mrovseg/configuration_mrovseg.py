@@ -12,17 +12,23 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
+from packaging.version import Version
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 
+MIN_TRANSFORMERS = (5, 21)  # pyproject.toml's floor: the oldest release whose configs, CLIP and loaders this code uses
+
+
 def check_transformers_version(version: str = transformers.__version__) -> None:
-    """Remote code run with transformers 4 (a Hub checkpoint loaded with `trust_remote_code=True`) failed deep in
-    transformers' module loader ("cannot import name 'initialization'"): name the version to install instead. Every
-    module of the package imports this one before transformers' 5-only names."""
-    if int(version.split(".")[0]) < 5:
+    """Remote code run with an older transformers (a Hub checkpoint loaded with `trust_remote_code=True`) failed deep
+    in transformers: "cannot import name 'initialization'" (4.x), "'dict' object has no attribute
+    'num_hidden_layers'" (5.0-5.19, before dataclass sub-configs), no `create_subconfig` (5.20). Name the version to
+    install instead. Every module of the package imports this one before transformers' newer names."""
+    if Version(version).release[:2] < MIN_TRANSFORMERS:
         sys.modules.pop(__name__, None)  # transformers' module loader keeps a failed module: check again next time
-        raise ImportError(f"MROVSeg's code needs transformers 5 or newer, and this Python has transformers {version}: "
-                          "pip install -U 'transformers>=5'")
+        needed = ".".join(map(str, MIN_TRANSFORMERS))
+        raise ImportError(f"MROVSeg's code needs transformers {needed} or newer, and this Python has transformers "
+                          f"{version}: pip install -U 'transformers>={needed}'")
 
 
 check_transformers_version()

@@ -110,8 +110,6 @@ OLD_TRANSFORMERS_SCRIPT = textwrap.dedent(
     import sys
     sys.modules["modeling_mrovseg"] = None  # as on a machine without this package
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, AutoProcessor, pipeline
-    # what the remote code reads (transformers swaps its module in sys.modules on first use, so set it after that)
-    sys.modules["transformers"].__version__ = "4.57.6"
     folder = sys.argv[1]
     loaders = {"AutoImageProcessor": lambda: AutoImageProcessor.from_pretrained(folder, trust_remote_code=True),
                "AutoProcessor": lambda: AutoProcessor.from_pretrained(folder, trust_remote_code=True),
@@ -119,8 +117,11 @@ OLD_TRANSFORMERS_SCRIPT = textwrap.dedent(
                "model": lambda: AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True),
                "pipeline": lambda: pipeline("mrovseg-zero-shot-image-segmentation", model=folder,
                                             trust_remote_code=True)}
-    for name, load in loaders.items():  # twice: a module that failed once is not left half-loaded
-        for attempt in range(2):
+    # what the remote code reads (transformers swaps its module in sys.modules on first use, so set it after that);
+    # each loader twice: a module that failed once is not left half-loaded
+    for version in ("4.57.6", "5.20.0", "5.20.0"):
+        sys.modules["transformers"].__version__ = version
+        for name, load in loaders.items():
             try:
                 load()
                 raise SystemExit(f"{name} loaded")
@@ -130,10 +131,11 @@ OLD_TRANSFORMERS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_under_transformers_4_names_the_version_it_needs(checkpoint, tmp_path):
+def test_remote_code_under_an_older_transformers_names_the_version_it_needs(checkpoint, tmp_path):
     """With transformers 4, a Hub checkpoint's remote code failed inside transformers' module loader ("cannot import
-    name 'initialization' from 'transformers'", or 'transformers.image_processing_backends'); every way of loading
-    it now names the version to install, each time it is tried (checked by hand with transformers 4.57.6)."""
+    name 'initialization' from 'transformers'"), and with 5.0-5.20 (which pyproject allowed) inside its configs
+    ("'dict' object has no attribute 'num_hidden_layers'"); every way of loading it now names the version to
+    install, each time it is tried (checked by hand with transformers 4.57.6, 5.0, 5.12, 5.18-5.20; 5.21 works)."""
     import shutil
 
     folder = tmp_path / "checkpoint"
@@ -144,7 +146,7 @@ def test_remote_code_under_transformers_4_names_the_version_it_needs(checkpoint,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 10, result.stdout
-    for line in lines:
-        assert line.endswith(" MROVSeg's code needs transformers 5 or newer, and this Python has transformers 4.57.6: "
-                             "pip install -U 'transformers>=5'"), line
+    assert len(lines) == 15, result.stdout
+    for line, version in zip(lines, ["4.57.6"] * 5 + ["5.20.0"] * 10):
+        assert line.endswith(f" MROVSeg's code needs transformers 5.21 or newer, and this Python has transformers "
+                             f"{version}: pip install -U 'transformers>=5.21'"), line
