@@ -260,6 +260,13 @@ def segment_command(args: argparse.Namespace) -> int:
                              + ("; hidden files and folders are not searched" if any(map(hidden, others)) else "")
                              + ")")
         prepare_output(out)
+        stems = output_stems([name for _, name in images])
+        others_outputs = outputs_of_other_images(out, images, stems)
+        if others_outputs and not args.overwrite:
+            (stem, earlier, path), more = others_outputs[0], len(others_outputs) - 1
+            raise ValueError(f"--out {out} holds outputs of other images under the names this run writes: {stem}.json "
+                             f"and its PNGs are {earlier}'s, not {path}'s" + (f" ({more} more such)" if more else "")
+                             + "; give another --out, or --overwrite to replace them")
         check_device(args.device)
         segmenter = load_pipeline(args.model, args.device, args.resolution, args.slice_batch_size, args.compile,
                                   args.dtype)
@@ -279,7 +286,6 @@ def segment_command(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     failed, skipped, done = [], 0, 0
-    stems = output_stems([name for _, name in images])
     bar = tqdm(images, desc="segmenting", unit="image", disable=len(images) < 2 or args.quiet)
     try:
         for (path, _), stem in zip(bar, stems):
@@ -302,15 +308,44 @@ def segment_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def outputs_of_other_images(out: Path, images: list[tuple[str, Path]], stems: list[str]) -> list[tuple[str, str, str]]:
+    """(stem, earlier image, this run's image) for each output name whose JSON an earlier run wrote for another image:
+    `mrovseg segment day2/ --out seg` after `day1/` replaced day1's img1 outputs with day2's without a word."""
+    found = []
+    for (path, _), stem in zip(images, stems):
+        earlier = (written_summary(out, stem) or {}).get("image")
+        if isinstance(earlier, str) and not same_source(earlier, path):
+            found.append((stem, earlier, path))
+    return found
+
+
+def written_summary(out: Path, stem: str) -> dict | None:
+    """The JSON an earlier run wrote for `stem`, or None (none, or not one of ours)."""
+    try:
+        written = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return written if isinstance(written, dict) else None
+
+
+def same_source(first: str, second: str) -> bool:
+    """One image named twice: the same string, or local paths to the same file (relative and absolute)."""
+    if first == second:
+        return True
+    if is_url(first) or is_url(second):
+        return False
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
 def is_done(out: Path, stem: str, path: str, labels: list[str], score_threshold: float | None) -> bool:
     """The image's outputs are complete and from the same request: its JSON (written last) names the same image,
     labels and threshold, and both pictures are there."""
-    try:
-        written = json.loads((out / f"{stem}.json").read_text())
-    except (OSError, ValueError):
+    written = written_summary(out, stem)
+    if written is None:
         return False
-    same = (written.get("image"), written.get("labels"), written.get("score_threshold")) == (
-        path, labels, score_threshold)
+    image = written.get("image")
+    same = (isinstance(image, str) and same_source(image, path)
+            and (written.get("labels"), written.get("score_threshold")) == (labels, score_threshold))
     return same and all((out / f"{stem}_{kind}.png").is_file() for kind in ("labels", "overlay"))
 
 
@@ -426,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     segment.add_argument("--skip-done", action="store_true",
                          help="skip images whose outputs a run with the same labels and threshold completed (an "
                               "interrupted run continues)")
+    segment.add_argument("--overwrite", action="store_true",
+                         help="replace outputs in --out that an earlier run wrote for other images of the same name "
+                              "(refused without it)")
     segment.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     segment.add_argument("--max-pixels", type=_positive_int(10**11), default=None, metavar="N",
                          help="largest image read, in pixels (default: PIL's decompression-bomb limit, 178,956,970); "

@@ -589,6 +589,35 @@ def test_cli_continues_an_interrupted_run_with_skip_done(checkpoint, tmp_path, c
     assert "segmented 3 of 3 images" in capsys.readouterr().out
 
 
+def test_cli_refuses_to_replace_another_images_outputs(checkpoint, tmp_path, capsys, monkeypatch):
+    """`mrovseg segment day2/ --out seg` after `day1/` replaced day1's img1 outputs with day2's img1 without a word:
+    refused before the model loads, naming both images, unless --overwrite; the same image named by another path
+    (absolute after relative) is no other image, and --skip-done knows it as done."""
+    for day, seed in (("day1", 0), ("day2", 1)):
+        (tmp_path / day).mkdir()
+        Image.fromarray(random_image(30, 40, seed=seed)).save(tmp_path / day / "img1.png")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "seg"
+
+    def run(*argv):
+        return cli_main(["segment", *argv, "--model", str(checkpoint), "--labels", "cat; dog", "--out", str(out),
+                         "--quiet"])
+
+    assert run("day1") == 0
+    first = (out / "img1_labels.png").read_bytes()
+    assert run("day2") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {out} holds outputs of other images under the names this run writes: img1.json and its PNGs "
+        "are day1/img1.png's, not day2/img1.png's; give another --out, or --overwrite to replace them")
+    assert (out / "img1_labels.png").read_bytes() == first and "day1" in (out / "img1.json").read_text()
+    assert run(str(tmp_path / "day1"), "--skip-done") == 0  # day1 again, by its absolute path: done before
+    assert "segmented 0 of 1 images into" in capsys.readouterr().out
+    (out / "other.json").write_text("[1, 2]")  # a JSON of someone else's beside ours: not a run's summary
+    Image.fromarray(random_image(30, 40, seed=2)).save(tmp_path / "day2" / "other.png")
+    assert run("day2", "--overwrite", "--skip-done") == 0
+    assert json.loads((out / "img1.json").read_text())["image"] == "day2/img1.png"
+
+
 def test_parse_labels():
     assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
