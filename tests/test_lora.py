@@ -12,6 +12,7 @@ from transformers import pipeline
 
 from modeling_mrovseg import MROVSegForOpenVocabSegmentation, MROVSegProcessor
 from training.lora import DECODER_MODULES, apply_lora, load_lora, merge_lora, target_pattern
+from training.train import enable_activation_checkpointing
 from tests.helpers import LABELS, random_image, tiny_processor
 
 TINY = dict(num_queries=8, hidden_dim=32, num_decoder_heads=4, decoder_ffn_dim=64, train_num_points=256,
@@ -120,7 +121,7 @@ def test_adapter_round_trip_merge_and_pipelines(base, tiny_clip_dir, tiny_tokeni
 
 
 def test_lora_with_checkpointing_and_bf16(base):
-    base.activation_checkpointing_enable()
+    enable_activation_checkpointing(base)
     model = apply_lora(base, rank=2, targets="both")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch(base.config)).loss

@@ -7,6 +7,7 @@ from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 from modeling_mrovseg import MROVSegConfig, MROVSegForOpenVocabSegmentation, MROVSegModel, MROVSegOutput
 from tests.helpers import LABELS, random_image, tiny_config, tiny_processor
+from training.train import enable_activation_checkpointing
 
 
 def build(seed=0, **overrides):
@@ -211,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = build(seed=1).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_activation_checkpointing(model)
             assert model.mrovseg.vision_model.encoder.layers[0].gradient_checkpointing
         torch.manual_seed(0)  # same sampled points
         model(**inputs).loss.backward()

@@ -281,6 +281,13 @@ def check_same_rows(resume: tuple[Path, dict], rows: int, args, log=print) -> No
     log(f"resuming with changed data: {change}")
 
 
+def enable_activation_checkpointing(model) -> None:
+    """CLIP's layers recompute their activations in the backward pass: `activation_checkpointing_enable`, as
+    transformers 5.24 names it (its old name now warns), or `gradient_checkpointing_enable` before that (5.21-5.23)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def dynamo_plugin(compile: str | None):
     """`--compile` as accelerate's plugin (None leaves it to `accelerate launch` and `accelerate config`). Regional:
     the model compiles its own regions (`compile_regions`, before `prepare`) and accelerate compiles nothing more;
@@ -467,7 +474,7 @@ def main(argv=None) -> dict:
             lock_output_dir(output_dir)
     accelerator.wait_for_everyone()
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     config = model.config
     if args.lora_rank:
         from training.lora import apply_lora
