@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# first: with transformers 4 it names the version these modules need (the imports below would fail)
+# first: under an older transformers it names the version needed (the imports below would fail)
 from .configuration_mrovseg import MROVSegConfig, NotAnMROVSegCheckpoint, near_name, with_hint
 
 import torch

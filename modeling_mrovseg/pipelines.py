@@ -19,7 +19,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
-# first: with transformers 4 it names the version these modules need (the imports below would fail)
+# first: under an older transformers it names the version needed (the imports below would fail)
 from .configuration_mrovseg import NotAnMROVSegCheckpoint, near_name, one_line, with_hint
 
 import numpy as np
