@@ -156,3 +156,27 @@ def test_trainer_mean_iou_refuses_labels_of_another_vocabulary():
                                              r"the model's 2 classes nor unlabelled \(255\)"):
             compute(SimpleNamespace(predictions=np.zeros((1, 2, 3), int), label_ids=np.array([[[0, 0, 0], [2, 7, 0]]])))
         assert compute(SimpleNamespace(predictions=np.array([[[0, 0, 1, -100]]]), label_ids=labels)) == scores
+
+
+def test_dependency_floors_agree_across_pyproject_the_floor_run_and_the_version_check():
+    """pyproject.toml said transformers>=5.0 while the code needed 5.21: the floors, the versions
+    scripts/test_floor.sh runs the suite against and the remote code's own check must say the same."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from modeling_mrovseg.configuration_mrovseg import MIN_TRANSFORMERS
+
+    root = Path(__file__).resolve().parents[1]
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {}
+    for requirement in map(Requirement, dependencies):
+        lower = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        floors[requirement.name] = Version(lower[0]) if lower else None
+    pinned = [Requirement(line) for line in (root / "scripts" / "floor_constraints.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert {r.name for r in pinned} >= {"transformers", "accelerate", "datasets"}
+    for requirement in pinned:
+        assert floors[requirement.name] == Version(next(iter(requirement.specifier)).version), requirement
+    assert floors["transformers"] == Version(".".join(map(str, MIN_TRANSFORMERS)))
