@@ -283,7 +283,7 @@ def check_same_rows(resume: tuple[Path, dict], rows: int, args, log=print) -> No
 
 def enable_activation_checkpointing(model) -> None:
     """CLIP's layers recompute their activations in the backward pass: `activation_checkpointing_enable`, as
-    transformers 5.24 names it (its old name now warns), or `gradient_checkpointing_enable` before that (5.21-5.23)."""
+    transformers 5.23 names it (its old name now warns), or `gradient_checkpointing_enable` before that (5.21-5.22)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
 
