@@ -21,8 +21,24 @@ from .card import checkpoint_config, stamped
 from .push import hub_card_edited, hub_errors_exit
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIREMENTS = ["torch>=2.4", "transformers>=5.0,<6", "safetensors>=0.4", "huggingface_hub>=1.0", "pillow>=10",
-                "numpy>=1.24", "scipy>=1.10", "tqdm", "gradio>=5", "pillow-heif>=0.16"]  # phones' HEIC uploads
+# what the page runs on: the library's own dependencies (not the training ones), then the demo's extras
+SPACE_PACKAGES = ("torch", "transformers", "safetensors", "huggingface_hub", "pillow", "numpy", "scipy", "tqdm")
+
+
+def space_requirements() -> list[str]:
+    """The Space's requirements.txt lines with pyproject.toml's floors (a copy here said transformers>=5.0 when the
+    code needed 5.21): SPACE_PACKAGES from its dependencies, gradio and pillow-heif (phones' HEIC uploads) from the
+    demo's extras."""
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same reader as the tomli package
+        import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    listed = project["dependencies"] + extras["demo"] + extras["heif"]
+    return [line for line in listed if Requirement(line).name in (*SPACE_PACKAGES, "gradio", "pillow-heif")]
 
 
 def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Path:
@@ -42,7 +58,7 @@ def build_space(model: str, out: str | Path, title: str = "MROVSeg demo") -> Pat
     shutil.copy2(ROOT / "app.py", out / "app.py")
     shutil.copy2(ROOT / "LICENSE", out / "LICENSE")  # the code's, which the Space redistributes
     shutil.copytree(ROOT / "docs" / "examples", out / "docs" / "examples")  # the page's example images
-    (out / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+    (out / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
     (out / "mrovseg_space.json").write_text(json.dumps({"model": model}, indent=1))
     data = SpaceCardData(title=title, sdk="gradio", sdk_version=gradio.__version__, app_file="app.py",
                          license="apache-2.0", tags=["image-segmentation", "open-vocabulary", "mrovseg"],

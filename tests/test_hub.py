@@ -265,7 +265,10 @@ def test_space_folder_has_its_header_and_pushes_as_a_space(tmp_path):
     assert (folder / "app.py").is_file() and (folder / "modeling_mrovseg" / "modeling_mrovseg.py").is_file()
     assert (folder / "LICENSE").read_text() == (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
     assert any((folder / "docs" / "examples").iterdir())
-    assert "gradio" in (folder / "requirements.txt").read_text()
+    # pyproject's floors (the Space's own copy said transformers>=5.0 and torch>=2.4), the page's packages only
+    requirements = (folder / "requirements.txt").read_text().splitlines()
+    assert {"transformers>=5.21,<6", "torch>=2.6", "gradio>=5", "pillow-heif>=0.16"} <= set(requirements)
+    assert not any(line.startswith(("datasets", "accelerate", "peft", "mrovseg")) for line in requirements)
     assert json.loads((folder / "mrovseg_space.json").read_text()) == {"model": "acme/mrovseg-test"}
     with FakeHub() as hub:
         env = hub_env(hub.url)
