@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from modeling_mrovseg.cli import is_hub_id, one_line, write_atomically
+from modeling_mrovseg.configuration_mrovseg import MIN_TRANSFORMERS
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 DEFAULT_LICENSE = "apache-2.0"  # the code's (LICENSE)
@@ -156,6 +157,7 @@ def build_card(checkpoint: str | Path, results: list[dict], repo_id: str, licens
         training_description=training_description, eval_rows=rows,
         eval_size=next((r.get("eval_size") for r in results if r.get("eval_size")), 640), extra_limitations=extra,
         eval_failed=any(r.get("evaluation_failed") for r in results),
+        min_transformers=".".join(map(str, MIN_TRANSFORMERS)),  # what the remote code checks
     )
 
 

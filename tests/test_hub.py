@@ -71,6 +71,7 @@ def test_push_uploads_weights_code_processor_and_card(checkpoint, tmp_path):
         assert {(r["dataset"]["name"], r["metrics"][0]["value"]) for r in results} == {
             ("ade20k-150", 31.25), ("pascal-context-59", 50.0)}
         assert metadata["pipeline_tag"] == "image-segmentation" and "| ade20k-150 | validation | 2000 | 31.25 |" in card
+        assert 'Needs transformers 5.21 or newer (`pip install -U "transformers>=5.21"`;' in card  # MIN_TRANSFORMERS
         config = json.loads(repo["files"]["config.json"])
         assert config["auto_map"]["AutoModel"] == "modeling_mrovseg.MROVSegModel"
         assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_mrovseg.MROVSegForOpenVocabSegmentation"
