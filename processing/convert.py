@@ -684,16 +684,18 @@ def rename(key: str, image_ending: str, label_ending: str) -> str:
 
 def renamed_pairing(image_keys: list[str], label_keys: set[str]) -> tuple[str, str] | None:
     """(image ending, label ending) under which every image finds its label, for folders whose names differ by
-    one ending that all of them share: img0.jpg with img0_mask.png, 119_sat.jpg with 119_mask.png (DeepGlobe);
-    None if no such renaming pairs them all."""
-    def shared_ending(keys) -> str:
-        endings = {name_ending(k) for k in keys}
-        return endings.pop() if len(endings) == 1 else ""
+    one ending that most of them share: img0.jpg with img0_mask.png, 119_sat.jpg with 119_mask.png (DeepGlobe),
+    a legend.png among the labels aside; None if no such renaming pairs them all."""
+    def common_endings(keys) -> list[str]:  # at most two: each on at least half of the names
+        counts = Counter(name_ending(k) for k in keys)
+        return [ending for ending, n in counts.most_common(2) if ending and 2 * n >= len(keys)] + [""]
 
-    image_ending, label_ending = shared_ending(image_keys), shared_ending(label_keys)
-    for renaming in ((image_ending, label_ending), ("", label_ending), (image_ending, "")):
-        if renaming != ("", "") and all(rename(k, *renaming) in label_keys for k in image_keys):
-            return renaming
+    for image_ending in common_endings(image_keys):
+        for label_ending in common_endings(label_keys):
+            if (image_ending or label_ending) and all(
+                    k.endswith(image_ending) and rename(k, image_ending, label_ending) in label_keys
+                    for k in image_keys):
+                return image_ending, label_ending
     return None
 
 

@@ -206,6 +206,7 @@ def test_folder_labels_named_apart_from_their_images_and_grey_labels_saved_as_rg
             image(8, 10, seed=i).save(root / "images" / f"{where}{i + 100}{image_ending}.jpg")
             grey = np.full((8, 10, 3), i % 3, dtype=np.uint8)
             Image.fromarray(grey).save(root / "labels" / f"{where}{i + 100}{label_ending}.png")
+        Image.fromarray(np.zeros((8, 10), np.uint8)).save(root / "labels" / "legend.png")  # not a label of one
         convert.main(["folder", "--source", str(root), "--class-names", "a, b, c", "--val-fraction", "0",
                       "--out", str(tmp_path / f"{layout}_out")])
         assert (f"labels are paired with images by name as 100{image_ending}.jpg -> 100{label_ending}.png"
