@@ -198,7 +198,7 @@ def validate_labels(labels: Sequence[str]) -> list[str]:
                 first = owners[synonym]
                 warnings.warn(f"{synonym!r} names class {first} ({labels[first]!r}) and class {i} ({label!r}): "
                               "what it describes is split between the two; give each class its own names.",
-                              stacklevel=2)
+                              stacklevel=1)  # one place: said once, though a pipeline call checks its labels twice
             owners.setdefault(synonym, i)
     return labels
 

@@ -618,6 +618,19 @@ def test_cli_refuses_to_replace_another_images_outputs(checkpoint, tmp_path, cap
     assert json.loads((out / "img1.json").read_text())["image"] == "day2/img1.png"
 
 
+def test_a_synonym_of_two_classes_is_warned_of_once(checkpoint):
+    """A pipeline call checks its class names when reading them and again when embedding them: the shared-synonym
+    warning came from two call sites, so Python printed it twice."""
+    segmenter = pipeline("zero-shot-image-segmentation", model=str(checkpoint))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per place and text
+        for _ in range(2):
+            segmenter(random_image(20, 30), candidate_labels=["lane, street", "street"])
+    assert [str(w.message) for w in caught if "names class" in str(w.message)] == [
+        "'street' names class 0 ('lane, street') and class 1 ('street'): what it describes is split between the "
+        "two; give each class its own names."]
+
+
 def test_parse_labels():
     assert parse_labels("sky, road ,car") == ["sky", "road", "car"]
     assert parse_labels("sofa, couch; lamp") == ["sofa, couch", "lamp"]
