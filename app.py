@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the page's server
@@ -71,16 +72,22 @@ class Segmenter:
 
         if not image_path:
             raise ValueError("Upload an image or pick an example first.")
-        labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
-        if len(labels) > self.max_classes:
-            raise ValueError(f"{len(labels)} class names: this page takes at most {self.max_classes} per request (the "
-                             "CLI and the pipelines take any number).")
         size = MROVSegImageProcessor.size_for_resolution(int(resolution))
         threshold = None if threshold is None or threshold <= 0 else float(threshold)
-        image = read_rgb(str(image_path))  # as the CLI reads it; an unreadable file or a bomb is a ValueError
-        with self.lock:  # the resolution lives on the shared processor
+        # the resolution lives on the shared processor; the warnings (a synonym of two classes, an animation's first
+        # frame, a truncated prompt) are this request's, shown in its summary instead of the server's log
+        with self.lock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            labels = parse_class_names(labels_text or "", allow_files=False)  # never a file of the server
+            if len(labels) > self.max_classes:
+                raise ValueError(f"{len(labels)} class names: this page takes at most {self.max_classes} per request "
+                                 "(the CLI and the pipelines take any number).")
+            image = read_rgb(str(image_path))  # as the CLI reads it; an unreadable file or a bomb is a ValueError
             self.pipeline.image_processor.size = size
             result = self.pipeline(image, candidate_labels=labels, score_threshold=threshold)
+        shown = Path(str(image_path)).name  # the upload's name, not the server's copy of it
+        notes = list(dict.fromkeys(str(w.message).replace(str(image_path), shown).rstrip(".") for w in caught
+                                   if issubclass(w.category, UserWarning)))
         label_map = result["label_map"]
         overlay = draw_segmentation(image, label_map, labels)
         # a folder per request: two uploads named image.png must not share (and overwrite) one download
@@ -96,8 +103,8 @@ class Segmenter:
         summary = (f"{image.shape[1]} x {image.shape[0]} px, {len(labels)} classes, resolution {int(resolution)}: "
                    f"{found} {'class' if found == 1 else 'classes'} found"
                    + (f", {100 * unlabelled / total:.1f}% below the threshold" if unlabelled else "") + ".")
-        note = one_class_note(labels, threshold, flag="score threshold")
-        summary += f" Note: {note}." if note else ""
+        notes.append(one_class_note(labels, threshold, flag="score threshold"))
+        summary += "".join(f" Note: {note}." for note in notes if note)
         return np.asarray(overlay), rows, str(path), summary
 
     def prune_downloads(self) -> None:

@@ -185,6 +185,25 @@ def test_each_request_keeps_its_own_label_png(checkpoint, tmp_path, monkeypatch)
         small(str(tmp_path / "1" / "image.png"), small.default_labels + ", tree", 64, 0)
 
 
+def test_a_requests_warnings_are_notes_in_its_summary(checkpoint, tmp_path):
+    """A synonym of two classes or an animation's other frames were warned of in the server's log only: the page's
+    user, who typed the names and uploaded the file, saw nothing of them."""
+    sys.path.insert(0, str(ROOT))
+    from app import Segmenter
+
+    segmenter = Segmenter(str(checkpoint))
+    frames = [Image.fromarray(random_image(40, 50, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    summary = segmenter(str(tmp_path / "anim.gif"), "lane, street; street; sky", 64, 0)[3]
+    assert summary.startswith("50 x 40 px, 3 classes, resolution 64:")
+    assert summary.count(" Note: ") == 2, summary
+    assert (" Note: 'street' names class 0 ('lane, street') and class 1 ('street'): what it describes is split "
+            "between the two; give each class its own names.") in summary
+    assert " Note: anim.gif has 2 frames (an animation or a multi-page file): only the first is segmented." in summary
+    assert " Note: " not in segmenter(str(tmp_path / "anim.gif"), "sky, road", 64, 0)[3].replace(
+        " Note: anim.gif", "")  # nothing else to say
+
+
 def test_a_taken_port_is_a_message(checkpoint, capsys):
     """Another server on the port (a second demo, say), or a port out of range: one line naming the port, exit 2,
     not gradio's traceback."""
