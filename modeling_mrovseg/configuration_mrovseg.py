@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import transformers
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 
@@ -24,7 +24,11 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
     in transformers: "cannot import name 'initialization'" (4.x), "'dict' object has no attribute
     'num_hidden_layers'" (5.0-5.19, before dataclass sub-configs), no `create_subconfig` (5.20). Name the version to
     install instead. Every module of the package imports this one before transformers' newer names."""
-    if Version(version).release[:2] < MIN_TRANSFORMERS:
+    try:
+        release = Version(version).release
+    except InvalidVersion:  # a build naming itself otherwise: let it try
+        return
+    if release[:2] < MIN_TRANSFORMERS:
         sys.modules.pop(__name__, None)  # transformers' module loader keeps a failed module: check again next time
         needed = ".".join(map(str, MIN_TRANSFORMERS))
         raise ImportError(f"MROVSeg's code needs transformers {needed} or newer, and this Python has transformers "

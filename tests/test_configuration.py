@@ -112,3 +112,21 @@ def test_unlabelled_value_stays_outside_the_class_ids():
     assert config(3, ignore_index=7).ignore_index == 7
     with pytest.raises(ValueError, match="ignore_index.*is a class id of the 10-class vocabulary"):
         config(10, ignore_index=5)
+
+
+def test_the_transformers_version_check_reads_release_numbers(monkeypatch):
+    import re
+    import sys
+
+    from modeling_mrovseg.configuration_mrovseg import check_transformers_version
+
+    # a failed check drops its module from sys.modules (for transformers' loader): put it back afterwards
+    name = "modeling_mrovseg.configuration_mrovseg"
+    monkeypatch.setitem(sys.modules, name, sys.modules[name])
+
+    for version in ("5.21.0", "5.24.0", "5.25.0.dev0", "6.0.0rc1", "a local build"):
+        check_transformers_version(version)
+    for version in ("5.20.2", "4.57.6", "5.3.0"):
+        with pytest.raises(ImportError, match=f"needs transformers 5.21 or newer, and this Python has transformers "
+                                              f"{re.escape(version)}"):
+            check_transformers_version(version)
