@@ -855,14 +855,15 @@ def main(argv=None) -> None:
         sub.add_argument("--source", type=os.path.expanduser, required=True)
         sub.add_argument("--out", required=True, type=os.path.expanduser)
         sub.add_argument("--overwrite", action="store_true", help="replace an --out that holds another dataset")
+        if name in ("folder", "coco"):  # their own images, divided here (a Roboflow export keeps its splits)
+            sub.add_argument("--val-fraction", type=float, default=0.1,
+                             help="share of images for validation, in [0, 1)")
         if name == "coco":
             sub.add_argument("--annotations", default=None,
                              help="the COCO JSON (default: a Roboflow export's splits, or the one JSON in "
                                   "SOURCE/annotations/ or SOURCE)")
             sub.add_argument("--background", default=None,
                              help="a class name for the pixels no annotation covers (default: unlabelled)")
-            sub.add_argument("--val-fraction", type=float, default=0.1,
-                             help="share of images for validation, in [0, 1) (one annotation file)")
             continue
         if name == "folder":
             sub.add_argument("--class-names", default=None,
@@ -870,8 +871,6 @@ def main(argv=None) -> None:
             sub.add_argument("--label-colors", default=None,
                              help="colour-coded labels: a labelmap.txt (CVAT's export; read from --source by itself) "
                                   'or JSON {"name": [r, g, b], ...}')
-            sub.add_argument("--val-fraction", type=float, default=0.1,
-                             help="share of images for validation, in [0, 1)")
             sub.add_argument("--binary-masks", action="store_true",
                              help="labels are masks: 0 is the first class, any other value (1, 255) the second")
             continue
@@ -881,7 +880,7 @@ def main(argv=None) -> None:
         if name in ("pascal-context", "pascal-voc"):
             sub.add_argument("--variant", type=int, required=True)
     args = parser.parse_args(argv)
-    if args.dataset in ("folder", "coco") and not 0 <= args.val_fraction < 1:
+    if hasattr(args, "val_fraction") and not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
