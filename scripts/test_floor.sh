@@ -3,15 +3,9 @@
 # run it when a floor moves. Not part of CI (a second install and a second suite run). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv-floor/bin/python ]; then
-  "$PYTHON" -m venv .venv-floor
-fi
-.venv-floor/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv-floor/bin/python -m pip install --quiet --disable-pip-version-check -c scripts/floor_constraints.txt -e ".[dev]"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # two tests of transformers 5.21 itself, not of this package: SegFormer's image processor needs torchvision there
 # (never installed here), and that sdist's own mixin test imports a module its sdist lacks
-exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider \
+export VENV=.venv-floor PIP_CONSTRAINT=scripts/floor_constraints.txt
+exec bash scripts/test.sh \
   --deselect tests/test_pipelines_and_cli.py::test_the_stock_task_serves_other_models_as_before \
   --deselect tests/test_transformers_mixins.py::MROVSegImageProcessingTest::test_pil_can_load_without_torchvision "$@"
